@@ -45,4 +45,5 @@ def register_optimizers(register):
 
 @hookspec
 def register_event_sinks(register):
-    """Event sinks: callables ``sink(event: dict)`` called for every event the run writes."""
+    """Event sinks: factories ``make_sink(run_dir: Path, profile) -> callable(event: dict)``; every event
+    of the run goes to every sink."""

@@ -1,0 +1,102 @@
+"""Checks that need more than one field, or the registered plugins. Each returns readable problems."""
+
+from __future__ import annotations
+
+from anima_core.config.schema import Profile
+from anima_core.plugins import UnknownNameError, default_plugins
+
+BUILTIN_OPTIMIZERS_NOTE = "AdamW, AdamW8bit, Adafactor or a `module.Class` path"
+
+
+def _file_problems(profile: Profile) -> list[str]:
+    problems = []
+    model = profile.model
+    for key in ("dit", "qwen3", "vae"):
+        if getattr(model, key) is None:
+            problems.append(f"model.{key}: required; set the path of the {key} file")
+    for key in ("dit", "qwen3", "vae", "llm_adapter", "qwen3_tokenizer", "t5_tokenizer"):
+        path = getattr(model, key)
+        if path is not None and not path.exists():
+            problems.append(f"model.{key}: {path} does not exist")
+    data = profile.dataset
+    if data.dataset_config is None and data.train_data_dir is None:
+        problems.append("dataset: set dataset_config (an sd-scripts dataset TOML) or train_data_dir (a folder of N_name folders)")
+    for key in ("dataset_config", "train_data_dir", "reg_data_dir"):
+        path = getattr(data, key)
+        if path is not None and not path.exists():
+            problems.append(f"dataset.{key}: {path} does not exist")
+    if profile.sampling.sample_prompts is not None and not profile.sampling.sample_prompts.exists():
+        problems.append(f"sampling.sample_prompts: {profile.sampling.sample_prompts} does not exist")
+    if profile.network.weights is not None and not profile.network.weights.exists():
+        problems.append(f"network.weights: {profile.network.weights} does not exist")
+    return problems
+
+
+def _option_problems(profile: Profile) -> list[str]:
+    problems = []
+    data, training, optimizer = profile.dataset, profile.training, profile.optimizer
+    resolution = data.resolution
+    sides = [resolution] if isinstance(resolution, int) else list(resolution or [])
+    if len(sides) not in (0, 1, 2):
+        problems.append("dataset.resolution: give one int or [width, height]")
+    if any(side % 16 for side in sides):
+        problems.append(f"dataset.resolution: {resolution} must be multiples of 16 (the DiT patches 2×2 latents of an 8× VAE)")
+    if data.min_bucket_reso > data.max_bucket_reso:
+        problems.append("dataset.min_bucket_reso: larger than max_bucket_reso")
+    if training.loss_type in ("huber", "smooth_l1") and training.huber_schedule == "snr":
+        problems.append(
+            "training.huber_schedule: 'snr' needs a noise schedule with alphas, which flow matching has not; use 'constant' or 'exponential'"
+        )
+    if optimizer.fused_backward_pass:
+        if optimizer.optimizer_type.lower() != "adafactor":
+            problems.append("optimizer.fused_backward_pass: works only with optimizer_type = 'Adafactor'")
+        if training.gradient_accumulation_steps > 1:
+            problems.append("optimizer.fused_backward_pass: cannot be combined with gradient_accumulation_steps > 1")
+    caching = profile.caching
+    text_cached = caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk
+    if text_cached and not profile.network.train_unet_only:
+        problems.append(
+            "caching.cache_text_encoder_outputs: a cached text encoder cannot get a LoRA; set network.train_unet_only = true, or turn caching off to train the Qwen3 LoRA"
+        )
+    if text_cached:
+        for key in ("shuffle_caption", "caption_tag_dropout_rate", "token_warmup_step", "caption_dropout_every_n_epochs"):
+            if getattr(data, key):
+                problems.append(f"dataset.{key}: changes the caption every epoch, which cached text outputs cannot follow; turn text caching off")
+    latents_cached = caching.cache_latents or caching.cache_latents_to_disk
+    if latents_cached and data.color_aug:
+        problems.append("dataset.color_aug: changes pixels every epoch, which cached latents cannot follow; turn cache_latents off")
+    if latents_cached and data.random_crop:
+        problems.append("dataset.random_crop: changes the crop every epoch, which cached latents cannot follow; turn cache_latents off")
+    return problems
+
+
+def _plugin_problems(profile: Profile) -> list[str]:
+    plugins = default_plugins()
+    problems = []
+    lookups = [
+        ("register_model_loaders", "model.loader", profile.model.loader),
+        ("register_networks", "network.module", profile.network.module),
+    ]
+    if profile.training.loss_weighting:
+        lookups.append(("register_loss_weightings", "training.loss_weighting", profile.training.loss_weighting))
+    lookups += [("register_memory_strategies", "memory.extra_strategies", n) for n in profile.memory.extra_strategies]
+    for hook, key, name in lookups:
+        try:
+            plugins.registry(hook).resolve(name)
+        except UnknownNameError as exc:
+            problems.append(f"{key}: {exc}")
+    opt = profile.optimizer.optimizer_type
+    if "." not in opt and opt not in plugins.registry("register_optimizers").entries:
+        try:
+            plugins.registry("register_optimizers").resolve(opt)
+        except UnknownNameError as exc:
+            problems.append(f"optimizer.optimizer_type: {exc} Or give a `module.Class` path.")
+    for entry in plugins.registry("register_memory_strategies").entries.values():
+        strategy = entry.obj
+        if strategy.enabled(profile) or entry.name in profile.memory.extra_strategies:
+            problems += [f"memory: {p}" for p in strategy.validate(profile)]
+    return problems
+
+
+def cross_field_problems(profile: Profile) -> list[str]:
+    return _file_problems(profile) + _option_problems(profile) + _plugin_problems(profile)
