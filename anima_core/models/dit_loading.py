@@ -1,0 +1,128 @@
+"""Config detection from tensor shapes and ``load_dit``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+from anima_core.errors import ModelFileError
+from anima_core.models.checkpoint import guess_file_kind, load_strict, read_state_dict, strip_prefixes
+from anima_core.models.dit import AnimaDiT, DiTConfig
+from anima_core.models.llm_adapter import LLMAdapterConfig
+
+log = logging.getLogger(__name__)
+
+PATCH_EMBED_KEY = "x_embedder.proj.1.weight"
+ADAPTER_KEY = "llm_adapter.out_proj.weight"
+ADAPTER_PREFIX = "llm_adapter."
+# Released widths -> (blocks, heads); used to cross-check what the shapes say.
+KNOWN_RELEASES = {2048: (28, 16), 5120: (36, 40), 1280: (20, 20)}
+# The RoPE extrapolation ratios (t, h, w) go with the latent channel count.
+ROPE_RATIOS = {16: (1.0, 4.0, 4.0), 17: (1.0, 3.0, 3.0)}
+
+
+def _count_indexed(keys, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return len(indices)
+
+
+def _shape(state_dict, key: str, path) -> torch.Size:
+    if key not in state_dict:
+        raise ModelFileError(
+            f"{path}: key {key!r} is missing, so the Anima DiT layout cannot be detected. "
+            "The file is incomplete or not an Anima DiT; use the released anima-*.safetensors file."
+        )
+    return state_dict[key].shape
+
+
+def detect_adapter_config(state_dict, path) -> LLMAdapterConfig:
+    embed = _shape(state_dict, "llm_adapter.embed.weight", path)
+    model_dim = _shape(state_dict, "llm_adapter.blocks.0.self_attn.q_proj.weight", path)[0]
+    head_dim = _shape(state_dict, "llm_adapter.blocks.0.self_attn.q_norm.weight", path)[0]
+    mlp_hidden = _shape(state_dict, "llm_adapter.blocks.0.mlp.0.weight", path)[0]
+    return LLMAdapterConfig(
+        source_dim=_shape(state_dict, "llm_adapter.blocks.0.cross_attn.k_proj.weight", path)[1],
+        target_dim=embed[1],
+        model_dim=model_dim,
+        num_layers=_count_indexed(state_dict, "llm_adapter.blocks."),
+        num_heads=model_dim // head_dim,
+        vocab_size=embed[0],
+        mlp_ratio=mlp_hidden / model_dim,
+    )
+
+
+def detect_dit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> DiTConfig:
+    """The DiT's config read from shapes (prefixes already stripped); the adapter when its keys are present."""
+    if PATCH_EMBED_KEY not in state_dict:
+        kind = guess_file_kind(set(state_dict))
+        found = f" It looks like {kind}." if kind else ""
+        raise ModelFileError(
+            f"{path}: this is not an Anima DiT file (no {PATCH_EMBED_KEY!r}).{found} "
+            "Pass the DiT file (anima-*.safetensors, ComfyUI 'diffusion_models') as the DiT."
+        )
+    width, in_features = state_dict[PATCH_EMBED_KEY].shape
+    patch = 4  # 2x2 spatial, 1 temporal
+    in_channels = in_features // patch - 1  # -1: the padding-mask channel
+    if in_channels not in ROPE_RATIOS:
+        raise ModelFileError(
+            f"{path}: {PATCH_EMBED_KEY} has {in_features} input features, which fits no Anima release "
+            "(expected 68 = (16 latent + 1 mask channels) x 2 x 2). Use an Anima DiT file."
+        )
+    head_dim = _shape(state_dict, "blocks.0.self_attn.q_norm.weight", path)[0]
+    num_blocks = _count_indexed(state_dict, "blocks.")
+    num_heads = width // head_dim
+    if width in KNOWN_RELEASES and KNOWN_RELEASES[width] != (num_blocks, num_heads):
+        log.warning(
+            "%s: width %d usually means %d blocks / %d heads, the file has %d / %d; using the file's shapes",
+            path, width, *KNOWN_RELEASES[width], num_blocks, num_heads,
+        )
+    return DiTConfig(
+        model_channels=width,
+        num_blocks=num_blocks,
+        num_heads=num_heads,
+        mlp_hidden=_shape(state_dict, "blocks.0.mlp.layer1.weight", path)[0],
+        adaln_lora_dim=_shape(state_dict, "blocks.0.adaln_modulation_self_attn.1.weight", path)[0],
+        context_dim=_shape(state_dict, "blocks.0.cross_attn.k_proj.weight", path)[1],
+        in_channels=in_channels,
+        out_channels=_shape(state_dict, "final_layer.linear.weight", path)[0] // patch,
+        rope_ratios=ROPE_RATIOS[in_channels],
+        llm_adapter=detect_adapter_config(state_dict, path) if ADAPTER_KEY in state_dict else None,
+    )
+
+
+def _read_adapter(path) -> dict[str, torch.Tensor]:
+    state_dict = strip_prefixes(read_state_dict(path, "LLM adapter"))
+    if not all(k.startswith(ADAPTER_PREFIX) for k in state_dict):
+        state_dict = {ADAPTER_PREFIX + k: v for k, v in state_dict.items()}
+    if ADAPTER_KEY not in state_dict:
+        raise ModelFileError(
+            f"{path}: this is not an Anima LLM adapter file (no 'out_proj.weight'). Pass the adapter weights, "
+            "or leave llm_adapter_path empty when the DiT file already contains them."
+        )
+    return state_dict
+
+
+def load_dit(
+    path: str | os.PathLike,
+    *,
+    llm_adapter_path: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> AnimaDiT:
+    """The Anima DiT from a released single file (``net.`` or ``model.diffusion_model.`` keys), strictly matched.
+
+    The LLM adapter comes from the same file, or from ``llm_adapter_path`` (whose weights then replace it).
+    """
+    state_dict = strip_prefixes(read_state_dict(path, "DiT"))
+    if llm_adapter_path is not None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ADAPTER_PREFIX)}
+        state_dict.update(_read_adapter(llm_adapter_path))
+    config = detect_dit_config(state_dict, path)
+    with torch.device("meta"):
+        model = AnimaDiT(config)
+    load_strict(model, state_dict, path, "Anima DiT")
+    return model.to(device=device, dtype=dtype)
