@@ -1,0 +1,188 @@
+"""Latent and text-encoder-output caches: npz files in the sd-scripts layout (spec §3.4, §8.3) or memory.
+
+Each stored entry carries an `anima_key` (JSON) naming everything the tensors depend on; a mismatch in
+any field makes the entry stale, and the field names say why it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VAE_SCALE = 8  # the Qwen-Image / Wan VAE downsamples by 8 in each direction
+
+_KEY_MEANING = {
+    "image_sha256": "the image file changed",
+    "bucket": "the bucket changed",
+    "resized": "the resize changed",
+    "crop_ltrb": "the crop changed",
+    "flip": "flip augmentation changed",
+    "alpha_mask": "alpha_mask changed",
+    "interpolation": "resize_interpolation changed",
+    "vae": "the VAE changed",
+    "dtype": "the VAE dtype changed",
+    "caption": "the caption changed",
+    "qwen3_max_token_length": "qwen3_max_token_length changed",
+    "t5_max_token_length": "t5_max_token_length changed",
+    "encoder": "the text encoder changed",
+}
+
+
+def stale_reason(stored: dict | None, wanted: dict) -> str | None:
+    """None when the stored key matches; otherwise why the entry must be rebuilt."""
+    if stored is None:
+        return "not cached yet"
+    changed = [k for k in wanted if stored.get(k) != wanted[k]]
+    if not changed:
+        return None
+    return "; ".join(_KEY_MEANING.get(k, f"{k} changed") for k in changed)
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """All arrays of an npz file, or None when it is missing or unreadable (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def _key_array(key: dict) -> np.ndarray:
+    return np.array(json.dumps(key, sort_keys=True))
+
+
+def _key_from(arrays: dict[str, np.ndarray] | None, name: str) -> dict | None:
+    if arrays is None or name not in arrays:
+        return None
+    try:
+        return json.loads(str(arrays[name]))
+    except json.JSONDecodeError:
+        return None
+
+
+# ---- latents -------------------------------------------------------------------------------------
+
+
+def latent_cache_path(image: Path, original_size: tuple[int, int]) -> Path:
+    w, h = original_size
+    return image.with_name(f"{image.stem}_{w:04d}x{h:04d}_anima.npz")
+
+
+def latent_suffix(bucket: tuple[int, int]) -> str:
+    return f"{bucket[1] // VAE_SCALE}x{bucket[0] // VAE_SCALE}"
+
+
+def stored_latent_key(arrays: dict[str, np.ndarray] | None, bucket: tuple[int, int], flip: bool) -> dict | None:
+    suffix = latent_suffix(bucket)
+    if arrays is None or f"latents_{suffix}" not in arrays or (flip and f"latents_flipped_{suffix}" not in arrays):
+        return None
+    return _key_from(arrays, f"anima_key_{suffix}")
+
+
+def store_latents(
+    path: Path,
+    bucket: tuple[int, int],
+    key: dict,
+    latents: torch.Tensor,
+    flipped: torch.Tensor | None,
+    alpha: torch.Tensor | None,
+    original_size: tuple[int, int],
+    crop: tuple[int, int, int, int],
+) -> None:
+    """Add or replace one bucket resolution in the image's npz, keeping the other resolutions it holds."""
+    suffix = latent_suffix(bucket)
+    arrays = read_npz(path) or {}
+    for name in [k for k in arrays if k.endswith("_" + suffix)]:
+        del arrays[name]
+    arrays[f"latents_{suffix}"] = latents.float().cpu().numpy()
+    arrays[f"original_size_{suffix}"] = np.array(original_size, dtype=np.int64)
+    arrays[f"crop_ltrb_{suffix}"] = np.array(crop, dtype=np.int64)
+    if flipped is not None:
+        arrays[f"latents_flipped_{suffix}"] = flipped.float().cpu().numpy()
+    if alpha is not None:
+        arrays[f"alpha_mask_{suffix}"] = alpha.float().cpu().numpy()
+    arrays[f"anima_key_{suffix}"] = _key_array(key)
+    write_npz_atomic(path, arrays)
+
+
+def load_latents(path: Path, bucket: tuple[int, int], flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latents 16xhxw, alpha mask 1xHxW or None) for one bucket resolution of a cache file."""
+    suffix = latent_suffix(bucket)
+    with np.load(path, allow_pickle=False) as data:
+        latents = data[f"latents_flipped_{suffix}" if flipped else f"latents_{suffix}"]
+        alpha = data[f"alpha_mask_{suffix}"] if f"alpha_mask_{suffix}" in data.files else None
+    if latents.ndim == 4:  # first-release files kept a frame axis
+        latents = latents[:, 0]
+    return torch.from_numpy(latents), None if alpha is None else torch.from_numpy(alpha)
+
+
+# ---- text-encoder outputs ------------------------------------------------------------------------
+
+
+def text_cache_path(image: Path) -> Path:
+    return image.with_name(f"{image.stem}_anima_te.npz")
+
+
+TEXT_KEYS = ("prompt_embeds", "attn_mask", "t5_input_ids", "t5_attn_mask", "caption_dropout_rate")
+
+
+def stored_text_key(arrays: dict[str, np.ndarray] | None) -> dict | None:
+    if arrays is None or any(k not in arrays for k in TEXT_KEYS):
+        return None
+    return _key_from(arrays, "anima_key")
+
+
+def store_text(path: Path, key: dict, outputs: tuple[torch.Tensor, ...], caption_dropout_rate: float) -> None:
+    states, mask, t5_ids, t5_mask = outputs
+    write_npz_atomic(
+        path,
+        {
+            "prompt_embeds": states.float().cpu().numpy(),
+            "attn_mask": mask.cpu().numpy().astype(np.int64),
+            "t5_input_ids": t5_ids.cpu().numpy().astype(np.int32),
+            "t5_attn_mask": t5_mask.cpu().numpy().astype(np.int32),
+            "caption_dropout_rate": np.array(caption_dropout_rate, dtype=np.float32),
+            "anima_key": _key_array(key),
+        },
+    )
+
+
+def load_text(path: Path) -> tuple[torch.Tensor, ...]:
+    with np.load(path, allow_pickle=False) as data:
+        return (
+            torch.from_numpy(data["prompt_embeds"]),
+            torch.from_numpy(data["attn_mask"]),
+            torch.from_numpy(data["t5_input_ids"]),
+            torch.from_numpy(data["t5_attn_mask"]),
+        )
+
+
+def empty_text_like(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """What encoding "" gives (spec §3.3): zero states, Qwen mask 0, T5 ids [1, 0, ...], T5 mask [1, 0, ...]."""
+    states, mask, t5_ids, t5_mask = outputs
+    ids = torch.zeros_like(t5_ids)
+    ids[..., 0] = 1
+    t5m = torch.zeros_like(t5_mask)
+    t5m[..., 0] = 1
+    return torch.zeros_like(states), torch.zeros_like(mask), ids, t5m

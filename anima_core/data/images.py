@@ -1,0 +1,149 @@
+"""Image checks at scan time and image loading (resize to cover, crop, flip, colour augmentation, alpha mask)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anima_core.data.buckets import Placement
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Modes that convert to RGB(A) without changing what the picture looks like.
+_SAFE_MODES = {"1", "L", "LA", "La", "P", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr"}
+
+
+class BadImage(Exception):
+    """One image cannot be used; the message is the reason, without the path."""
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    width: int
+    height: int
+    has_alpha: bool
+    sha256: str
+
+
+def _mode_problem(image: Image.Image, alpha_mask: bool) -> str | None:
+    mode = image.mode
+    if mode == "CMYK":
+        return "CMYK colour mode is not supported (colours would come out wrong); save it as RGB"
+    if mode.startswith("I") or mode == "F":
+        return f"{mode} ({'16' if mode.startswith('I;16') else '32'}-bit) mode is not supported; save it as 8-bit RGB"
+    if mode == "P" and "transparency" in image.info and not alpha_mask:
+        return (
+            "palette image with transparency: the transparent pixels would train as their palette colour; "
+            "save it as RGB on a background, or use alpha_mask = true"
+        )
+    if mode not in _SAFE_MODES:
+        return f"image mode {mode} is not supported; save it as 8-bit RGB"
+    return None
+
+
+def check_image(path: Path, alpha_mask: bool) -> ImageFacts:
+    """Read and fully decode one image. Raises BadImage naming what is wrong."""
+    data = path.read_bytes()
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            problem = _mode_problem(image, alpha_mask)
+            if problem:
+                raise BadImage(problem)
+            image.load()
+            has_alpha = image.mode in ("LA", "La", "RGBA", "RGBa") or (image.mode == "P" and "transparency" in image.info)
+            width, height = image.size
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"cannot be decoded (truncated or corrupt): {e}") from e
+    return ImageFacts(width, height, has_alpha, hashlib.sha256(data).hexdigest())
+
+
+def _resample(name: str | None, downscale: bool) -> Image.Resampling:
+    if name is None:
+        return Image.Resampling.BOX if downscale else Image.Resampling.LANCZOS
+    return {
+        "lanczos": Image.Resampling.LANCZOS,
+        "nearest": Image.Resampling.NEAREST,
+        "bilinear": Image.Resampling.BILINEAR,
+        "linear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "cubic": Image.Resampling.BICUBIC,
+        "area": Image.Resampling.BOX,
+        "box": Image.Resampling.BOX,
+    }[name]
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How one sample is cut from its image: the crop offset into the resized image, and the flip."""
+
+    left: int
+    top: int
+    flip: bool
+
+
+def centre_framing(placement: Placement, flip: bool = False) -> Framing:
+    (bw, bh), (rw, rh) = placement.bucket, placement.resized
+    return Framing((rw - bw) // 2, (rh - bh) // 2, flip)
+
+
+def random_framing(placement: Placement, rng: np.random.Generator, flip: bool) -> Framing:
+    (bw, bh), (rw, rh) = placement.bucket, placement.resized
+    return Framing(int(rng.integers(0, rw - bw + 1)), int(rng.integers(0, rh - bh + 1)), flip)
+
+
+def _color_aug(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """sd-scripts' augmentation: a third of the time, a hue shift of up to ±16° or a gamma of 0.95-1.05."""
+    if rng.random() > 0.33:
+        return rgb
+    if rng.random() > 0.5:
+        hsv = np.array(Image.fromarray(rgb).convert("HSV"), dtype=np.int32)
+        shift = rng.uniform(-16.0, 16.0) / 360.0 * 256.0
+        hsv[..., 0] = (hsv[..., 0] + int(round(shift))) % 256
+        return np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+    gamma = rng.uniform(0.95, 1.05)
+    return np.clip(((rgb / 255.0) ** gamma) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class LoadedImage:
+    pixels: torch.Tensor  # 3xHxW float32 in [-1, 1]
+    alpha: torch.Tensor | None  # 1xHxW float32 in [0, 1]
+
+
+def load_image(
+    path: Path,
+    placement: Placement,
+    framing: Framing,
+    *,
+    interpolation: str | None,
+    alpha_mask: bool,
+    color_rng: np.random.Generator | None = None,
+) -> LoadedImage:
+    """Decode, resize to cover the bucket, crop, flip and (optionally) colour-augment one image."""
+    with Image.open(path) as image:
+        image = image.convert("RGBA" if alpha_mask else "RGB")
+    rw, rh = placement.resized
+    if image.size != (rw, rh):
+        downscale = image.width >= rw and image.height >= rh
+        image = image.resize((rw, rh), _resample(interpolation, downscale))
+    bw, bh = placement.bucket
+    image = image.crop((framing.left, framing.top, framing.left + bw, framing.top + bh))
+    if framing.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.array(image, dtype=np.uint8)
+    rgb = np.ascontiguousarray(array[..., :3])
+    if color_rng is not None:
+        rgb = _color_aug(rgb, color_rng)
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    alpha = torch.from_numpy(array[..., 3].copy()).float().div_(255.0).unsqueeze(0) if alpha_mask else None
+    return LoadedImage(pixels, alpha)

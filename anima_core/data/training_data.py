@@ -1,0 +1,603 @@
+"""The training data: checked images, epoch plans, caches and batches.
+
+Everything random about a sample (crop, flip, colour, caption shuffle and dropout) is drawn from a generator
+seeded by (seed, epoch, dataset, image, repeat), and the batch order by (seed, epoch). A run resumed at
+batch k of an epoch therefore sees exactly the batches the uninterrupted run would have seen, with or
+without loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from anima_core.data import cache as caches
+from anima_core.data.buckets import crop_ltrb
+from anima_core.data.captions import CaptionStep, fixed_caption, process_caption, tag_frequency
+from anima_core.data.config import resolve_datasets
+from anima_core.data.images import centre_framing, load_image, random_framing
+from anima_core.data.options import DataOptions
+from anima_core.data.scan import ImageEntry, ScannedDataset, TokenCheck, scan_dataset
+from anima_core.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+WarningCallback = Callable[[str], None]
+
+
+class Progress(Protocol):
+    def __call__(self, done: int, total: int, label: str) -> None: ...
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor | None  # Bx16xhxw float32, when latents are cached
+    pixels: torch.Tensor | None  # Bx3xHxW in [-1, 1], when they are not
+    captions: list[str]
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # cached encoder outputs
+    loss_weights: torch.Tensor  # [B]: prior_loss_weight for regularisation images, else 1
+    alpha_masks: torch.Tensor | None  # Bx1xHxW in [0, 1]
+    paths: list[str]
+    bucket: tuple[int, int]  # (w, h)
+
+
+SampleId = tuple[int, int, int]  # dataset, image entry, repeat
+
+
+@dataclass
+class _PlannedBatch:
+    dataset: int
+    bucket: tuple[int, int]
+    samples: list[SampleId]
+
+
+@dataclass
+class _CachedText:
+    caption: str
+    outputs: tuple[torch.Tensor, ...] | None  # None: read from `path` when needed
+    path: Path | None
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+# purposes of the per-sample generators
+_FLIP, _CROP, _COLOR, _CAPTION = 1, 2, 3, 4
+
+
+@dataclass
+class TrainingData:
+    opts: DataOptions
+    seed: int
+    datasets: list[ScannedDataset]
+    from_config: bool
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    validation: TrainingData | None = None
+    on_warning: WarningCallback | None = None
+    _latents: dict[tuple[int, int], Any] = field(default_factory=dict)  # (dataset, entry) -> (latents, flipped, alpha) or Path
+    _text: dict[tuple[int, int], _CachedText] = field(default_factory=dict)
+    _broken: set[tuple[int, int]] = field(default_factory=set)
+    _plan_cache: tuple[int, list[_PlannedBatch]] | None = None
+    _loader: DataLoader | None = None
+
+    # ---- counts and reports ------------------------------------------------------------------
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(d.num_train_images for d in self.datasets)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(d.num_reg_images for d in self.datasets)
+
+    def _bucket_samples(self, d: int) -> dict[tuple[int, int], list[SampleId]]:
+        buckets: dict[tuple[int, int], list[SampleId]] = {}
+        for i, e in enumerate(self.datasets[d].entries):
+            buckets.setdefault(e.placement.bucket, []).extend((d, i, k) for k in range(e.num_repeats))
+        return dict(sorted(buckets.items()))
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        total = 0
+        for d, ds in enumerate(self.datasets):
+            bs = ds.spec.batch_size
+            total += sum(-(-len(s) // bs) for s in self._bucket_samples(d).values())
+        return total
+
+    def bucket_report(self) -> list[str]:
+        lines = []
+        for d, ds in enumerate(self.datasets):
+            bs = ds.spec.batch_size
+            buckets = self._bucket_samples(d)
+            samples = sum(len(s) for s in buckets.values())
+            w, h = ds.spec.resolution
+            lines.append(
+                f"dataset {d + 1}: resolution {w}x{h}, batch size {bs}, {len(ds.entries)} images, {samples} samples per epoch "
+                f"(with repeats), {len(buckets)} bucket(s)"
+            )
+            for (bw, bh), s in buckets.items():
+                lines.append(f"  bucket {bw}x{bh}: {len(s)} samples, {-(-len(s) // bs)} batch(es)")
+            for (bw, bh), s in buckets.items():
+                if len(s) < bs:
+                    lines.append(f"  warning: bucket {bw}x{bh} has {len(s)} sample(s), fewer than the batch size {bs}; its batches are smaller")
+            if ds.spec.enable_bucket and ds.entries:
+                error = float(np.mean([abs(e.placement.ar_error) for e in ds.entries]))
+                lines.append(f"  mean aspect-ratio error: {error:.4f}")
+        return lines
+
+    def _bucket_info(self, ds: ScannedDataset, d: int) -> dict | None:
+        if not ds.spec.enable_bucket:
+            return None
+        buckets = {i: {"resolution": list(reso), "count": len(s)} for i, (reso, s) in enumerate(self._bucket_samples(d).items())}
+        error = float(np.mean([abs(e.placement.ar_error) for e in ds.entries])) if ds.entries else 0.0
+        return {"buckets": buckets, "mean_img_ar_error": error}
+
+    def metadata(self) -> dict[str, str]:
+        """Dataset `ss_*` keys as sd-scripts writes them (spec §8.1); every value a string."""
+        meta: dict[str, Any] = {
+            "ss_num_train_images": self.num_train_images,
+            "ss_num_reg_images": self.num_reg_images,
+            "ss_num_batches_per_epoch": self.num_batches_per_epoch,
+            "ss_num_validation_images": self.validation.num_train_images if self.validation else 0,
+            "ss_validation_seed": self.opts.validation_seed,
+            "ss_validation_split": self.opts.validation_split,
+            "ss_resize_interpolation": self.opts.resize_interpolation,
+        }
+        if self.from_config:
+            datasets_meta, tags, dirs = [], {}, {}
+            for d, ds in enumerate(self.datasets):
+                subsets_meta = []
+                for sub in ds.subsets:
+                    s = sub.spec
+                    sm: dict[str, Any] = {
+                        "img_count": sub.img_count,
+                        "num_repeats": s.num_repeats,
+                        "color_aug": s.color_aug,
+                        "flip_aug": s.flip_aug,
+                        "random_crop": s.random_crop,
+                        "shuffle_caption": s.shuffle_caption,
+                        "keep_tokens": s.keep_tokens,
+                        "keep_tokens_separator": s.keep_tokens_separator,
+                        "secondary_separator": s.secondary_separator,
+                        "enable_wildcard": s.enable_wildcard,
+                        "caption_prefix": s.caption_prefix,
+                        "caption_suffix": s.caption_suffix,
+                        "resize_interpolation": s.resize_interpolation,
+                    }
+                    name = None
+                    if s.image_dir is not None:
+                        sm["image_dir"] = name = s.image_dir.name
+                    if ds.spec.is_dreambooth:
+                        sm["class_tokens"] = s.class_tokens
+                        sm["is_reg"] = s.is_reg
+                        if s.is_reg:
+                            name = None
+                    else:
+                        sm["metadata_file"] = name = s.metadata_file.name
+                    subsets_meta.append(sm)
+                    if name is not None:
+                        unique, n = name, 2
+                        while unique in dirs:
+                            unique, n = f"{name} ({n})", n + 1
+                        dirs[unique] = {"n_repeats": s.num_repeats, "img_count": sub.img_count}
+                freq = {k: tag_frequency(v) for k, v in ds.tag_frequency.items()}
+                datasets_meta.append(
+                    {
+                        "is_dreambooth": ds.spec.is_dreambooth,
+                        "batch_size_per_device": ds.spec.batch_size,
+                        "num_train_images": ds.num_train_images,
+                        "num_reg_images": ds.num_reg_images,
+                        "resolution": list(ds.spec.resolution),
+                        "enable_bucket": ds.spec.enable_bucket,
+                        "min_bucket_reso": ds.spec.min_bucket_reso if ds.spec.enable_bucket else None,
+                        "max_bucket_reso": ds.spec.max_bucket_reso if ds.spec.enable_bucket else None,
+                        "tag_frequency": freq,
+                        "bucket_info": self._bucket_info(ds, d),
+                        "resize_interpolation": ds.spec.resize_interpolation,
+                        "subsets": subsets_meta,
+                    }
+                )
+                for k, v in freq.items():
+                    tags.setdefault(k, v)
+            meta.update(ss_datasets=json.dumps(datasets_meta), ss_tag_frequency=json.dumps(tags), ss_dataset_dirs=json.dumps(dirs))
+        else:
+            ds = self.datasets[0]
+            dirs, reg_dirs = {}, {}
+            for sub in ds.subsets:
+                s = sub.spec
+                target = reg_dirs if s.is_reg else dirs
+                target[(s.image_dir if s.is_dreambooth else s.metadata_file).name] = {"n_repeats": s.num_repeats, "img_count": sub.img_count}
+            o = self.opts
+            meta.update(
+                ss_batch_size_per_device=ds.spec.batch_size,
+                ss_resolution=f"{ds.spec.resolution[0]},{ds.spec.resolution[1]}",
+                ss_color_aug=o.color_aug,
+                ss_flip_aug=o.flip_aug,
+                ss_random_crop=o.random_crop,
+                ss_shuffle_caption=o.shuffle_caption,
+                ss_enable_bucket=ds.spec.enable_bucket,
+                ss_bucket_no_upscale=ds.spec.enable_bucket and ds.spec.bucket_no_upscale,
+                ss_min_bucket_reso=ds.spec.min_bucket_reso if ds.spec.enable_bucket else None,
+                ss_max_bucket_reso=ds.spec.max_bucket_reso if ds.spec.enable_bucket else None,
+                ss_keep_tokens=o.keep_tokens,
+                ss_dataset_dirs=json.dumps(dirs),
+                ss_reg_dataset_dirs=json.dumps(reg_dirs),
+                ss_tag_frequency=json.dumps({k: tag_frequency(v) for k, v in ds.tag_frequency.items()}),
+                ss_bucket_info=json.dumps(self._bucket_info(ds, 0)),
+            )
+        return {k: str(v) for k, v in meta.items()}
+
+    # ---- warnings ----------------------------------------------------------------------------
+
+    def _warn(self, message: str) -> None:
+        log.warning(message)
+        if self.on_warning is not None:
+            self.on_warning(message)
+
+    def __getstate__(self) -> dict:
+        # loader workers get the data, never the callbacks or the loader itself
+        state = dict(self.__dict__)
+        state.update(on_warning=None, _loader=None, validation=None)
+        return state
+
+    # ---- caching -----------------------------------------------------------------------------
+
+    def _all_parts(self) -> list[TrainingData]:
+        return [self] + ([self.validation] if self.validation else [])
+
+    def cache_latents(self, vae: Any, *, to_disk: bool, batch_size: int, device: Any, progress: Progress | None = None) -> None:
+        """Encode every image (and its mirror with flip_aug) once per bucket, batched by bucket size."""
+        refused = [
+            f"{s.image_dir or s.metadata_file}: {opt}"
+            for part in self._all_parts()
+            for ds in part.datasets
+            for s in ds.spec.subsets
+            for opt in ("random_crop", "color_aug")
+            if getattr(s, opt)
+        ]
+        if refused:
+            raise DatasetError(
+                "Latents cannot be cached while random_crop or color_aug change every sample (" + "; ".join(refused) + "). "
+                "Turn off latent caching or those options."
+            )
+        vae_dtype = str(getattr(vae, "dtype", ""))
+        identity = vae.identity()
+        todo: dict[tuple[int, int], list[tuple[TrainingData, int, int, dict]]] = {}
+        for part in self._all_parts():
+            for d, ds in enumerate(part.datasets):
+                for i, e in enumerate(ds.entries):
+                    s = ds.spec.subsets[e.subset_index]
+                    key = {
+                        "image_sha256": e.facts.sha256,
+                        "bucket": list(e.placement.bucket),
+                        "resized": list(e.placement.resized),
+                        "crop_ltrb": list(crop_ltrb(e.placement.bucket, (e.facts.width, e.facts.height))),
+                        "flip": s.flip_aug,
+                        "alpha_mask": s.alpha_mask,
+                        "interpolation": s.resize_interpolation or ds.spec.resize_interpolation,
+                        "vae": identity,
+                        "dtype": vae_dtype,
+                    }
+                    if to_disk:
+                        path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height))
+                        stored = caches.stored_latent_key(caches.read_npz(path), e.placement.bucket, s.flip_aug)
+                        reason = caches.stale_reason(stored, key)
+                        if reason is None:
+                            part._latents[(d, i)] = path
+                            continue
+                        if stored is not None:
+                            log.info("rebuilding latent cache %s: %s", path, reason)
+                    todo.setdefault(e.placement.bucket, []).append((part, d, i, key))
+        total = sum(len(v) for v in todo.values())
+        done = 0
+        if progress:
+            progress(0, total, "caching latents")
+        with torch.no_grad():
+            for bucket, items in todo.items():
+                for start in range(0, len(items), batch_size):
+                    chunk = items[start : start + batch_size]
+                    self._encode_latent_chunk(vae, chunk, to_disk, device)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total, f"caching latents {bucket[0]}x{bucket[1]}")
+
+    def _encode_latent_chunk(self, vae: Any, chunk: list, to_disk: bool, device: Any) -> None:
+        loaded, kept = [], []
+        for part, d, i, key in chunk:
+            e = part.datasets[d].entries[i]
+            s = part.datasets[d].spec.subsets[e.subset_index]
+            interp = key["interpolation"]
+            try:
+                plain = load_image(e.path, e.placement, centre_framing(e.placement), interpolation=interp, alpha_mask=s.alpha_mask)
+                mirror = load_image(e.path, e.placement, centre_framing(e.placement, True), interpolation=interp, alpha_mask=False) if s.flip_aug else None
+            except Exception as exc:  # a file changed or broke after the scan: drop it, keep caching
+                part._broken.add((d, i))
+                part._warn(f"{e.path}: skipped, cannot be loaded for latent caching ({exc})")
+                continue
+            loaded.append((plain, mirror))
+            kept.append((part, d, i, key))
+        if not loaded:
+            return
+        dtype = getattr(vae, "dtype", torch.float32)
+        pixels = torch.stack([p.pixels for p, _ in loaded]).to(device=device, dtype=dtype)
+        latents = vae.encode(pixels).float().cpu()
+        mirrors = [m for _, m in loaded if m is not None]
+        flipped = iter(vae.encode(torch.stack([m.pixels for m in mirrors]).to(device=device, dtype=dtype)).float().cpu()) if mirrors else iter(())
+        for n, ((plain, mirror), (part, d, i, key)) in enumerate(zip(loaded, kept)):
+            e = part.datasets[d].entries[i]
+            flip = next(flipped) if mirror is not None else None
+            if to_disk:
+                path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height))
+                caches.store_latents(path, e.placement.bucket, key, latents[n], flip, plain.alpha, (e.facts.width, e.facts.height), tuple(key["crop_ltrb"]))
+                part._latents[(d, i)] = path
+            else:
+                part._latents[(d, i)] = (latents[n].clone(), None if flip is None else flip.clone(), plain.alpha)
+
+    def cache_text(self, text_encoder: Any, *, to_disk: bool, batch_size: int, progress: Progress | None = None) -> None:
+        """Encode every caption once; caption dropout then swaps in the empty-caption outputs per sample."""
+        refused = []
+        for part in self._all_parts():
+            for ds in part.datasets:
+                for s in ds.spec.subsets:
+                    opts = [
+                        name
+                        for name, on in (
+                            ("shuffle_caption", s.shuffle_caption),
+                            ("token_warmup_step", s.token_warmup_step > 0),
+                            ("caption_tag_dropout_rate", s.caption_tag_dropout_rate > 0),
+                            ("caption_dropout_every_n_epochs", s.caption_dropout_every_n_epochs > 0),
+                            ("enable_wildcard", s.enable_wildcard),
+                        )
+                        if on
+                    ]
+                    if opts:
+                        refused.append(f"{s.image_dir or s.metadata_file}: {', '.join(opts)}")
+        if refused:
+            raise DatasetError(
+                "Text-encoder outputs cannot be cached while captions change from sample to sample (" + "; ".join(refused) + "). "
+                "Turn off text-encoder caching or those options (caption_dropout_rate alone works with caching)."
+            )
+        o = self.opts
+        identity = text_encoder.identity()
+        todo: list[tuple[TrainingData, int, int, dict, float]] = []
+        for part in self._all_parts():
+            for d, ds in enumerate(part.datasets):
+                for i, e in enumerate(ds.entries):
+                    s = ds.spec.subsets[e.subset_index]
+                    caption = fixed_caption(s, e.caption)
+                    key = {"caption": caption, "qwen3_max_token_length": o.qwen3_max_token_length, "t5_max_token_length": o.t5_max_token_length, "encoder": identity}
+                    if to_disk:
+                        path = caches.text_cache_path(e.path)
+                        stored = caches.stored_text_key(caches.read_npz(path))
+                        reason = caches.stale_reason(stored, key)
+                        if reason is None:
+                            part._text[(d, i)] = _CachedText(caption, None, path)
+                            continue
+                        if stored is not None:
+                            log.info("rebuilding text-encoder cache %s: %s", path, reason)
+                    todo.append((part, d, i, key, s.caption_dropout_rate))
+        if progress:
+            progress(0, len(todo), "caching text-encoder outputs")
+        with torch.no_grad():
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                outputs = text_encoder.encode([key["caption"] for _, _, _, key, _ in chunk], o.qwen3_max_token_length, o.t5_max_token_length)
+                outputs = tuple(t.detach().cpu() for t in outputs)
+                for n, (part, d, i, key, rate) in enumerate(chunk):
+                    row = (outputs[0][n].float(), outputs[1][n], outputs[2][n], outputs[3][n])
+                    if to_disk:
+                        path = caches.text_cache_path(part.datasets[d].entries[i].path)
+                        caches.store_text(path, key, row, rate)
+                        part._text[(d, i)] = _CachedText(key["caption"], None, path)
+                    else:
+                        part._text[(d, i)] = _CachedText(key["caption"], tuple(t.clone() for t in row), None)
+                if progress:
+                    progress(min(start + batch_size, len(todo)), len(todo), "caching text-encoder outputs")
+
+    # ---- epochs and batches ------------------------------------------------------------------
+
+    def _plan(self, epoch: int) -> list[_PlannedBatch]:
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = _rng(self.seed, epoch)
+        batches: list[_PlannedBatch] = []
+        for d, ds in enumerate(self.datasets):
+            bs = ds.spec.batch_size
+            for bucket, samples in self._bucket_samples(d).items():
+                order = [samples[j] for j in rng.permutation(len(samples))]
+                batches += [_PlannedBatch(d, bucket, order[j : j + bs]) for j in range(0, len(order), bs)]
+        plan = [batches[j] for j in rng.permutation(len(batches))]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def _caption_step(self, epoch: int, k: int) -> CaptionStep:
+        return CaptionStep(epoch + 1, epoch * self.num_batches_per_epoch + k, self.opts.max_train_steps)
+
+    def _text_for(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        cached = self._text[key]
+        return cached.outputs if cached.outputs is not None else caches.load_text(cached.path)
+
+    def _latents_for(self, key: tuple[int, int], entry: ImageEntry, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cached = self._latents[key]
+        if isinstance(cached, Path):
+            return caches.load_latents(cached, entry.placement.bucket, flip)
+        latents, flipped, alpha = cached
+        return (flipped if flip else latents), alpha
+
+    def load_batch(self, epoch: int, k: int) -> tuple[Batch | None, list[tuple[tuple[int, int], str]]]:
+        """Batch k of an epoch (0-based epoch), and the samples that had to be dropped with the reason."""
+        planned = self._plan(epoch)[k]
+        ds = self.datasets[planned.dataset]
+        at = self._caption_step(epoch, k)
+        failures: list[tuple[tuple[int, int], str]] = []
+        pixels, latents, alphas, captions, texts, weights, paths = [], [], [], [], [], [], []
+        use_alpha = any(ds.spec.subsets[ds.entries[i].subset_index].alpha_mask for _, i, _ in planned.samples)
+        for d, i, rep in planned.samples:
+            e = ds.entries[i]
+            s = ds.spec.subsets[e.subset_index]
+            key = (d, i)
+            if key in self._broken:
+                continue
+            flip = s.flip_aug and _rng(self.seed, epoch, d, i, rep, _FLIP).random() < 0.5
+            try:
+                if key in self._latents:
+                    lat, alpha = self._latents_for(key, e, flip)
+                    if alpha is not None and flip:
+                        alpha = alpha.flip(-1)
+                    latents.append(lat.float())
+                else:
+                    if s.random_crop:
+                        framing = random_framing(e.placement, _rng(self.seed, epoch, d, i, rep, _CROP), flip)
+                    else:
+                        framing = centre_framing(e.placement, flip)
+                    color = _rng(self.seed, epoch, d, i, rep, _COLOR) if s.color_aug else None
+                    interp = s.resize_interpolation or ds.spec.resize_interpolation
+                    img = load_image(e.path, e.placement, framing, interpolation=interp, alpha_mask=s.alpha_mask, color_rng=color)
+                    pixels.append(img.pixels)
+                    alpha = img.alpha
+                if key in self._text:
+                    text = self._text_for(key)
+                    dropped = s.caption_dropout_rate > 0 and _rng(self.seed, epoch, d, i, rep, _CAPTION).random() < s.caption_dropout_rate
+                    texts.append(caches.empty_text_like(text) if dropped else text)
+                    captions.append("" if dropped else self._text[key].caption)
+                else:
+                    captions.append(process_caption(s, e.caption, at, _rng(self.seed, epoch, d, i, rep, _CAPTION)))
+            except Exception as exc:  # never end a run on one bad file: drop the sample and say so
+                self._broken.add(key)
+                failures.append((key, f"{e.path}: skipped from now on, cannot be loaded ({exc})"))
+                del latents[len(paths) :], pixels[len(paths) :], texts[len(paths) :], captions[len(paths) :]
+                continue
+            if use_alpha:
+                h, w = planned.bucket[1], planned.bucket[0]
+                alphas.append(alpha if alpha is not None else torch.ones(1, h, w))
+            weights.append(self.opts.prior_loss_weight if e.is_reg else 1.0)
+            paths.append(str(e.path))
+        if not paths:
+            return None, failures
+        batch = Batch(
+            latents=torch.stack(latents) if latents else None,
+            pixels=torch.stack(pixels) if pixels else None,
+            captions=captions,
+            text=tuple(torch.stack(t) for t in zip(*texts)) if texts else None,
+            loss_weights=torch.tensor(weights, dtype=torch.float32),
+            alpha_masks=torch.stack(alphas) if alphas else None,
+            paths=paths,
+            bucket=planned.bucket,
+        )
+        return batch, failures
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch (0-based), from `start_batch` on. A batch whose every sample failed is left out."""
+        indices = [(epoch, k) for k in range(start_batch, self.num_batches_per_epoch)]
+        if self.opts.max_data_loader_n_workers <= 0:
+            results: Iterator = (self.load_batch(e, k) for e, k in indices)
+        else:
+            results = iter(self._data_loader(indices))
+        for batch, failures in results:
+            for key, message in failures:
+                # workers hold copies of the data; record the broken file here as well
+                self._broken.add(key)
+                self._warn(message)
+            if batch is not None:
+                yield batch
+
+    def _data_loader(self, indices: list[tuple[int, int]]) -> DataLoader:
+        if self._loader is None or not self.opts.persistent_data_loader_workers:
+            self._sampler = _IndexSampler()
+            self._loader = DataLoader(
+                _Batches(self),
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=self.opts.max_data_loader_n_workers,
+                persistent_workers=self.opts.persistent_data_loader_workers,
+                collate_fn=_as_is,
+            )
+        self._sampler.indices = indices
+        return self._loader
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _IndexSampler(Sampler):
+    def __init__(self) -> None:
+        self.indices: list[tuple[int, int]] = []
+
+    def __iter__(self):
+        return iter(list(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Batches(Dataset):
+    def __init__(self, data: TrainingData):
+        self.data = data
+
+    def __getitem__(self, index: tuple[int, int]):
+        return self.data.load_batch(*index)
+
+    def __len__(self) -> int:
+        return self.data.num_batches_per_epoch
+
+
+def build_training_data(
+    opts: DataOptions,
+    *,
+    base_dir: Path,
+    tokenizer: Any = None,
+    t5_tokenizer: Any = None,
+    on_warning: WarningCallback | None = None,
+) -> TrainingData:
+    """Resolve the datasets, then read and check every image and caption (before any model loads).
+
+    `tokenizer` (Qwen3) and `t5_tokenizer` are optional; with them, captions longer than the token limits are
+    reported. Bad images are skipped with a summary (bad_image_policy "skip") or all listed in one DatasetError.
+    """
+    base_dir = Path(base_dir)
+    specs, from_config = resolve_datasets(opts, base_dir)
+    seed = opts.seed if opts.seed is not None else random.randrange(2**31)
+    tokens = TokenCheck(tokenizer, opts.qwen3_max_token_length, t5_tokenizer, opts.t5_max_token_length)
+    problems: list[tuple[Path, str]] = []
+    warnings: list[str] = []
+    workers = max(1, opts.max_data_loader_n_workers)
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+
+    def scan(training: bool) -> list[ScannedDataset]:
+        return [scan_dataset(s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers) for s in specs]
+
+    datasets = scan(True)
+    validation_sets = scan(False) if any(s.validation_split > 0 for s in specs) else None
+    if problems and opts.bad_image_policy == "error":
+        listing = "\n".join(f"  - {p}: {reason}" for p, reason in problems)
+        raise DatasetError(
+            f"{len(problems)} image(s) or caption(s) cannot be used (bad_image_policy = \"error\"):\n{listing}\n"
+            "Fix or remove them, or set bad_image_policy = \"skip\" to train without them."
+        )
+    data = TrainingData(opts, seed, datasets, from_config, skipped=[(str(p), r) for p, r in problems], on_warning=on_warning)
+    if validation_sets is not None:
+        val_seed = opts.validation_seed if opts.validation_seed is not None else seed
+        data.validation = TrainingData(opts, val_seed, validation_sets, from_config, on_warning=on_warning)
+    for message in warnings:
+        data._warn(message)
+    if problems:
+        shown = "\n".join(f"  - {p}: {reason}" for p, reason in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        data._warn(f"skipped {len(problems)} image(s) that cannot be used:\n{shown}{more}")
+    if data.num_batches_per_epoch == 0:
+        raise DatasetError("The dataset has no usable images. Check image_dir / train_data_dir and the skipped-image list above.")
+    if any(0 < s.token_warmup_step < 1 for ds in specs for s in ds.subsets) and opts.max_train_steps is None:
+        raise DatasetError("token_warmup_step below 1 is a fraction of the training steps, so max_train_steps must be given.")
+    return data
