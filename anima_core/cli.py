@@ -1,0 +1,228 @@
+"""`anima-train`: the command line. Each subcommand is a small function; errors a person can fix print
+as one paragraph with no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from anima_core import __version__
+from anima_core.errors import AnimaError
+
+console = Console(stderr=True, highlight=False)
+
+
+def _profile(args):
+    from anima_core.config import load_profile
+
+    return load_profile(args.profile, args.set)
+
+
+def cmd_run(args) -> int:
+    from anima_core.plugins import default_plugins
+    from anima_core.training.trainer import Trainer
+
+    profile = _profile(args)
+    trainer = Trainer(profile, default_plugins(), resume=args.resume, allow_lr_change=args.allow_lr_change,
+                      cache_only=args.cache_only, console=console)
+    result = trainer.run()
+    if result.lora_path:
+        console.print(f"{result.status}: LoRA {result.lora_path}")
+    console.print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    _profile(args)
+    console.print(f"{args.profile}: valid")
+    return 0
+
+
+def cmd_show_config(args) -> int:
+    from anima_core.config import profile_to_toml
+
+    print(profile_to_toml(_profile(args)), end="")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from anima_core.plugins import default_plugins
+
+    for row in default_plugins().describe():
+        print(f"{row['name']} {row['version']}")
+        print(f"  hooks: {', '.join(row['hooks'])}")
+        for provided in row["provides"]:
+            print(f"  - {provided}")
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from anima_core.models import make_tiny_model
+
+    paths = make_tiny_model(Path(args.dir))
+    print(f"DiT:  {paths.dit}\nQwen3: {paths.qwen3}\nVAE:  {paths.vae}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from anima_core.demo import run_demo
+
+    run_demo(Path(args.dir), steps=args.steps, console=console)
+    return 0
+
+
+def cmd_lora_info(args) -> int:
+    from anima_plugins.lora import lora_info
+
+    print(lora_info(Path(args.file)))
+    return 0
+
+
+def cmd_import_kohya(args) -> int:
+    from anima_core.atomic import atomic_write_text
+    from anima_core.kohya_import import import_command_line
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    result = import_command_line(text)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if args.output:
+        atomic_write_text(args.output, result.toml())
+        console.print(f"wrote {args.output}; check it with `anima-train validate {args.output}`")
+    else:
+        print(result.toml(), end="")
+    return 0
+
+
+def cmd_tui(args) -> int:
+    from anima_tui.app import run_tui
+
+    run_tui(Path(args.target) if args.target else None)
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from anima_tui.app import run_watch
+
+    run_watch(Path(args.run_dir))
+    return 0
+
+
+def cmd_ctl(args) -> int:
+    from anima_core.runctl import request
+
+    request(Path(args.run_dir), args.action)
+    console.print(f"{args.action} requested; the run acts on it after its current step")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from anima_core.training.planner import format_plan, plan_for_profile
+
+    print(format_plan(plan_for_profile(_profile(args), vram_gib=args.vram)))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from anima_core.sampling.cli import run_sample_command
+
+    run_sample_command(args, console=console)
+    return 0
+
+
+def _add_profile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("profile", help="TOML profile")
+    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                        help="override one profile value (TOML syntax; repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anima-train", description="LoRA trainer for the Anima image model.")
+    parser.add_argument("--version", action="version", version=f"anima-train {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train from a profile (headless)")
+    _add_profile_args(p)
+    p.add_argument("--resume", metavar="DIR|latest", help="continue from a saved state, a run folder, or the newest state")
+    p.add_argument("--allow-lr-change", action="store_true", help="accept changed learning-rate keys on resume")
+    p.add_argument("--cache-only", action="store_true", help="build the latent and text caches, then exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a profile and report every problem at once")
+    _add_profile_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("show-config", help="print the resolved profile with every default filled in")
+    _add_profile_args(p)
+    p.set_defaults(func=cmd_show_config)
+
+    p = sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("demo", help="make a tiny model and dataset and train a LoRA on the CPU")
+    p.add_argument("dir", nargs="?", default="anima-demo", help="folder for the demo (default: ./anima-demo)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Anima model set in the released formats")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("lora-info", help="show a LoRA file's modules, ranks, metadata and ComfyUI compatibility")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_lora_info)
+
+    p = sub.add_parser("import-kohya", help="turn an anima_train_network.py command line into a profile")
+    p.add_argument("file", help="file holding the command line, or - for standard input")
+    p.add_argument("-o", "--output", type=Path, help="profile to write (default: print it)")
+    p.set_defaults(func=cmd_import_kohya)
+
+    p = sub.add_parser("tui", help="the terminal UI: edit profiles, launch and watch runs")
+    p.add_argument("target", nargs="?", help="a profile or a run directory")
+    p.set_defaults(func=cmd_tui)
+
+    p = sub.add_parser("watch", help="monitor a run directory, live or finished")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("ctl", help="ask a running training to save now or stop gracefully")
+    p.add_argument("run_dir")
+    p.add_argument("action", choices=["save", "stop"])
+    p.set_defaults(func=cmd_ctl)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory and the cheapest settings that fit")
+    _add_profile_args(p)
+    p.add_argument("--vram", type=float, metavar="GiB", help="memory of the target GPU")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sample", help="render images with the preview sampler, optionally with LoRAs")
+    p.add_argument("--dit", required=True)
+    p.add_argument("--qwen3", required=True)
+    p.add_argument("--vae", required=True)
+    p.add_argument("--qwen3-tokenizer")
+    p.add_argument("--t5-tokenizer")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (sd-scripts options like --n --w --h --d --s --l --fs allowed)")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AnimaError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Stop and save requests: signals, and files in ``run_dir/control`` that the TUI and `anima-train ctl` create."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+class StopRequests:
+    """First SIGINT/SIGTERM: finish the step, save, exit 0. Second: exit at once (writes are atomic)."""
+
+    def __init__(self, control_dir: Path):
+        self.control_dir = control_dir
+        self.stop_reason: str | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame):
+        if self.stop_reason is not None:
+            os._exit(128 + signum)
+        self.stop_reason = f"signal {signal.Signals(signum).name}"
+
+    def _take(self, name: str) -> bool:
+        path = self.control_dir / name
+        if path.exists():
+            path.unlink(missing_ok=True)
+            return True
+        return False
+
+    def poll(self) -> tuple[bool, bool]:
+        """(stop requested, save requested) since the last poll."""
+        if self._take("stop") and self.stop_reason is None:
+            self.stop_reason = "stop requested through the control file"
+        return self.stop_reason is not None, self._take("save")

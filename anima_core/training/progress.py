@@ -1,0 +1,61 @@
+"""What a person watching the run sees: a rich progress line on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def format_rate(s_per_it: float) -> str:
+    if s_per_it <= 0:
+        return "-"
+    return f"{1 / s_per_it:.2f} it/s" if s_per_it < 1 else f"{s_per_it:.2f} s/it"
+
+
+def format_gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def step_summary(event: dict) -> str:
+    lr = event["lr"][0] if isinstance(event["lr"], list) else event["lr"]
+    parts = [f"loss {event['loss']:.4f}", f"avg {event['loss_avg']:.4f}", f"lr {lr:.2e}", format_rate(event["s_per_it"])]
+    if event.get("vram_peak") is not None:
+        parts.append(f"VRAM {format_gib(event['vram_allocated'])} (peak {format_gib(event['vram_peak'])})")
+    return " | ".join(parts)
+
+
+class ProgressDisplay:
+    def __init__(self, mode: str, total_steps: int, every: int, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        interactive = mode == "rich" or (mode == "auto" and sys.stderr.isatty())
+        self.every = every
+        self.total = total_steps
+        self._progress = None
+        if interactive:
+            self._progress = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[summary]}"), console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, summary="")
+
+    def __enter__(self):
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.stop()
+
+    def step(self, event: dict) -> None:
+        if self._progress:
+            self._progress.update(self._task, completed=event["step"], summary=step_summary(event))
+        elif event["step"] % self.every == 0 or event["step"] == self.total:
+            eta = event.get("eta_s")
+            eta_text = f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else ""
+            self.console.print(f"step {event['step']}/{self.total} epoch {event['epoch']} | {step_summary(event)}{eta_text}", highlight=False)
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)

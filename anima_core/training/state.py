@@ -1,0 +1,149 @@
+"""Resumable training state: one complete-or-absent folder per save under ``run_dir/state``."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anima_core.atomic import atomic_directory
+from anima_core.config.load import profile_to_dict
+from anima_core.config.schema import Profile
+from anima_core.errors import AnimaError
+
+STATE_VERSION = 1
+# What may change between a run and its resume without changing what the state means.
+MUTABLE_TABLES = {"saving", "logging", "sampling", "memory"}
+MUTABLE_KEYS = {
+    ("training", "max_train_steps"),
+    ("training", "max_train_epochs"),
+    ("training", "nan_guard_max_bad_steps"),
+    ("training", "nan_guard_lr_factor"),
+    ("training", "device"),
+    ("dataset", "max_data_loader_n_workers"),
+    ("dataset", "persistent_data_loader_workers"),
+    ("dataset", "bad_image_policy"),
+    ("caching", "vae_batch_size"),
+    ("caching", "text_encoder_batch_size"),
+    ("caching", "skip_cache_check"),
+}
+LR_KEYS = {("optimizer", k) for k in ("learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps")}
+
+
+class ResumeError(AnimaError):
+    """The state cannot be resumed with this profile, or is missing or broken."""
+
+
+@dataclass
+class Progress:
+    step: int  # optimizer steps done
+    epoch: int  # epoch the next batch belongs to
+    batch_in_epoch: int  # batches of that epoch already consumed
+    bad_steps: int = 0
+    lr_scale: float = 1.0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(state_root: Path, *, progress: Progress, network, optimizer, scheduler, scaler, profile: Profile, keep_last: int) -> Path:
+    target = state_root / f"step-{progress.step:08d}"
+    with atomic_directory(target) as tmp:
+        torch.save(network.state_dict(), tmp / "network.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(),
+            },
+            tmp / "trainer.pt",
+        )
+        (tmp / "progress.json").write_text(json.dumps({"version": STATE_VERSION, **asdict(progress)}))
+        (tmp / "profile.json").write_text(json.dumps(profile_to_dict(profile), indent=1, sort_keys=True))
+    for old in list_states(state_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_states(state_root: Path) -> list[Path]:
+    """Complete states, oldest first (incomplete ones never get their final name)."""
+    if not state_root.exists():
+        return []
+    return sorted(p for p in state_root.glob("step-*") if (p / "progress.json").exists())
+
+
+def find_state(resume: str, output_dir: Path) -> Path:
+    """``latest`` → newest state of any run under output_dir; a run dir → its newest; else a state dir."""
+    if resume == "latest":
+        candidates = sorted(output_dir.glob("runs/*/state/step-*"), key=lambda p: (p / "progress.json").stat().st_mtime if (p / "progress.json").exists() else 0)
+        candidates = [p for p in candidates if (p / "progress.json").exists()]
+        if not candidates:
+            raise ResumeError(f"--resume latest: no saved state under {output_dir / 'runs'}; start without --resume.")
+        return candidates[-1]
+    path = Path(resume)
+    if (path / "progress.json").exists():
+        return path
+    states = list_states(path / "state")
+    if states:
+        return states[-1]
+    raise ResumeError(f"--resume {resume}: neither a state folder (with progress.json) nor a run folder with saved states.")
+
+
+def _flatten(data: dict, prefix=()) -> dict[tuple, object]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not (prefix and prefix[0] in ("network", "optimizer") and key in ("args", "optimizer_args")):
+            flat.update(_flatten(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def changed_keys(saved: dict, current: dict, *, allow_lr_change: bool) -> list[str]:
+    """Profile keys that differ and that the state depends on."""
+    old, new = _flatten(saved), _flatten(current)
+    allowed = MUTABLE_KEYS | (LR_KEYS if allow_lr_change else set())
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key[0] in MUTABLE_TABLES or key[:2] in allowed or old.get(key) == new.get(key):
+            continue
+        changed.append(f"{'.'.join(key)}: {old.get(key)!r} → {new.get(key)!r}")
+    return changed
+
+
+def load_state(state_dir: Path, *, profile: Profile, allow_lr_change: bool) -> tuple[Progress, dict, dict]:
+    """Check the profile against the state's, then return (progress, network state, trainer state)."""
+    try:
+        saved_profile = json.loads((state_dir / "profile.json").read_text())
+        info = json.loads((state_dir / "progress.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{state_dir}: cannot read the state ({exc}); pick another state folder.") from None
+    changes = changed_keys(saved_profile, profile_to_dict(profile), allow_lr_change=allow_lr_change)
+    if changes:
+        raise ResumeError(
+            f"{state_dir}: the profile changed what this state depends on:\n  "
+            + "\n  ".join(changes)
+            + "\nRestore those values to resume (learning-rate keys may change with --allow-lr-change)."
+        )
+    info.pop("version", None)
+    network_state = torch.load(state_dir / "network.pt", map_location="cpu", weights_only=True)
+    trainer_state = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=False)
+    return Progress(**info), network_state, trainer_state

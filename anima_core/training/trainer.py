@@ -1,0 +1,527 @@
+"""The run: check data, cache, load models, apply memory strategies and the network, loop, save.
+
+Order matters for memory: images are checked before any model loads; the VAE and the text encoder run
+(and leave the GPU) before the DiT is loaded when their outputs are cached.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import random
+import time
+import traceback
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from anima_core import __version__
+from anima_core.atomic import atomic_write_text, clean_leftovers
+from anima_core.config.load import profile_to_toml
+from anima_core.config.schema import Profile
+from anima_core.data import DataOptions, build_training_data
+from anima_core.errors import AnimaError
+from anima_core.plugins import Plugins
+from anima_core.training.control import StopRequests
+from anima_core.training.events import EventLog, make_run_dir
+from anima_core.training.metadata import save_metadata, training_metadata
+from anima_core.training.optim import create_fused_backward_optimizer, create_optimizer
+from anima_core.training.progress import ProgressDisplay
+from anima_core.training.schedules import build_scheduler
+from anima_core.training.state import Progress, find_state, load_state, restore_rng_state, save_state
+from anima_core.training.step import StepInputs, drop_captions, flow_loss
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    status: str  # finished | stopped | failed | cached
+    run_dir: Path
+    lora_path: Path | None
+    step: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def data_options(profile: Profile) -> DataOptions:
+    """The profile's dataset table uses DataOptions' names; the rest comes from other tables."""
+    values = {f.name: getattr(profile.dataset, f.name) for f in fields(DataOptions) if hasattr(profile.dataset, f.name)}
+    if isinstance(values.get("resolution"), list):
+        values["resolution"] = tuple(values["resolution"])
+    return DataOptions(
+        **values,
+        seed=profile.training.seed,
+        max_train_steps=profile.training.max_train_steps,
+        qwen3_max_token_length=profile.model.qwen3_max_token_length,
+        t5_max_token_length=profile.model.t5_max_token_length,
+    )
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """Every random draw of a step comes from (seed, step, micro-batch), so a resumed run repeats exactly."""
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def memory_stats(device: torch.device) -> dict:
+    stats = {"vram_allocated": None, "vram_reserved": None, "vram_peak": None}
+    if device.type == "cuda":
+        stats = {
+            "vram_allocated": torch.cuda.memory_allocated(device),
+            "vram_reserved": torch.cuda.memory_reserved(device),
+            "vram_peak": torch.cuda.max_memory_allocated(device),
+        }
+    try:
+        import resource
+
+        stats["ram_used"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:
+        stats["ram_used"] = None
+    return stats
+
+
+class Trainer:
+    def __init__(self, profile: Profile, plugins: Plugins, *, resume: str | None = None,
+                 allow_lr_change: bool = False, cache_only: bool = False, console=None):
+        self.profile = profile
+        self.plugins = plugins
+        self.resume = resume
+        self.allow_lr_change = allow_lr_change
+        self.cache_only = cache_only
+        self.console = console
+        self.device = resolve_device(profile.training.device)
+        precision = profile.training.mixed_precision
+        if self.device.type == "cpu" and precision == "fp16":
+            precision = "no"  # CPU autocast has no fp16 path; fall back to float32 and say so below
+        self.precision = precision
+        tdtype = profile.model.transformer_dtype
+        self.dit_dtype = DTYPES[tdtype] if tdtype else PRECISION_DTYPES[precision]
+        self.models = plugins.registry("register_model_loaders").get(profile.model.loader)
+
+    # ---- setup -------------------------------------------------------------------------------------
+
+    def _open_run(self) -> None:
+        saving = self.profile.saving
+        name = self.profile.logging.run_name or time.strftime("%Y%m%d-%H%M%S-") + saving.output_name
+        self.run_dir = make_run_dir(saving.output_dir, name)
+        atomic_write_text(self.run_dir / "profile.toml", profile_to_toml(self.profile))
+        sinks = [make(self.run_dir, self.profile) for make in
+                 (e.obj for e in self.plugins.registry("register_event_sinks").entries.values())]
+        self.events = EventLog(self.run_dir, sinks)
+        self.display = ProgressDisplay(self.profile.logging.progress, 1, self.profile.logging.log_every_n_steps, self.console)
+        for leftover in clean_leftovers(saving.output_dir):
+            self.warn(f"removed {leftover}, left by an interrupted write")
+
+    def warn(self, message: str, **detail) -> None:
+        self.events.emit("warning", message=message, **({"detail": detail} if detail else {}))
+        self.display.message(f"[yellow]warning:[/yellow] {message}")
+
+    def log(self, message: str) -> None:
+        self.events.emit("log", message=message)
+        self.display.message(message)
+
+    def _build_data(self) -> None:
+        tokenizer = None
+        self.data = build_training_data(data_options(self.profile), base_dir=Path.cwd(), tokenizer=tokenizer, on_warning=self.warn)
+        for line in self.data.bucket_report():
+            self.log(line)
+        if self.data.skipped:
+            self.warn(f"{len(self.data.skipped)} image(s) skipped; see the warnings above")
+
+    def _cache(self) -> None:
+        caching = self.profile.caching
+        if caching.cache_latents or caching.cache_latents_to_disk:
+            vae = self.models.load_vae(self.profile.model, dtype=DTYPES[self.profile.model.vae_dtype], device=self.device)
+            self.log("caching latents")
+            self.data.cache_latents(vae, to_disk=caching.cache_latents_to_disk, batch_size=caching.vae_batch_size,
+                                    device=self.device, progress=self._cache_progress("latents"))
+            del vae
+            self._free()
+            self.vae = None
+        else:
+            self.vae = self.models.load_vae(self.profile.model, dtype=DTYPES[self.profile.model.vae_dtype], device=self.device)
+        train_te = not self.profile.network.train_unet_only
+        te_dtype = self.dit_dtype if self.device.type == "cuda" else torch.float32
+        self.text_encoder = self.models.load_text_encoder(self.profile.model, dtype=te_dtype, device=self.device)
+        if caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk:
+            self.log("caching text-encoder outputs")
+            self.data.cache_text(self.text_encoder, to_disk=caching.cache_text_encoder_outputs_to_disk,
+                                 batch_size=caching.text_encoder_batch_size, progress=self._cache_progress("text"))
+            if not train_te:
+                self.text_encoder.model.to("cpu")
+                self._free()
+
+    def _cache_progress(self, label):
+        last = {"t": 0.0}
+
+        def report(done: int, total: int, what: str = label):
+            now = time.monotonic()
+            if done == total or now - last["t"] > 2:
+                last["t"] = now
+                self.display.message(f"caching {what}: {done}/{total}")
+
+        return report
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load_dit(self) -> None:
+        self.dit = self.models.load_dit(self.profile.model, dtype=self.dit_dtype, device=self.device)
+        self.dit.requires_grad_(False)
+        self.dit.train()
+        self.strategies = []
+        registry = self.plugins.registry("register_memory_strategies")
+        for entry in registry.entries.values():
+            if entry.obj.enabled(self.profile) or entry.name in self.profile.memory.extra_strategies:
+                strategy = entry.obj(self.profile)
+                strategy.apply(self.dit, device=self.device)
+                self.strategies.append(strategy)
+                self.log(f"memory strategy: {entry.name}")
+
+    def _build_network(self) -> None:
+        create = self.plugins.registry("register_networks").get(self.profile.network.module)
+        train_te = not self.profile.network.train_unet_only
+        self.network = create(self.profile.network, dit=self.dit, text_encoder=self.text_encoder if train_te else None,
+                              train_text_encoder=train_te)
+        self.network.apply_to()
+        if self.profile.network.weights:
+            self.network.load_weights(self.profile.network.weights)
+            self.log(f"continuing from {self.profile.network.weights}")
+        lora_dtype = torch.bfloat16 if self.profile.training.full_bf16 else torch.float32
+        for param in self.network.trainable_parameters():
+            param.data = param.data.to(device=self.device, dtype=lora_dtype)
+        groups = self.network.param_groups(self.profile.optimizer)
+        self.log(self.network.describe_groups())
+        if self.profile.optimizer.fused_backward_pass:
+            self.optimizer = create_fused_backward_optimizer(self.plugins, self.profile.optimizer, groups)
+        else:
+            self.optimizer = create_optimizer(self.plugins, self.profile.optimizer, groups)
+
+    def _plan_steps(self) -> None:
+        t = self.profile.training
+        per_epoch = math.ceil(self.data.num_batches_per_epoch / t.gradient_accumulation_steps)
+        if t.max_train_epochs:
+            self.total_steps = t.max_train_epochs * per_epoch
+        else:
+            self.total_steps = t.max_train_steps
+        self.num_epochs = math.ceil(self.total_steps / per_epoch)
+        self.steps_per_epoch = per_epoch
+
+    # ---- saving ------------------------------------------------------------------------------------
+
+    def lora_path(self, *, step: int | None = None, epoch: int | None = None) -> Path:
+        s = self.profile.saving
+        if epoch is not None:
+            name = f"{s.output_name}-{epoch:06d}"
+        elif step is not None:
+            name = f"{s.output_name}-step{step:08d}"
+        else:
+            name = s.output_name
+        return s.output_dir / f"{name}.safetensors"
+
+    def save_lora(self, path: Path, progress: Progress) -> None:
+        metadata = save_metadata(self.profile, self.base_metadata, self.network.metadata(), step=progress.step, epoch=progress.epoch)
+        self.network.save(path, metadata=metadata, dtype=SAVE_DTYPES[self.profile.saving.save_precision])
+        self.events.emit("save", kind="lora", path=str(path), step=progress.step, epoch=progress.epoch)
+        self.last_lora = path
+        self._self_check(path)
+
+    def _self_check(self, path: Path) -> None:
+        check = getattr(self.network, "self_check", None)
+        if check is None:
+            return
+        result = check(path)
+        if result.ok:
+            self.events.emit("log", message=f"self-check of {path.name}: {result.summary}")
+        else:
+            self.warn(f"self-check of {path.name} failed: {result.summary}")
+
+    def save_training_state(self, progress: Progress) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        path = save_state(self.run_dir / "state", progress=progress, network=self.network, optimizer=self.optimizer,
+                          scheduler=self.scheduler, scaler=scaler, profile=self.profile,
+                          keep_last=self.profile.saving.keep_last_n_states)
+        self.last_state = path
+        self.events.emit("save", kind="state", path=str(path), step=progress.step, epoch=progress.epoch)
+
+    def _prune_epoch_saves(self, epoch: int) -> None:
+        keep = self.profile.saving.save_last_n_epochs
+        if keep:
+            old = epoch - keep
+            if old >= 1:
+                self.lora_path(epoch=old).unlink(missing_ok=True)
+
+    def _prune_step_saves(self, step: int) -> None:
+        keep = self.profile.saving.save_last_n_steps
+        every = self.profile.saving.save_every_n_steps
+        if keep and every:
+            for old in range(every, step - keep, every):
+                self.lora_path(step=old).unlink(missing_ok=True)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _inputs(self, batch) -> StepInputs:
+        device = self.device
+        if batch.latents is not None:
+            latents = batch.latents.to(device, torch.float32)
+        else:
+            with torch.no_grad():
+                latents = self.vae.encode(batch.pixels.to(device)).float()
+        if batch.text is not None:
+            qwen_states, qwen_mask, t5_ids, t5_mask = (t.to(device) for t in batch.text)
+        else:
+            grad = torch.enable_grad() if self.network.trains_text_encoder else torch.no_grad()
+            with grad:
+                qwen_states, qwen_mask, t5_ids, t5_mask = self.text_encoder.encode(
+                    batch.captions, self.profile.model.qwen3_max_token_length, self.profile.model.t5_max_token_length)
+        masks = batch.alpha_masks.to(device) if batch.alpha_masks is not None else None
+        if masks is not None and masks.dim() == 3:
+            masks = masks.unsqueeze(1)
+        return StepInputs(latents, qwen_states, qwen_mask, t5_ids, t5_mask, batch.loss_weights.float(), masks)
+
+    def _micro_step(self, batch, step: int, micro: int):
+        t = self.profile.training
+        generator = torch.Generator().manual_seed(step_seed(t.seed, step, micro))
+        torch.manual_seed(step_seed(t.seed, step, micro) + 1)  # LoRA dropouts draw from the global RNG
+        inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generator)
+        with self.accelerator.autocast():
+            loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
+                                     generator=generator, apply_t5_mask=self.profile.model.apply_t5_attn_mask)
+        self.accelerator.backward(loss / t.gradient_accumulation_steps)
+        return loss.detach(), sigmas
+
+    def _batches(self, progress: Progress):
+        """(epoch, index in epoch, batch) from the resume point to the end of training."""
+        for epoch in range(progress.epoch, self.num_epochs):
+            start = progress.batch_in_epoch if epoch == progress.epoch else 0
+            for index, batch in enumerate(self.data.epoch_batches(epoch, start_batch=start), start=start):
+                yield epoch, index, batch
+
+    def _optimizer_step(self, params) -> float:
+        max_norm = self.profile.optimizer.max_grad_norm
+        if self.profile.optimizer.fused_backward_pass:
+            return 0.0
+        if max_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.zeros(())
+        norm = float(norm)
+        if math.isfinite(norm) or self.precision == "fp16":
+            self.optimizer.step()
+        return norm
+
+    def _emit_step(self, progress: Progress, loss: float, started: float, first_step: int, losses: list[float]) -> None:
+        done = progress.step - first_step
+        elapsed = time.monotonic() - started
+        s_per_it = elapsed / done if done else 0.0
+        window = losses[-50:]
+        event = self.events.emit(
+            "step", step=progress.step, epoch=progress.epoch + 1, total_steps=self.total_steps, loss=loss,
+            loss_avg=sum(window) / len(window), lr=[g["lr"] for g in self.optimizer.param_groups][:4],
+            s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
+            eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
+        self.display.step(event)
+
+    def _handle_bad_step(self, progress: Progress, batch, sigmas, loss: float, norm: float) -> bool:
+        """Skip a non-finite step and name its samples; after too many in a row, recover or stop. True = stop."""
+        t = self.profile.training
+        progress.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.warn(f"non-finite loss or gradient at step {progress.step + 1}: step skipped",
+                  loss=loss, grad_norm=norm, images=list(batch.paths), sigmas=[round(float(s), 5) for s in sigmas])
+        if progress.bad_steps < t.nan_guard_max_bad_steps:
+            return False
+        state = getattr(self, "last_state", None)
+        if state is not None and t.nan_guard_lr_factor:
+            self.warn(f"{progress.bad_steps} bad steps in a row: reloading {state.name} with the learning rate × {t.nan_guard_lr_factor}")
+            self._restore(state, lr_scale=progress.lr_scale * t.nan_guard_lr_factor)
+            return False
+        self.stop_reason = (
+            f"{progress.bad_steps} non-finite steps in a row. Likely causes: a learning rate too high for this alpha/rank, "
+            "fp16 overflow (use bf16), or broken images/latents (see the named samples). Lower optimizer.learning_rate "
+            "or set training.nan_guard_lr_factor to reload the last state automatically."
+        )
+        return True
+
+    def _restore(self, state_dir: Path, *, lr_scale: float | None = None) -> Progress:
+        progress, network_state, trainer_state = load_state(state_dir, profile=self.profile, allow_lr_change=self.allow_lr_change)
+        self.network.load_state_dict(network_state)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and trainer_state["scaler"] is not None:
+            scaler.load_state_dict(trainer_state["scaler"])
+        restore_rng_state(trainer_state["rng"])
+        if lr_scale is not None:
+            progress.lr_scale = lr_scale
+        # The profile's rates (possibly changed with --allow-lr-change) times any NaN-guard reduction.
+        self.scheduler.base_lrs = [lr * progress.lr_scale for lr in self.base_lrs]
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        progress.bad_steps = 0
+        self.progress = progress
+        return progress
+
+    def _loop(self, progress: Progress) -> str:
+        t, s = self.profile.training, self.profile.saving
+        accum = t.gradient_accumulation_steps
+        params = self.network.trainable_parameters()
+        stop = StopRequests(self.run_dir / "control")
+        stop.install()
+        self.stop_reason = None
+        started, first_step, losses = time.monotonic(), progress.step, []
+        micro_losses, micro = [], 0
+        try:
+            with self.display:
+                for epoch, index, batch in self._batches(progress):
+                    if progress.step >= self.total_steps:
+                        break
+                    loss, sigmas = self._micro_step(batch, progress.step, micro)
+                    micro_losses.append(loss)
+                    micro += 1
+                    progress.epoch, progress.batch_in_epoch = epoch, index + 1
+                    epoch_done = index + 1 == self.data.num_batches_per_epoch
+                    if micro < accum and not epoch_done:
+                        continue
+                    step_loss = float(torch.stack(micro_losses).mean())
+                    norm = self._optimizer_step(params)
+                    if not (math.isfinite(step_loss) and (math.isfinite(norm) or self.precision == "fp16")):
+                        if self._handle_bad_step(progress, batch, sigmas, step_loss, norm):
+                            break
+                        micro_losses, micro = [], 0
+                        progress = self.progress
+                        continue
+                    progress.bad_steps = 0
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    micro_losses, micro = [], 0
+                    progress.step += 1
+                    if epoch_done:
+                        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+                    losses.append(step_loss)
+                    self._emit_step(progress, step_loss, started, first_step, losses)
+                    stop_now, save_now = stop.poll()
+                    self._scheduled_saves(progress, epoch_done, epoch, save_now)
+                    if self.previews is not None:
+                        self.previews.after_step(progress.step, epoch + 1 if epoch_done else None)
+                    if stop_now:
+                        self.stop_reason = stop.stop_reason
+                        break
+        finally:
+            stop.uninstall()
+        self.progress = progress
+        self.throughput = (progress.step - first_step) / max(1e-9, time.monotonic() - started)
+        return "stopped" if self.stop_reason else "finished"
+
+    def _scheduled_saves(self, progress: Progress, epoch_done: bool, epoch: int, save_now: bool) -> None:
+        s = self.profile.saving
+        final = progress.step >= self.total_steps
+        saved = False
+        if not final and s.save_every_n_steps and progress.step % s.save_every_n_steps == 0:
+            self.save_lora(self.lora_path(step=progress.step), progress)
+            self._prune_step_saves(progress.step)
+            saved = True
+        if not final and epoch_done and s.save_every_n_epochs and (epoch + 1) % s.save_every_n_epochs == 0:
+            self.save_lora(self.lora_path(epoch=epoch + 1), progress)
+            self._prune_epoch_saves(epoch + 1)
+            saved = True
+        if save_now and not saved:
+            self.save_lora(self.lora_path(step=progress.step), progress)
+            saved = True
+        state_every = s.save_state_every_n_steps
+        if s.save_state and not final and (saved or (state_every and progress.step % state_every == 0)):
+            self.save_training_state(progress)
+
+    def _prepare_training(self) -> Progress:
+        t = self.profile.training
+        registry = self.plugins.registry
+        self.sampler = registry("register_timestep_samplers").get(t.timestep_sampling)
+        self.weighting = registry("register_loss_weightings").get(t.loss_weighting or t.weighting_scheme)
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=self.device.type == "cpu")
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False) \
+            if not self.profile.optimizer.fused_backward_pass else self.optimizer
+        self.scheduler = build_scheduler(self.optimizer, self.profile.optimizer, self.total_steps)
+        self.base_lrs = list(self.scheduler.base_lrs)
+        progress = Progress(step=0, epoch=0, batch_in_epoch=0)
+        if self.resume:
+            state = find_state(self.resume, self.profile.saving.output_dir)
+            progress = self._restore(state)
+            self.log(f"resumed from {state} at step {progress.step}, epoch {progress.epoch + 1}")
+        return progress
+
+    def _build_previews(self):
+        sampling = self.profile.sampling
+        if sampling.sample_prompts is None:
+            return None
+        from anima_core.sampling.during_training import TrainingPreviews
+
+        return TrainingPreviews(self)
+
+    # ---- entry point -------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        seed_everything(self.profile.training.seed)
+        self._open_run()
+        self.last_lora = None
+        try:
+            self._build_data()
+            self._plan_steps()
+            self.display.total = self.total_steps
+            self.events.emit(
+                "run_start", run_id=self.run_dir.name, pid=os.getpid(), device=str(self.device),
+                total_steps=self.total_steps, total_epochs=self.num_epochs, profile=str(self.run_dir / "profile.toml"),
+                versions={"anima_train": __version__, "torch": torch.__version__, "python": platform.python_version()})
+            if self.profile.training.mixed_precision == "fp16" and self.precision == "no":
+                self.warn("fp16 mixed precision needs a GPU; training in float32 on the CPU")
+            self._cache()
+            if self.cache_only:
+                self.events.emit("run_end", status="cached", reason="--cache-only", step=0, epoch=0)
+                return RunResult("cached", self.run_dir, None, 0)
+            self._load_dit()
+            self._build_network()
+            self.base_metadata = training_metadata(
+                self.profile, data_metadata=self.data.metadata(), total_steps=self.total_steps,
+                num_epochs=self.num_epochs, started_at=time.time())
+            progress = self._prepare_training()
+            self.previews = self._build_previews()
+            if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
+                self.previews.render(step=0, epoch=0)
+            status = self._loop(progress)
+            progress = self.progress
+            final = status == "finished"
+            path = self.lora_path() if final else self.lora_path(step=progress.step)
+            self.save_lora(path, progress)
+            if self.profile.saving.save_state:
+                self.save_training_state(progress)
+            if self.previews is not None and final:
+                self.previews.render(step=progress.step, epoch=progress.epoch)
+            self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
+            self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
+                             epoch=progress.epoch, lora=str(path))
+            return RunResult(status, self.run_dir, path, progress.step)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, AnimaError) else "".join(traceback.format_exception_only(exc)).strip()
+            self.events.emit("run_end", status="failed", reason=reason, step=getattr(getattr(self, "progress", None), "step", 0), epoch=0)
+            raise
+        finally:
+            self.events.close()
