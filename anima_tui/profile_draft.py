@@ -1,0 +1,191 @@
+"""A profile being edited: the tomlkit document (comments and order kept), its schema fields and problems."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import tomlkit
+from pydantic import BaseModel
+
+from anima_core.atomic import atomic_write_text
+from anima_core.config import Profile, profile_from_dict
+from anima_core.errors import ProfileError
+
+REMOVE = object()
+"""An edit that deletes the key, so the schema default applies."""
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    table: str
+    name: str
+    kind: str  # bool / choice / number / text / toml (dicts, lists, unions: typed as inline TOML)
+    optional: bool
+    choices: tuple
+    default: Any
+    help: str
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.table}.{self.name}"
+
+
+def _unwrap_optional(annotation) -> tuple[Any, bool]:
+    if get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation):
+        rest = tuple(a for a in get_args(annotation) if a is not type(None))
+        return (rest[0] if len(rest) == 1 else Union[rest]), True
+    return annotation, False
+
+
+def _kind(annotation) -> tuple[str, tuple]:
+    if annotation is bool:
+        return "bool", ()
+    if get_origin(annotation) is Literal:
+        return "choice", get_args(annotation)
+    if annotation in (int, float):
+        return "number", ()
+    if annotation in (str, Path):
+        return "text", ()
+    return "toml", ()
+
+
+def table_model(table: str) -> type[BaseModel]:
+    return Profile.model_fields[table].annotation
+
+
+def field_specs(table: str) -> list[FieldSpec]:
+    specs = []
+    for name, info in table_model(table).model_fields.items():
+        annotation, optional = _unwrap_optional(info.annotation)
+        kind, choices = _kind(annotation)
+        default = info.get_default(call_default_factory=True)
+        specs.append(FieldSpec(table, name, kind, optional, choices, default, info.description or ""))
+    return specs
+
+
+def to_toml_text(value: Any) -> str:
+    """A value as one line of inline TOML, the way people write it in a profile."""
+    if isinstance(value, dict):
+        table = tomlkit.inline_table()
+        table.update(value)
+        return table.as_string()
+    return tomlkit.item(value).as_string()
+
+
+def shown(value: Any, spec: FieldSpec) -> str:
+    """Text for an Input showing ``value``; empty for None (TOML has no null, the key is simply absent)."""
+    if value is None:
+        return ""
+    if spec.kind == "toml" or (spec.kind == "number" and not isinstance(value, str)):
+        return to_toml_text(value)
+    return str(value)
+
+
+def parse(text: str, spec: FieldSpec) -> Any:
+    """An Input's text as the value to store: empty removes the key; text that does not parse is kept as a
+    string so validation reports it at the field instead of the editor refusing a keystroke."""
+    text = text.strip()
+    if not text:
+        return REMOVE
+    if spec.kind == "text":
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _plain(value: Any) -> Any:
+    return value.unwrap() if hasattr(value, "unwrap") else value
+
+
+class ProfileDraft:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.document = tomlkit.parse(text)
+        self._saved_text = path.read_text(encoding="utf-8") if path.exists() else ""
+
+    @classmethod
+    def open(cls, path: Path, *, start_from: Path | None = None) -> "ProfileDraft":
+        """Edit ``path``; a new file starts from ``start_from`` (a profile in profiles/) or empty."""
+        source = path if path.exists() else start_from
+        text = source.read_text(encoding="utf-8") if source is not None else ""
+        return cls(path, text)
+
+    def value(self, table: str, key: str) -> Any:
+        section = self.document.get(table)
+        return _plain(section[key]) if isinstance(section, dict) and key in section else None
+
+    def has(self, table: str, key: str) -> bool:
+        section = self.document.get(table)
+        return isinstance(section, dict) and key in section
+
+    def set(self, table: str, key: str, value: Any) -> bool:
+        """Store an edit; False when it changes nothing (widgets report their initial values too)."""
+        if value is REMOVE:
+            if not self.has(table, key):
+                return False
+            del self.document[table][key]
+            return True
+        if self.has(table, key) and self.value(table, key) == value and type(self.value(table, key)) is type(value):
+            return False
+        if table not in self.document:
+            self.document[table] = tomlkit.table()
+        self.document[table][key] = value
+        return True
+
+    def text(self) -> str:
+        return tomlkit.dumps(self.document)
+
+    @property
+    def modified(self) -> bool:
+        return self.text() != self._saved_text
+
+    def problems(self) -> list[str]:
+        """The same checks as `anima-train validate`: schema, then cross-field and file checks."""
+        try:
+            profile_from_dict(self.document.unwrap(), source=str(self.path), base_dir=self.path.resolve().parent)
+        except ProfileError as exc:
+            return exc.problems
+        except Exception as exc:  # a broken plugin must not take the editor down; say so instead
+            return [f"validation could not finish: {type(exc).__name__}: {exc}"]
+        return []
+
+    def diff(self) -> str:
+        return "".join(
+            difflib.unified_diff(
+                self._saved_text.splitlines(keepends=True),
+                self.text().splitlines(keepends=True),
+                fromfile=f"{self.path.name} (on disk)",
+                tofile=f"{self.path.name} (edited)",
+            )
+        )
+
+    def save(self) -> None:
+        text = self.text()
+        atomic_write_text(self.path, text)
+        self._saved_text = text
+
+
+def sort_problems(problems: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """Problems by field ("table.key"), by table (unknown keys, table-wide checks), and the rest."""
+    fields = {spec.dotted for table in Profile.model_fields for spec in field_specs(table)}
+    by_field: dict[str, list[str]] = {}
+    by_table: dict[str, list[str]] = {}
+    general: list[str] = []
+    for problem in problems:
+        where, _, message = problem.partition(":")
+        parts = where.split(".")
+        dotted = ".".join(parts[:2])
+        if dotted in fields:
+            by_field.setdefault(dotted, []).append(message.strip() if where == dotted else problem)
+        elif parts[0] in Profile.model_fields:
+            by_table.setdefault(parts[0], []).append(problem)
+        else:
+            general.append(problem)
+    return by_field, by_table, general

@@ -1,0 +1,105 @@
+"""What the monitor knows about a run, folded from its events; tolerant of missing, wrong or non-finite fields."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+EMA_WEIGHT = 0.9  # TensorBoard's default smoothing: readable trend without hiding a divergence for long
+
+
+def number(value: object) -> float | None:
+    """A finite float, or None for anything else (missing, strings like "nan", booleans)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def integer(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def text(value: object, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+@dataclass
+class Note:
+    """One line of the saves / samples / warnings list."""
+
+    kind: str
+    step: int | None
+    message: str
+
+
+@dataclass
+class RunState:
+    run_id: str = ""
+    device: str = ""
+    total_steps: int | None = None
+    total_epochs: int | None = None
+    pid: int | None = None
+    last_step: dict = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    end: dict | None = None
+    events_seen: int = 0
+    bad_lines: int = 0
+    _ema: float | None = None
+
+    def add(self, events: list[dict], bad_lines: int = 0) -> None:
+        self.bad_lines += bad_lines
+        for event in events:
+            self.events_seen += 1
+            handler = getattr(self, f"_on_{event.get('type')}", None)
+            if handler is not None:
+                handler(event)
+
+    def _on_run_start(self, event: dict) -> None:
+        self.run_id = text(event.get("run_id"), self.run_id)
+        self.device = text(event.get("device"), self.device)
+        self.total_steps = integer(event.get("total_steps"))
+        self.total_epochs = integer(event.get("total_epochs"))
+        self.pid = integer(event.get("pid"))
+        self.end = None  # a resumed run appends a new start after an old end
+
+    def _on_step(self, event: dict) -> None:
+        self.last_step = event
+        loss = number(event.get("loss"))
+        step = integer(event.get("step"))
+        if loss is not None:
+            self.steps.append(step if step is not None else len(self.steps))
+            self.losses.append(loss)
+            # Starting from the first loss (not 0) keeps the early points unbiased.
+            self._ema = loss if self._ema is None else EMA_WEIGHT * self._ema + (1 - EMA_WEIGHT) * loss
+            self.smoothed.append(self._ema)
+        lr = number(event.get("lr"))
+        if lr is not None:
+            self.lrs.append(lr)
+
+    def _on_save(self, event: dict) -> None:
+        kind = text(event.get("kind"), "save")
+        self.notes.append(Note("save", integer(event.get("step")), f"{kind}: {_file_name(event.get('path'))}"))
+
+    def _on_sample(self, event: dict) -> None:
+        prompt = text(event.get("prompt"))
+        self.notes.append(Note("sample", integer(event.get("step")), f"{_file_name(event.get('path'))}  {prompt}"))
+
+    def _on_warning(self, event: dict) -> None:
+        self.notes.append(Note("warning", integer(event.get("step")), text(event.get("message"), "(no message)")))
+
+    def _on_run_end(self, event: dict) -> None:
+        self.end = event
+
+    @property
+    def status(self) -> str | None:
+        """The run's final status, or None while no run_end was seen."""
+        return text(self.end.get("status"), "ended") if self.end is not None else None
+
+
+def _file_name(path: object) -> str:
+    return text(path, "?").replace("\\", "/").rsplit("/", 1)[-1]

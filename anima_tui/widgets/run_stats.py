@@ -1,0 +1,75 @@
+"""The monitor's numbers: progress, loss, learning rate, speed, ETA, VRAM and RAM."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.widgets import Static
+
+from anima_tui.run_state import RunState, integer, number
+from anima_tui.system_stats import SystemReading
+from anima_tui.widgets import css_beside
+
+GIB = 1024**3
+
+
+def gib(value: object) -> str:
+    amount = number(value)
+    return "–" if amount is None else f"{amount / GIB:.2f}G"
+
+
+def duration(seconds: object) -> str:
+    value = number(seconds)
+    if value is None or value < 0:
+        return "–"
+    minutes, secs = divmod(int(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def speed(step: dict) -> str:
+    """it/s when fast, s/it when slow: whichever reads without leading zeros."""
+    it_per_s, s_per_it = number(step.get("it_per_s")), number(step.get("s_per_it"))
+    if it_per_s is None and s_per_it:
+        it_per_s = 1 / s_per_it
+    if it_per_s is None:
+        return "–"
+    if it_per_s >= 1 or not it_per_s:
+        return f"{it_per_s:.2f} it/s"
+    return f"{1 / it_per_s:.2f} s/it"
+
+
+def fixed(value: object, fmt: str) -> str:
+    amount = number(value)
+    return "–" if amount is None else format(amount, fmt)
+
+
+def of_total(value: object, total: int | None) -> str:
+    current = integer(value)
+    shown = "–" if current is None else str(current)
+    return f"{shown}/{total}" if total is not None else shown
+
+
+class RunStats(Static):
+    DEFAULT_CSS = css_beside(__file__)
+
+    def show(self, state: RunState, system: SystemReading) -> None:
+        step = state.last_step
+        table = Table.grid(padding=(0, 1))
+        table.add_column(style="dim", no_wrap=True)
+        table.add_column(no_wrap=True)
+        table.add_row("step", of_total(step.get("step"), state.total_steps))
+        table.add_row("epoch", of_total(step.get("epoch"), state.total_epochs))
+        table.add_row("loss", f"{fixed(step.get('loss'), '.4f')}  avg {fixed(step.get('loss_avg'), '.4f')}")
+        table.add_row("lr", fixed(step.get("lr"), ".2e"))
+        table.add_row("speed", speed(step))
+        table.add_row("ETA", duration(step.get("eta_s")))
+        table.add_row("VRAM", f"{gib(step.get('vram_allocated'))} alloc {gib(step.get('vram_reserved'))} res")
+        table.add_row("peak", gib(step.get("vram_peak")))
+        for index, gpu in enumerate(system.gpus):
+            util = "–" if gpu.utilisation is None else f"{gpu.utilisation}%"
+            table.add_row(f"GPU{index}", f"{gib(gpu.used)}/{gib(gpu.total)} {util}")
+        if system.ram_total:
+            table.add_row("RAM", f"{gib(system.ram_used)}/{gib(system.ram_total)}")
+        if state.bad_lines:
+            table.add_row("skipped", f"{state.bad_lines} bad event line(s)", style="yellow")
+        self.update(table)
