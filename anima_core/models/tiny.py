@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +61,136 @@ def write_tiny_dit(path: str | os.PathLike, config: DiTConfig = TINY_DIT, seed: 
     state_dict = {f"net.{k}": v for k, v in random_dit_state_dict(config, seed).items()}
     save_safetensors_atomic(state_dict, path, metadata={"format": "pt"})
     return path
+
+
+TINY_QWEN3 = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "hidden_size": TINY_ADAPTER.source_dim,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000,
+    "max_position_embeddings": 4096,
+    "vocab_size": 151936,  # the real vocabulary size, so the real tokenizer fits as well as the generated one
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+TINY_VAE_BASE_DIM = 8
+QWEN_SPECIAL = "<|endoftext|>"
+TOKENIZERS_ENV = "ANIMA_TOKENIZERS_DIR"
+
+
+def _byte_level_tokenizer(specials: list[str], post_eos: str | None):
+    """A byte-level BPE without merges (one token per byte); specials take the first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(specials)
+    if post_eos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"$A {post_eos}", special_tokens=[(post_eos, vocab[post_eos])]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def write_generated_tokenizers(qwen_dir: Path, t5_dir: Path) -> None:
+    """Self-made stand-ins with the real special-token conventions (Qwen: pad = eos, nothing added; T5: <pad>=0,
+    </s>=1 appended), for machines without the real tokenizer files."""
+    qwen = _byte_level_tokenizer([QWEN_SPECIAL], post_eos=None)
+    qwen.eos_token = qwen.pad_token = QWEN_SPECIAL
+    qwen.save_pretrained(str(qwen_dir))
+    t5 = _byte_level_tokenizer(["<pad>", "</s>", "<unk>"], post_eos="</s>")
+    t5.pad_token, t5.eos_token, t5.unk_token = "<pad>", "</s>", "<unk>"
+    t5.save_pretrained(str(t5_dir))
+
+
+def copy_real_tokenizers(source: Path, qwen_dir: Path, t5_dir: Path) -> None:
+    """Copy the user's tokenizer files (``source``/qwen3_06b and ``source``/t5_old) into the tiny set."""
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json"):
+        if (source / "qwen3_06b" / name).is_file():
+            shutil.copyfile(source / "qwen3_06b" / name, qwen_dir / name)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        if (source / "t5_old" / name).is_file():
+            shutil.copyfile(source / "t5_old" / name, t5_dir / name)
+
+
+def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
+    """A Hugging Face style Qwen3 folder: config.json + model.safetensors with ``model.``-prefixed keys."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Qwen3Config(**{k: v for k, v in TINY_QWEN3.items() if k != "architectures"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3Model(config)
+        with torch.no_grad():
+            for param in model.parameters():  # transformers' init (std 0.02) is too small to exercise anything
+                if param.ndim > 1:
+                    param.normal_(0.0, 0.1)
+    randomize_norm_weights(model, torch.Generator().manual_seed(seed + 1))
+    state_dict = {f"model.{k}": v for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    save_safetensors_atomic(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(TINY_QWEN3, indent=2))
+    return folder
+
+
+def write_tiny_vae(path: Path, seed: int = 0) -> Path:
+    """A VAE file in the released (Wan) naming."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from anima_core.models.vae import diffusers_key_to_wan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(base_dim=TINY_VAE_BASE_DIM)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+    state_dict = {diffusers_key_to_wan(k): v for k, v in vae.state_dict().items()}
+    save_safetensors_atomic(state_dict, path)
+    return path
+
+
+def make_tiny_model(
+    directory: str | os.PathLike, *, tokenizer_source: str | os.PathLike | None = None, seed: int = 0
+) -> TinyModelPaths:
+    """Write a random Anima set into ``directory``: DiT (adapter inside, ``net.`` keys), a Qwen3 folder with its
+    tokenizer, a T5 tokenizer folder and a Wan-named VAE.
+
+    Tokenizers: copied from ``tokenizer_source`` (default: $ANIMA_TOKENIZERS_DIR; folders qwen3_06b and t5_old)
+    when it exists, else generated byte-level stand-ins (no network, no shipped files).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = TinyModelPaths(
+        dit=directory / DIT_FILE,
+        qwen3=directory / "qwen3",
+        vae=directory / "qwen_image_vae_tiny.safetensors",
+        qwen_tokenizer=directory / "qwen3",
+        t5_tokenizer=directory / "t5_tokenizer",
+    )
+    write_tiny_dit(paths.dit, seed=seed)
+    write_tiny_qwen3(paths.qwen3, seed=seed)
+    write_tiny_vae(paths.vae, seed=seed)
+    paths.t5_tokenizer.mkdir(exist_ok=True)
+    source = tokenizer_source if tokenizer_source is not None else os.environ.get(TOKENIZERS_ENV)
+    if source is not None and (Path(source) / "qwen3_06b").is_dir() and (Path(source) / "t5_old").is_dir():
+        copy_real_tokenizers(Path(source), paths.qwen_tokenizer, paths.t5_tokenizer)
+    else:
+        write_generated_tokenizers(paths.qwen_tokenizer, paths.t5_tokenizer)
+    return paths
