@@ -165,6 +165,16 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("events.jsonl", LAUNCH_RECORD))
 
 
+def require_run_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not is_run_dir(path):
+        raise RunDirError(
+            f"{path} is not a run directory (it has no events.jsonl); give a folder under <output_dir>/runs/, "
+            "as listed by `anima-train tui`."
+        )
+    return path
+
+
 def list_runs(root: str | Path) -> list[RunInfo]:
     """Runs under ``root`` (an output_dir, its ``runs`` folder, or a folder of either), newest first."""
     root = Path(root)
@@ -184,12 +194,7 @@ def request(run_dir: str | Path, action: str) -> Path:
     """
     if action not in CONTROL_ACTIONS:
         raise ValueError(f"unknown control action {action!r}; use one of {', '.join(CONTROL_ACTIONS)}")
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise RunDirError(
-            f"{run_dir} is not a run directory (it has no events.jsonl); give a folder under <output_dir>/runs/, "
-            "as listed by `anima-train tui`."
-        )
+    run_dir = require_run_dir(run_dir)
     control = run_dir / "control"
     control.mkdir(mode=0o700, exist_ok=True)
     target = control / action
@@ -231,16 +236,14 @@ def launch_detached(
 ) -> Launch:
     """Start `anima-train run PROFILE` in its own session, so closing the terminal or SSH does not stop it.
 
-    The profile is validated first (a ProfileError is raised here, not in a log nobody reads). The run
-    directory is chosen here and passed as ``logging.run_name``, so the caller can watch it at once;
-    the process's output goes to ``launch.log`` inside it. ``command`` replaces the trainer executable.
+    The run directory is chosen here and passed as ``logging.run_name``, so the caller can watch it at
+    once; the process's output goes to ``launch.log`` inside it (a profile the trainer refuses ends up
+    there, and the run shows as died). ``command`` replaces the trainer executable.
     """
-    from anima_core.config import load_profile
-
     profile_path = Path(profile_path).resolve()
-    profile = load_profile(profile_path, _overrides(extra_args))
-    runs_dir = Path(profile.saving.output_dir) / "runs"
-    run_name = run_name or profile.logging.run_name or new_run_name(profile.saving.output_name, runs_dir)
+    output_dir, output_name, named = _run_location(profile_path, _overrides(extra_args))
+    runs_dir = output_dir / "runs"
+    run_name = run_name or named or new_run_name(output_name, runs_dir)
     run_dir = runs_dir / run_name
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(run_dir, 0o700)
@@ -264,6 +267,25 @@ def launch_detached(
     # Reap the child when it exits, so a TUI left open never shows a finished trainer as a live zombie.
     threading.Thread(target=process.wait, daemon=True).start()
     return Launch(pid=process.pid, run_dir=run_dir, log_path=log_path, process=process)
+
+
+def _run_location(profile_path: Path, overrides: list[str]) -> tuple[Path, str, str | None]:
+    """(output_dir, output_name, run_name) as the trainer will resolve them, reading only those tables,
+    so a launch never waits on the model and dataset checks the trainer repeats anyway."""
+    from anima_core.config.load import apply_overrides, read_profile_data
+    from anima_core.config.schema import LoggingTable, SavingTable
+    from anima_core.errors import ProfileError
+
+    try:
+        data = apply_overrides(read_profile_data(profile_path), overrides)
+        saving = SavingTable.model_validate(data.get("saving", {}))
+        logging = LoggingTable.model_validate(data.get("logging", {}))
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise ProfileError(profile_path, [str(exc)]) from None
+    output_dir = saving.output_dir.expanduser()
+    if not output_dir.is_absolute():
+        output_dir = profile_path.parent / output_dir
+    return output_dir, saving.output_name, logging.run_name
 
 
 def _overrides(extra_args) -> list[str]:

@@ -1,0 +1,112 @@
+"""The monitor: attaches to a run directory, shows its whole history, then follows it by polling files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from anima_core import runctl
+from anima_tui.dialogs import ConfirmScreen
+from anima_tui.run_state import RunState
+from anima_tui.system_stats import SystemReading, probe_system
+from anima_tui.widgets.line_plot import LinePlot, Series
+from anima_tui.widgets.log_tail import LogTail
+from anima_tui.widgets.notes_list import NotesList
+from anima_tui.widgets.run_stats import RunStats, of_total
+
+POLL_SECONDS = 0.5
+
+
+class MonitorScreen(Screen):
+    CSS_PATH = "monitor.tcss"
+    BINDINGS = [
+        Binding("s", "save_now", "Save now"),
+        Binding("x", "stop", "Stop"),
+        Binding("escape", "back", "Back"),
+        Binding("q", "app.quit", "Quit"),
+    ]
+
+    def __init__(self, run_dir: Path, *, probe: Callable[[], SystemReading] = probe_system, poll_seconds: float = POLL_SECONDS) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.state = RunState(run_id=self.run_dir.name)
+        self._probe = probe
+        self._poll_seconds = poll_seconds
+        self._offset = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="title")
+        with Horizontal(id="top"):
+            with Vertical(id="plots"):
+                yield LinePlot("loss (raw, EMA)", id="loss")
+                yield LinePlot("learning rate", id="lr")
+            yield RunStats(id="stats")
+        with Horizontal(id="bottom"):
+            yield LogTail(self.run_dir / "train.log", id="log")
+            yield NotesList(id="notes")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#stats").border_title = "run"
+        self.query_one("#log").border_title = "train.log"
+        self.query_one("#notes").border_title = "saves · samples · warnings"
+        self.poll()
+        self.set_interval(self._poll_seconds, self.poll)
+
+    def poll(self) -> None:
+        read = runctl.read_events(self.run_dir / "events.jsonl", self._offset)
+        self._offset = read.offset
+        self.state.add(read.events, read.bad_lines)
+        self.query_one(LogTail).poll()
+        self._show()
+
+    def run_status(self) -> str:
+        if self.state.status is not None:
+            return self.state.status
+        pid = self.state.pid or runctl.run_info(self.run_dir).pid
+        if runctl.pid_alive(pid):
+            return "running" if self.state.events_seen else "starting"
+        return "no trainer process" if self.state.events_seen else "waiting for events"
+
+    def _show(self) -> None:
+        state = self.state
+        step = state.last_step
+        progress = f"step {of_total(step.get('step'), state.total_steps)} · epoch {of_total(step.get('epoch'), state.total_epochs)}"
+        device = f" · {state.device}" if state.device else ""
+        self.query_one("#title", Static).update(f"[b]{state.run_id}[/b] · {self.run_status()} · {progress}{device}")
+        self.query_one("#loss", LinePlot).plot(
+            [Series(state.losses, "grey50", band=True), Series(state.smoothed, "bold cyan")]
+        )
+        self.query_one("#lr", LinePlot).plot([Series(state.lrs, "magenta")])
+        self.query_one(RunStats).show(state, self._probe())
+        self.query_one(NotesList).show(state.notes)
+
+    def action_save_now(self) -> None:
+        self._request("save", "save requested; the trainer saves at the end of the current step")
+
+    def action_stop(self) -> None:
+        def answered(confirmed: bool | None) -> None:
+            if confirmed:
+                self._request("stop", "stop requested; the trainer saves, then exits")
+
+        self.app.push_screen(ConfirmScreen("Stop this run? It saves a LoRA and its state, then exits."), answered)
+
+    def _request(self, action: str, message: str) -> None:
+        try:
+            runctl.request(self.run_dir, action)
+        except (OSError, runctl.RunDirError) as exc:
+            self.notify(str(exc), severity="error")
+        else:
+            self.notify(message)
+
+    def action_back(self) -> None:
+        if len(self.app.screen_stack) > 2:
+            self.app.pop_screen()
+        else:
+            self.app.exit()

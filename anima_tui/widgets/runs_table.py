@@ -1,0 +1,35 @@
+"""The runs found under the known output folders: name, status and progress."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from anima_core.runctl import RunInfo
+from anima_tui.widgets import css_beside
+
+STATUS_STYLE = {"running": "bold green", "starting": "green", "finished": "cyan", "stopped": "yellow", "failed": "red", "died": "red"}
+
+
+class RunsTable(DataTable):
+    DEFAULT_CSS = css_beside(__file__)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", **kwargs)
+        self.runs: list[RunInfo] = []
+
+    def on_mount(self) -> None:
+        self.add_columns("run", "status", "step")
+
+    def show(self, runs: list[RunInfo]) -> None:
+        self.runs = runs
+        self.clear()
+        for run in runs:
+            step = "–" if run.step is None else str(run.step)
+            progress = f"{step}/{run.total_steps}" if run.total_steps else step
+            self.add_row(run.run_id, Text(run.status, style=STATUS_STYLE.get(run.status, "")), progress, key=str(run.run_dir))
+
+    def selected(self) -> RunInfo | None:
+        if not self.runs or self.cursor_row < 0:
+            return None
+        return self.runs[min(self.cursor_row, len(self.runs) - 1)]
