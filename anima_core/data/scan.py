@@ -146,7 +146,7 @@ class TokenCheck:
                     continue
                 cut = _too_long(lines, tok, limit, special)
                 if cut:
-                    return f"caption is {limit + cut} {name} tokens, {cut} past the limit of {limit} would be cut; shorten it or raise the limit"
+                    return f"caption is {limit + cut} {name} tokens; the {cut} tokens past the limit of {limit} would be cut; shorten it or raise the limit"
         return None
 
 
