@@ -9,7 +9,12 @@ import pytest
 from anima_core.data import DataOptions
 from anima_core.data.buckets import Bucketer, bucket_resolutions, crop_ltrb
 from anima_core.data.captions import CaptionStep, process_caption
-from anima_core.data.config import DatasetSpec, SubsetSpec, load_dataset_config, read_config_file
+from anima_core.data.config import (
+    DatasetSpec,
+    SubsetSpec,
+    load_dataset_config,
+    read_config_file,
+)
 from anima_core.errors import DatasetError
 
 # The first example of sd-scripts docs/config_README-en.md, unchanged.
@@ -130,14 +135,29 @@ def test_json_config(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[general]\nshufle_caption = true\n[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n", "did you mean 'shuffle_caption'"),
+        (
+            "[general]\nshufle_caption = true\n[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n",
+            "did you mean 'shuffle_caption'",
+        ),
         ("[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\nbatch_size=2\n", "unknown key 'batch_size'"),
-        ("[[datasets]]\nresolution=512\nenable_bucket=true\nbucket_reso_steps=24\n[[datasets.subsets]]\nimage_dir='a'\n", "multiple of 16"),
+        (
+            "[[datasets]]\nresolution=512\nenable_bucket=true\nbucket_reso_steps=24\n[[datasets.subsets]]\nimage_dir='a'\n",
+            "multiple of 16",
+        ),
         ("[[datasets]]\nresolution=520\n[[datasets.subsets]]\nimage_dir='a'\n", "multiple of 16"),
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\n", "no resolution"),
-        ("[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n[[datasets.subsets]]\nmetadata_file='m.json'\n", "mixed"),
-        ("[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\nflip_aug='yes'\n", "'flip_aug' must be true or false"),
-        ("[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\nface_crop_aug_range=[2.0, 3.0]\n", "face_crop_aug_range"),
+        (
+            "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n[[datasets.subsets]]\nmetadata_file='m.json'\n",
+            "mixed",
+        ),
+        (
+            "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\nflip_aug='yes'\n",
+            "'flip_aug' must be true or false",
+        ),
+        (
+            "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\nface_crop_aug_range=[2.0, 3.0]\n",
+            "face_crop_aug_range",
+        ),
         ("[genral]\n[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n", "did you mean 'general'"),
     ],
 )
@@ -212,12 +232,12 @@ def test_shuffle_keeps_the_first_tokens():
 
 
 def test_keep_tokens_separator_example():
-    kw = dict(
-        shuffle_caption=True,
-        keep_tokens_separator="|||",
-        caption_prefix="1girl, hatsune miku, vocaloid |||",
-        caption_suffix=", anime screencap ||| masterpiece, rating: general",
-    )
+    kw = {
+        "shuffle_caption": True,
+        "keep_tokens_separator": "|||",
+        "caption_prefix": "1girl, hatsune miku, vocaloid |||",
+        "caption_suffix": ", anime screencap ||| masterpiece, rating: general",
+    }
     out = _cap("x, y, z", seed=3, **kw).split(", ")
     assert out[:3] == ["1girl", "hatsune miku", "vocaloid"]
     assert out[-2:] == ["masterpiece", "rating: general"]
@@ -244,15 +264,15 @@ def test_tag_dropout_keeps_fixed_tokens():
 
 def test_caption_dropout_rate_and_every_n_epochs():
     assert _cap("a, b", caption_dropout_rate=1.0) == ""
-    every2 = dict(caption_dropout_every_n_epochs=2)
+    every2 = {"caption_dropout_every_n_epochs": 2}
     assert _cap("a, b", CaptionStep(2, 0, None), **every2) == ""
     assert _cap("a, b", CaptionStep(3, 0, None), **every2) == "a, b"
 
 
 def test_token_warmup():
-    kw = dict(token_warmup_min=1, token_warmup_step=10)
+    kw = {"token_warmup_min": 1, "token_warmup_step": 10}
     assert _cap("a, b, c, d", CaptionStep(1, 0, None), **kw) == "a"
     assert _cap("a, b, c, d", CaptionStep(1, 5, None), **kw) == "a, b"  # floor(5 * 3 / 10) + 1
     assert _cap("a, b, c, d", CaptionStep(1, 10, None), **kw) == "a, b, c, d"
-    fraction = dict(token_warmup_min=1, token_warmup_step=0.1)
+    fraction = {"token_warmup_min": 1, "token_warmup_step": 0.1}
     assert _cap("a, b, c, d", CaptionStep(1, 0, 100), **fraction) == "a"

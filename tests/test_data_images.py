@@ -34,17 +34,17 @@ def _folder(root: Path, sizes, repeats: int = 1, name: str = "chara", caption=la
 
 
 def _opts(root: Path, **kw) -> DataOptions:
-    base = dict(
-        train_data_dir=str(root),
-        resolution=64,
-        enable_bucket=True,
-        min_bucket_reso=32,
-        max_bucket_reso=128,
-        bucket_reso_steps=16,
-        caption_extension=".txt",
-        max_data_loader_n_workers=0,
-        seed=7,
-    )
+    base = {
+        "train_data_dir": str(root),
+        "resolution": 64,
+        "enable_bucket": True,
+        "min_bucket_reso": 32,
+        "max_bucket_reso": 128,
+        "bucket_reso_steps": 16,
+        "caption_extension": ".txt",
+        "max_data_loader_n_workers": 0,
+        "seed": 7,
+    }
     base.update(kw)
     return DataOptions(**base)
 
@@ -80,7 +80,9 @@ class FakeTextEncoder:
     def encode(self, captions, qwen_max_length, t5_max_length):
         self.captions_encoded += captions
         b = len(captions)
-        states = torch.stack([torch.full((qwen_max_length, 4), float(int(hashlib.sha1(c.encode()).hexdigest()[:6], 16))) for c in captions])
+        states = torch.stack(
+            [torch.full((qwen_max_length, 4), float(int(hashlib.sha1(c.encode()).hexdigest()[:6], 16))) for c in captions]
+        )
         mask = torch.ones(b, qwen_max_length, dtype=torch.int64)
         ids = torch.full((b, t5_max_length), 5, dtype=torch.int64)
         return states, mask, ids, torch.ones(b, t5_max_length, dtype=torch.int64)
@@ -133,7 +135,10 @@ def test_dataset_config_with_finetuning_metadata(tmp_path):
     _image(images / "a.png", 64, 64)
     _image(images / "b.png", 64, 64, seed=1)
     (images / "meta.jsonl").write_text(
-        json.dumps({"image_path": "a.png", "caption": "a cat", "tags": "cute"}) + "\n" + json.dumps({"image_path": "b.png", "tags": "dog"}) + "\n"
+        json.dumps({"image_path": "a.png", "caption": "a cat", "tags": "cute"})
+        + "\n"
+        + json.dumps({"image_path": "b.png", "tags": "dog"})
+        + "\n"
     )
     config = tmp_path / "dataset.toml"
     config.write_text(
@@ -205,7 +210,9 @@ def qwen_tokenizer():
 def test_every_bad_input_is_named_and_skipped(tmp_path, qwen_tokenizer):
     _bad_folder(tmp_path)
     warnings = []
-    data = build_training_data(_opts(tmp_path, qwen3_max_token_length=32), base_dir=tmp_path, tokenizer=qwen_tokenizer, on_warning=warnings.append)
+    data = build_training_data(
+        _opts(tmp_path, qwen3_max_token_length=32), base_dir=tmp_path, tokenizer=qwen_tokenizer, on_warning=warnings.append
+    )
     reasons = {Path(p).name: r for p, r in data.skipped}
     assert set(reasons) == set(EXPECTED_BAD)
     for name, words in EXPECTED_BAD.items():
@@ -219,7 +226,9 @@ def test_every_bad_input_is_named_and_skipped(tmp_path, qwen_tokenizer):
 def test_error_policy_lists_every_bad_input(tmp_path, qwen_tokenizer):
     _bad_folder(tmp_path)
     with pytest.raises(DatasetError) as info:
-        build_training_data(_opts(tmp_path, qwen3_max_token_length=32, bad_image_policy="error"), base_dir=tmp_path, tokenizer=qwen_tokenizer)
+        build_training_data(
+            _opts(tmp_path, qwen3_max_token_length=32, bad_image_policy="error"), base_dir=tmp_path, tokenizer=qwen_tokenizer
+        )
     for name in EXPECTED_BAD:
         assert name in str(info.value)
 
@@ -262,7 +271,14 @@ def _same(a, b) -> bool:
     return len(a) == len(b)
 
 
-RANDOM_OPTIONS = dict(shuffle_caption=True, flip_aug=True, random_crop=True, color_aug=True, caption_tag_dropout_rate=0.3, caption_dropout_rate=0.2)
+RANDOM_OPTIONS = {
+    "shuffle_caption": True,
+    "flip_aug": True,
+    "random_crop": True,
+    "color_aug": True,
+    "caption_tag_dropout_rate": 0.3,
+    "caption_dropout_rate": 0.2,
+}
 
 
 def test_resume_gives_the_same_batches(tmp_path):
@@ -279,7 +295,10 @@ def test_resume_gives_the_same_batches(tmp_path):
 def test_loader_workers_give_the_same_batches(tmp_path):
     _folder(tmp_path, [(64, 64), (80, 48), (96, 64)], repeats=2)
     inline = build_training_data(_opts(tmp_path, train_batch_size=2, **RANDOM_OPTIONS), base_dir=tmp_path)
-    workers = build_training_data(_opts(tmp_path, train_batch_size=2, max_data_loader_n_workers=2, persistent_data_loader_workers=True, **RANDOM_OPTIONS), base_dir=tmp_path)
+    workers = build_training_data(
+        _opts(tmp_path, train_batch_size=2, max_data_loader_n_workers=2, persistent_data_loader_workers=True, **RANDOM_OPTIONS),
+        base_dir=tmp_path,
+    )
     assert _same(list(workers.epoch_batches(0, 2)), list(inline.epoch_batches(0, 2)))
     assert _same(list(workers.epoch_batches(1)), list(inline.epoch_batches(1)))
 
@@ -364,7 +383,9 @@ def test_text_disk_cache_is_reused_and_rebuilt_when_a_caption_changes(tmp_path):
 
 def test_caption_dropout_with_cached_text_gives_the_empty_caption_values(tmp_path):
     _folder(tmp_path, [(64, 64)] * 3)
-    data = build_training_data(_opts(tmp_path, caption_dropout_rate=1.0, qwen3_max_token_length=8, t5_max_token_length=6), base_dir=tmp_path)
+    data = build_training_data(
+        _opts(tmp_path, caption_dropout_rate=1.0, qwen3_max_token_length=8, t5_max_token_length=6), base_dir=tmp_path
+    )
     data.cache_text(FakeTextEncoder(), to_disk=False, batch_size=2)
     for batch in data.epoch_batches(0):
         states, mask, ids, t5_mask = batch.text

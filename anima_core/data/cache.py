@@ -168,14 +168,14 @@ def store_text(path: Path, key: dict, outputs: tuple[torch.Tensor, ...], caption
     )
 
 
+def text_row(states: torch.Tensor, mask: torch.Tensor, t5_ids: torch.Tensor, t5_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One caption's outputs in the dtypes batches carry, whether they came from memory or disk."""
+    return states.float(), mask.long(), t5_ids.long(), t5_mask.long()
+
+
 def load_text(path: Path) -> tuple[torch.Tensor, ...]:
     with np.load(path, allow_pickle=False) as data:
-        return (
-            torch.from_numpy(data["prompt_embeds"]),
-            torch.from_numpy(data["attn_mask"]),
-            torch.from_numpy(data["t5_input_ids"]),
-            torch.from_numpy(data["t5_attn_mask"]),
-        )
+        return text_row(*(torch.from_numpy(data[k]) for k in TEXT_KEYS[:4]))
 
 
 def empty_text_like(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from anima_core.data.options import DataOptions
 from anima_core.errors import DatasetError
@@ -180,13 +181,17 @@ def _check_table(table: Any, allowed: dict[str, _Check], where: str, problems: l
 def read_config_file(path: Path) -> dict:
     """Parse a TOML or JSON dataset config; a syntax error names the file and the position."""
     if not path.is_file():
-        raise DatasetError(f"Dataset config {path} does not exist. Check the dataset_config path (relative paths are resolved against the profile's directory).")
+        raise DatasetError(
+            f"Dataset config {path} does not exist. Check the dataset_config path (relative paths are resolved against the profile's directory)."
+        )
     try:
         if path.suffix.lower() == ".json":
             return json.loads(path.read_text(encoding="utf-8"))
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"Dataset config {path} cannot be parsed: {e}. Fix the syntax (TOML unless the file ends in .json).") from e
+        raise DatasetError(
+            f"Dataset config {path} cannot be parsed: {e}. Fix the syntax (TOML unless the file ends in .json)."
+        ) from e
 
 
 def _option_value(opts: DataOptions, key: str) -> Any:
@@ -211,24 +216,17 @@ def _resolve_path(p: str | None, base_dir: Path) -> Path | None:
 
 
 def _make_subset(levels: list[dict], opts: DataOptions, base_dir: Path) -> SubsetSpec:
-    values: dict[str, Any] = {}
-    for f in fields(SubsetSpec):
-        if f.name in ("image_dir", "metadata_file"):
-            continue
-        default = f.default
-        # subset-only keys never come from the levels above the subset
-        if f.name in ("is_reg", "alpha_mask") and f.name not in levels[0]:
-            values[f.name] = bool(getattr(opts, f.name, False)) if f.name == "alpha_mask" else False
-            continue
-        values[f.name] = _pick(f.name, levels, opts, default)
+    subset = levels[0]
+    subset_only = {
+        "image_dir": _resolve_path(subset.get("image_dir"), base_dir),
+        "metadata_file": _resolve_path(subset.get("metadata_file"), base_dir),
+        "is_reg": subset.get("is_reg", False),
+        "alpha_mask": subset.get("alpha_mask", opts.alpha_mask),
+    }
+    values = {f.name: _pick(f.name, levels, opts, f.default) for f in fields(SubsetSpec) if f.name not in subset_only}
     if isinstance(values["face_crop_aug_range"], list):
         values["face_crop_aug_range"] = tuple(values["face_crop_aug_range"])
-    subset = levels[0]
-    return SubsetSpec(
-        image_dir=_resolve_path(subset.get("image_dir"), base_dir),
-        metadata_file=_resolve_path(subset.get("metadata_file"), base_dir),
-        **values,
-    )
+    return SubsetSpec(**subset_only, **values)
 
 
 def _resolution(value: Any) -> tuple[int, int] | None:
@@ -239,11 +237,19 @@ def _resolution(value: Any) -> tuple[int, int] | None:
     return int(value), int(value)
 
 
-def _make_dataset(levels: list[dict], opts: DataOptions, is_dreambooth: bool, subsets: list[SubsetSpec], where: str, problems: list[str]) -> DatasetSpec | None:
-    values = {f.name: _pick(f.name, levels, opts, f.default) for f in fields(DatasetSpec) if f.name not in ("is_dreambooth", "subsets", "resolution")}
+def _make_dataset(
+    levels: list[dict], opts: DataOptions, is_dreambooth: bool, subsets: list[SubsetSpec], where: str, problems: list[str]
+) -> DatasetSpec | None:
+    values = {
+        f.name: _pick(f.name, levels, opts, f.default)
+        for f in fields(DatasetSpec)
+        if f.name not in ("is_dreambooth", "subsets", "resolution")
+    }
     resolution = _resolution(_pick("resolution", levels, opts, None))
     if resolution is None:
-        problems.append(f"{where}: no resolution. Set `resolution = 1024` (or [width, height]) in the dataset config or the profile.")
+        problems.append(
+            f"{where}: no resolution. Set `resolution = 1024` (or [width, height]) in the dataset config or the profile."
+        )
         return None
     spec = DatasetSpec(is_dreambooth=is_dreambooth, resolution=resolution, subsets=subsets, **values)
     _check_dataset(spec, where, problems)
@@ -285,6 +291,8 @@ def _check_dataset(spec: DatasetSpec, where: str, problems: list[str]) -> None:
 
 def load_dataset_config(config: dict, opts: DataOptions, base_dir: Path, source: str) -> list[DatasetSpec]:
     """Validate a parsed config and resolve every value; DatasetError lists every problem found."""
+    if not isinstance(config, dict):
+        raise DatasetError(f"The dataset config {source} must be a table with [general] and [[datasets]].")
     problems: list[str] = []
     _check_table(config, {}, source, problems, extra={"general", "datasets"})
     general = _check_table(config.get("general", {}), GENERAL_KEYS, f"{source} [general]", problems)
@@ -295,6 +303,7 @@ def load_dataset_config(config: dict, opts: DataOptions, base_dir: Path, source:
     specs: list[DatasetSpec] = []
     for di, dataset in enumerate(datasets_raw):
         where = f"{source} datasets[{di + 1}]"
+        known_problems = len(problems)
         subsets_raw = dataset.get("subsets", []) if isinstance(dataset, dict) else []
         if not isinstance(subsets_raw, list) or not subsets_raw:
             problems.append(f"{where}: no [[datasets.subsets]]")
@@ -325,7 +334,7 @@ def load_dataset_config(config: dict, opts: DataOptions, base_dir: Path, source:
                 problems.append(f"{sw}: image_dir is required for a DreamBooth-style subset")
                 continue
             subsets.append(_make_subset([subset, dataset, general], opts, base_dir))
-        if problems:
+        if len(problems) > known_problems:
             continue
         spec = _make_dataset([dataset, general], opts, is_dreambooth, subsets, where, problems)
         if spec is not None:
@@ -363,10 +372,14 @@ def resolve_datasets(opts: DataOptions, base_dir: Path) -> tuple[list[DatasetSpe
         path = _resolve_path(str(opts.dataset_config), base_dir)
         return load_dataset_config(read_config_file(path), opts, path.parent if path else base_dir, str(path)), True
     if opts.train_data_dir is None:
-        raise DatasetError("No dataset: set dataset_config (an sd-scripts dataset TOML) or train_data_dir (a folder of `N_name` image folders).")
+        raise DatasetError(
+            "No dataset: set dataset_config (an sd-scripts dataset TOML) or train_data_dir (a folder of `N_name` image folders)."
+        )
     train_dir = _resolve_path(opts.train_data_dir, base_dir)
     if not train_dir.is_dir():
-        raise DatasetError(f"train_data_dir {train_dir} is not a folder. Point it at the folder that holds the `N_name` image folders.")
+        raise DatasetError(
+            f"train_data_dir {train_dir} is not a folder. Point it at the folder that holds the `N_name` image folders."
+        )
     if opts.in_json is not None:
         config = {"datasets": [{"subsets": [{"image_dir": str(train_dir), "metadata_file": opts.in_json}]}]}
     else:

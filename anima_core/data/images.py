@@ -108,7 +108,7 @@ def _color_aug(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() > 0.5:
         hsv = np.array(Image.fromarray(rgb).convert("HSV"), dtype=np.int32)
         shift = rng.uniform(-16.0, 16.0) / 360.0 * 256.0
-        hsv[..., 0] = (hsv[..., 0] + int(round(shift))) % 256
+        hsv[..., 0] = (hsv[..., 0] + round(shift)) % 256
         return np.array(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
     gamma = rng.uniform(0.95, 1.05)
     return np.clip(((rgb / 255.0) ** gamma) * 255.0 + 0.5, 0, 255).astype(np.uint8)

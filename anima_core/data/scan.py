@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from anima_core.data.buckets import Bucketer, Placement
 from anima_core.data.captions import add_prefix_suffix
@@ -86,7 +87,9 @@ def split_for_validation(paths: list[Path], split: float, seed: int, training: b
 def _load_metadata(subset: SubsetSpec) -> dict[str, dict[str, Any]]:
     path = subset.metadata_file
     if path is None or not path.is_file():
-        raise DatasetError(f"metadata_file {path} does not exist. Check the path in the dataset config (relative paths are resolved against the config's folder).")
+        raise DatasetError(
+            f"metadata_file {path} does not exist. Check the path in the dataset config (relative paths are resolved against the config's folder)."
+        )
     try:
         if path.suffix.lower() == ".jsonl":
             metadata = {}
@@ -95,12 +98,14 @@ def _load_metadata(subset: SubsetSpec) -> dict[str, dict[str, Any]]:
                     continue
                 item = json.loads(line)
                 if "image_path" not in item:
-                    raise DatasetError(f"{path} line {n} has no \"image_path\"; every JSONL line needs one.")
+                    raise DatasetError(f'{path} line {n} has no "image_path"; every JSONL line needs one.')
                 metadata[item["image_path"]] = item
             return metadata
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"metadata_file {path} cannot be read: {e}. It must be UTF-8 JSON (an object keyed by image) or JSONL.") from e
+        raise DatasetError(
+            f"metadata_file {path} cannot be read: {e}. It must be UTF-8 JSON (an object keyed by image) or JSONL."
+        ) from e
     if not isinstance(metadata, dict):
         raise DatasetError(f"metadata_file {path} must hold a JSON object keyed by image path.")
     return metadata
@@ -140,11 +145,14 @@ class TokenCheck:
     t5_limit: int
 
     def problem(self, caption: str) -> str | None:
-        for lines in caption.split("\n"):
-            for name, tok, limit, special in (("Qwen3", self.qwen_tokenizer, self.qwen_limit, False), ("T5", self.t5_tokenizer, self.t5_limit, True)):
+        for line in caption.split("\n"):
+            for name, tok, limit, special in (
+                ("Qwen3", self.qwen_tokenizer, self.qwen_limit, False),
+                ("T5", self.t5_tokenizer, self.t5_limit, True),
+            ):
                 if tok is None:
                     continue
-                cut = _too_long(lines, tok, limit, special)
+                cut = _too_long(line, tok, limit, special)
                 if cut:
                     return f"caption is {limit + cut} {name} tokens; the {cut} tokens past the limit of {limit} would be cut; shorten it or raise the limit"
         return None
@@ -171,7 +179,9 @@ def scan_dataset(
             continue
         if subset.is_dreambooth:
             if subset.image_dir is None or not subset.image_dir.is_dir():
-                raise DatasetError(f"image_dir {subset.image_dir} is not a folder. Fix the path in the dataset config (relative paths are resolved against the config's folder).")
+                raise DatasetError(
+                    f"image_dir {subset.image_dir} is not a folder. Fix the path in the dataset config (relative paths are resolved against the config's folder)."
+                )
             paths = _glob_images(subset.image_dir)
             if subset.is_reg:
                 paths = paths if training else []
@@ -211,8 +221,12 @@ def scan_dataset(
             continue
         placement = bucketer.place(facts.width, facts.height)
         if facts.width * facts.height < min_area or min(placement.bucket) < 16:
+            lower = "min_bucket_reso" if spec.enable_bucket else "resolution"
             problems.append(
-                (c.path, f"image is {facts.width}x{facts.height}, smaller than the smallest bucket ({min_area} pixels); use a larger image or lower min_bucket_reso")
+                (
+                    c.path,
+                    f"image is {facts.width}x{facts.height}, smaller than the smallest bucket ({min_area} pixels); use a larger image or lower {lower}",
+                )
             )
             continue
         caption = c.caption
@@ -223,7 +237,9 @@ def scan_dataset(
         if too_long:
             problems.append((c.path, too_long))
             continue
-        entries.append(ImageEntry(c.path, c.subset_index, caption, subset.is_reg, subset.num_repeats if training else 1, facts, placement))
+        entries.append(
+            ImageEntry(c.path, c.subset_index, caption, subset.is_reg, subset.num_repeats if training else 1, facts, placement)
+        )
         subsets[c.subset_index].img_count += 1
         name = (subset.image_dir if subset.is_dreambooth else subset.metadata_file).name
         captions_by_dir.setdefault(name, []).append(caption)
@@ -234,7 +250,9 @@ def scan_dataset(
     if missing_captions:
         shown = ", ".join(str(p) for p in missing_captions[:5])
         more = f" and {len(missing_captions) - 5} more" if len(missing_captions) > 5 else ""
-        warn(f"{len(missing_captions)} image(s) have no caption file; their class_tokens (or an empty caption) are used: {shown}{more}")
+        warn(
+            f"{len(missing_captions)} image(s) have no caption file; their class_tokens (or an empty caption) are used: {shown}{more}"
+        )
     _balance_reg(entries, num_train)
     return ScannedDataset(spec, bucketer, subsets, entries, num_train, num_reg, captions_by_dir)
 

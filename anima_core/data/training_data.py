@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +23,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anima_core.data import cache as caches
 from anima_core.data.buckets import crop_ltrb
-from anima_core.data.captions import CaptionStep, fixed_caption, process_caption, tag_frequency
+from anima_core.data.captions import (
+    CaptionStep,
+    fixed_caption,
+    process_caption,
+    tag_frequency,
+)
 from anima_core.data.config import resolve_datasets
 from anima_core.data.images import centre_framing, load_image, random_framing
 from anima_core.data.options import DataOptions
@@ -88,6 +95,7 @@ class TrainingData:
     _broken: set[tuple[int, int]] = field(default_factory=set)
     _plan_cache: tuple[int, list[_PlannedBatch]] | None = None
     _loader: DataLoader | None = None
+    _sampler: _IndexSampler | None = None
 
     # ---- counts and reports ------------------------------------------------------------------
 
@@ -105,7 +113,7 @@ class TrainingData:
             buckets.setdefault(e.placement.bucket, []).extend((d, i, k) for k in range(e.num_repeats))
         return dict(sorted(buckets.items()))
 
-    @property
+    @cached_property
     def num_batches_per_epoch(self) -> int:
         total = 0
         for d, ds in enumerate(self.datasets):
@@ -128,7 +136,9 @@ class TrainingData:
                 lines.append(f"  bucket {bw}x{bh}: {len(s)} samples, {-(-len(s) // bs)} batch(es)")
             for (bw, bh), s in buckets.items():
                 if len(s) < bs:
-                    lines.append(f"  warning: bucket {bw}x{bh} has {len(s)} sample(s), fewer than the batch size {bs}; its batches are smaller")
+                    lines.append(
+                        f"  warning: bucket {bw}x{bh} has {len(s)} sample(s), fewer than the batch size {bs}; its batches are smaller"
+                    )
             if ds.spec.enable_bucket and ds.entries:
                 error = float(np.mean([abs(e.placement.ar_error) for e in ds.entries]))
                 lines.append(f"  mean aspect-ratio error: {error:.4f}")
@@ -208,14 +218,19 @@ class TrainingData:
                 )
                 for k, v in freq.items():
                     tags.setdefault(k, v)
-            meta.update(ss_datasets=json.dumps(datasets_meta), ss_tag_frequency=json.dumps(tags), ss_dataset_dirs=json.dumps(dirs))
+            meta.update(
+                ss_datasets=json.dumps(datasets_meta), ss_tag_frequency=json.dumps(tags), ss_dataset_dirs=json.dumps(dirs)
+            )
         else:
             ds = self.datasets[0]
             dirs, reg_dirs = {}, {}
             for sub in ds.subsets:
                 s = sub.spec
                 target = reg_dirs if s.is_reg else dirs
-                target[(s.image_dir if s.is_dreambooth else s.metadata_file).name] = {"n_repeats": s.num_repeats, "img_count": sub.img_count}
+                target[(s.image_dir if s.is_dreambooth else s.metadata_file).name] = {
+                    "n_repeats": s.num_repeats,
+                    "img_count": sub.img_count,
+                }
             o = self.opts
             meta.update(
                 ss_batch_size_per_device=ds.spec.batch_size,
@@ -317,9 +332,15 @@ class TrainingData:
             s = part.datasets[d].spec.subsets[e.subset_index]
             interp = key["interpolation"]
             try:
-                plain = load_image(e.path, e.placement, centre_framing(e.placement), interpolation=interp, alpha_mask=s.alpha_mask)
-                mirror = load_image(e.path, e.placement, centre_framing(e.placement, True), interpolation=interp, alpha_mask=False) if s.flip_aug else None
-            except Exception as exc:  # a file changed or broke after the scan: drop it, keep caching
+                plain = load_image(
+                    e.path, e.placement, centre_framing(e.placement), interpolation=interp, alpha_mask=s.alpha_mask
+                )
+                mirror = (
+                    load_image(e.path, e.placement, centre_framing(e.placement, True), interpolation=interp, alpha_mask=False)
+                    if s.flip_aug
+                    else None
+                )
+            except Exception as exc:  # noqa: BLE001 - a file changed or broke after the scan: drop it, keep caching
                 part._broken.add((d, i))
                 part._warn(f"{e.path}: skipped, cannot be loaded for latent caching ({exc})")
                 continue
@@ -331,13 +352,26 @@ class TrainingData:
         pixels = torch.stack([p.pixels for p, _ in loaded]).to(device=device, dtype=dtype)
         latents = vae.encode(pixels).float().cpu()
         mirrors = [m for _, m in loaded if m is not None]
-        flipped = iter(vae.encode(torch.stack([m.pixels for m in mirrors]).to(device=device, dtype=dtype)).float().cpu()) if mirrors else iter(())
+        flipped = (
+            iter(vae.encode(torch.stack([m.pixels for m in mirrors]).to(device=device, dtype=dtype)).float().cpu())
+            if mirrors
+            else iter(())
+        )
         for n, ((plain, mirror), (part, d, i, key)) in enumerate(zip(loaded, kept)):
             e = part.datasets[d].entries[i]
             flip = next(flipped) if mirror is not None else None
             if to_disk:
                 path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height))
-                caches.store_latents(path, e.placement.bucket, key, latents[n], flip, plain.alpha, (e.facts.width, e.facts.height), tuple(key["crop_ltrb"]))
+                caches.store_latents(
+                    path,
+                    e.placement.bucket,
+                    key,
+                    latents[n],
+                    flip,
+                    plain.alpha,
+                    (e.facts.width, e.facts.height),
+                    tuple(key["crop_ltrb"]),
+                )
                 part._latents[(d, i)] = path
             else:
                 part._latents[(d, i)] = (latents[n].clone(), None if flip is None else flip.clone(), plain.alpha)
@@ -374,7 +408,12 @@ class TrainingData:
                 for i, e in enumerate(ds.entries):
                     s = ds.spec.subsets[e.subset_index]
                     caption = fixed_caption(s, e.caption)
-                    key = {"caption": caption, "qwen3_max_token_length": o.qwen3_max_token_length, "t5_max_token_length": o.t5_max_token_length, "encoder": identity}
+                    key = {
+                        "caption": caption,
+                        "qwen3_max_token_length": o.qwen3_max_token_length,
+                        "t5_max_token_length": o.t5_max_token_length,
+                        "encoder": identity,
+                    }
                     if to_disk:
                         path = caches.text_cache_path(e.path)
                         stored = caches.stored_text_key(caches.read_npz(path))
@@ -390,10 +429,12 @@ class TrainingData:
         with torch.no_grad():
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
-                outputs = text_encoder.encode([key["caption"] for _, _, _, key, _ in chunk], o.qwen3_max_token_length, o.t5_max_token_length)
+                outputs = text_encoder.encode(
+                    [key["caption"] for _, _, _, key, _ in chunk], o.qwen3_max_token_length, o.t5_max_token_length
+                )
                 outputs = tuple(t.detach().cpu() for t in outputs)
                 for n, (part, d, i, key, rate) in enumerate(chunk):
-                    row = (outputs[0][n].float(), outputs[1][n], outputs[2][n], outputs[3][n])
+                    row = caches.text_row(*(t[n] for t in outputs))
                     if to_disk:
                         path = caches.text_cache_path(part.datasets[d].entries[i].path)
                         caches.store_text(path, key, row, rate)
@@ -466,12 +507,15 @@ class TrainingData:
                     alpha = img.alpha
                 if key in self._text:
                     text = self._text_for(key)
-                    dropped = s.caption_dropout_rate > 0 and _rng(self.seed, epoch, d, i, rep, _CAPTION).random() < s.caption_dropout_rate
+                    dropped = (
+                        s.caption_dropout_rate > 0
+                        and _rng(self.seed, epoch, d, i, rep, _CAPTION).random() < s.caption_dropout_rate
+                    )
                     texts.append(caches.empty_text_like(text) if dropped else text)
                     captions.append("" if dropped else self._text[key].caption)
                 else:
                     captions.append(process_caption(s, e.caption, at, _rng(self.seed, epoch, d, i, rep, _CAPTION)))
-            except Exception as exc:  # never end a run on one bad file: drop the sample and say so
+            except Exception as exc:  # noqa: BLE001 - never end a run on one bad file: drop the sample and say so
                 self._broken.add(key)
                 failures.append((key, f"{e.path}: skipped from now on, cannot be loaded ({exc})"))
                 del latents[len(paths) :], pixels[len(paths) :], texts[len(paths) :], captions[len(paths) :]
@@ -566,6 +610,8 @@ def build_training_data(
     """
     base_dir = Path(base_dir)
     specs, from_config = resolve_datasets(opts, base_dir)
+    if any(0 < s.token_warmup_step < 1 for ds in specs for s in ds.subsets) and opts.max_train_steps is None:
+        raise DatasetError("token_warmup_step below 1 is a fraction of the training steps, so max_train_steps must be given.")
     seed = opts.seed if opts.seed is not None else random.randrange(2**31)
     tokens = TokenCheck(tokenizer, opts.qwen3_max_token_length, t5_tokenizer, opts.t5_max_token_length)
     problems: list[tuple[Path, str]] = []
@@ -576,15 +622,18 @@ def build_training_data(
         warnings.append(message)
 
     def scan(training: bool) -> list[ScannedDataset]:
-        return [scan_dataset(s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers) for s in specs]
+        return [
+            scan_dataset(s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers)
+            for s in specs
+        ]
 
     datasets = scan(True)
     validation_sets = scan(False) if any(s.validation_split > 0 for s in specs) else None
     if problems and opts.bad_image_policy == "error":
         listing = "\n".join(f"  - {p}: {reason}" for p, reason in problems)
         raise DatasetError(
-            f"{len(problems)} image(s) or caption(s) cannot be used (bad_image_policy = \"error\"):\n{listing}\n"
-            "Fix or remove them, or set bad_image_policy = \"skip\" to train without them."
+            f'{len(problems)} image(s) or caption(s) cannot be used (bad_image_policy = "error"):\n{listing}\n'
+            'Fix or remove them, or set bad_image_policy = "skip" to train without them.'
         )
     data = TrainingData(opts, seed, datasets, from_config, skipped=[(str(p), r) for p, r in problems], on_warning=on_warning)
     if validation_sets is not None:
@@ -598,6 +647,4 @@ def build_training_data(
         data._warn(f"skipped {len(problems)} image(s) that cannot be used:\n{shown}{more}")
     if data.num_batches_per_epoch == 0:
         raise DatasetError("The dataset has no usable images. Check image_dir / train_data_dir and the skipped-image list above.")
-    if any(0 < s.token_warmup_step < 1 for ds in specs for s in ds.subsets) and opts.max_train_steps is None:
-        raise DatasetError("token_warmup_step below 1 is a fraction of the training steps, so max_train_steps must be given.")
     return data
