@@ -267,7 +267,11 @@ class TrainingData:
     # ---- caching -----------------------------------------------------------------------------
 
     def _all_parts(self) -> list[TrainingData]:
-        return [self] + ([self.validation] if self.validation else [])
+        parts = [self] + ([self.validation] if self.validation else [])
+        for part in parts:
+            # loader workers hold a copy of the caches; new ones are started after caching changes them
+            part._loader = None
+        return parts
 
     def cache_latents(self, vae: Any, *, to_disk: bool, batch_size: int, device: Any, progress: Progress | None = None) -> None:
         """Encode every image (and its mirror with flip_aug) once per bucket, batched by bucket size."""
