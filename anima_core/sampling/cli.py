@@ -1,0 +1,82 @@
+"""`anima-train sample`: render prompts with the preview sampler, with LoRA files applied at given strengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from anima_core.atomic import atomic_path
+from anima_core.errors import AnimaError
+from anima_core.sampling.prompts import SamplePrompt, parse_prompt_line
+from anima_core.sampling.sampler import TextConditioning, free_memory, render_prompt
+from anima_core.training.trainer import resolve_device
+
+DEFAULT_SEED = 0
+
+
+class SampleArgumentError(AnimaError):
+    """A `sample` argument cannot be used as given."""
+
+
+def parse_lora_argument(value: str) -> tuple[Path, float]:
+    """`FILE` or `FILE:STRENGTH`; a colon that is not followed by a number belongs to the path."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _prompts(texts: list[str], console) -> list[SamplePrompt]:
+    prompts = []
+    for index, text in enumerate(texts):
+        prompt, warnings = parse_prompt_line(text, index=index, where=f"--prompt #{index + 1}")
+        for warning in warnings:
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+        prompts.append(prompt)
+    return prompts
+
+
+def run_sample_command(args, console) -> list[Path]:
+    """Load the model set, apply the LoRAs, render each ``--prompt`` into ``args.output``; returns the paths."""
+    from anima_core.models import load_dit, load_text_encoder, load_vae
+    from anima_plugins.lora import apply_lora_files
+
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompts = _prompts(args.prompt, console)
+    loras = [parse_lora_argument(value) for value in args.lora]
+    for path, _ in loras:
+        if not path.is_file():
+            raise SampleArgumentError(f"--lora {path}: no such file. Give FILE or FILE:STRENGTH (e.g. my.safetensors:0.8).")
+
+    dit = load_dit(args.dit, dtype=dtype, device=device).eval()
+    text_encoder = load_text_encoder(args.qwen3, tokenizer_path=args.qwen3_tokenizer,
+                                     t5_tokenizer_path=args.t5_tokenizer, dtype=dtype, device=device)
+    vae = load_vae(args.vae, dtype=torch.float32, device=device)
+    if loras:
+        applied = apply_lora_files(dit, text_encoder, loras)
+        console.print(f"applied {', '.join(f'{p.name} × {s:g}' for p, s in loras)} ({len(applied.adapters)} modules)")
+
+    cache: dict[str, TextConditioning] = {}
+
+    def encode(text: str) -> TextConditioning:
+        if text not in cache:
+            with torch.no_grad():
+                cache[text] = TextConditioning(*text_encoder.encode([text]))
+        return cache[text]
+
+    written = []
+    for prompt in prompts:
+        seed = prompt.seed_or(DEFAULT_SEED)
+        image = render_prompt(dit, vae, encode, prompt, seed=seed, device=device, apply_t5_attn_mask=False)
+        path = Path(args.output) / f"sample_{prompt.index:02d}_{seed}.png"
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        print(path)
+        written.append(path)
+    free_memory(device)
+    return written

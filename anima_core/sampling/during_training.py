@@ -1,0 +1,172 @@
+"""Preview images during training: when to render, and rendering without disturbing the run.
+
+Sampling must not change training: the CPU and CUDA random states are saved and restored, the DiT and the
+LoRA go back to train mode, memory strategies switch back, and a model loaded only for previews (the VAE
+when latents are cached) is freed. A failing preview is a warning event, never the end of the run.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from anima_core.atomic import atomic_path
+from anima_core.errors import AnimaError
+from anima_core.sampling.prompts import SamplePrompt, load_prompt_file
+from anima_core.sampling.sampler import TextConditioning, free_memory, render_prompt
+from anima_core.training.trainer import DTYPES
+
+
+def image_name(output_name: str, label: str, prompt: SamplePrompt, seed: int) -> str:
+    """sd-scripts' pattern `<output_name>_<e000003|000120>_<NN>_<seed>.png`, without its time stamp so a
+    rerun of the same step replaces its images instead of piling up."""
+    return f"{output_name}_{label}_{prompt.index:02d}_{seed}.png"
+
+
+@contextmanager
+def preserved_rng():
+    """Training's random streams are exactly where they were after the block, whatever it drew."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class TrainingPreviews:
+    """Built by the trainer when ``sampling.sample_prompts`` is set; see ARCHITECTURE.md for the attributes used."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.sampling = trainer.profile.sampling
+        self._encoded: dict[str, TextConditioning] = {}  # prompt text -> outputs on the CPU
+        self._last_rendered_step: int | None = None
+
+    # ---- when ------------------------------------------------------------------------------------
+
+    def after_step(self, step: int, epoch_completed: int | None) -> None:
+        """Called after every optimizer step; ``epoch_completed`` is the 1-based epoch that just ended, if any."""
+        every_epochs = self.sampling.sample_every_n_epochs
+        if epoch_completed is not None and every_epochs and epoch_completed % every_epochs == 0:
+            self.render(step=step, epoch=epoch_completed, by_epoch=True)
+            return
+        every_steps = self.sampling.sample_every_n_steps
+        if every_steps and step % every_steps == 0:
+            self.render(step=step, epoch=epoch_completed or 0)
+
+    # ---- rendering -------------------------------------------------------------------------------
+
+    def render(self, step: int, epoch: int, *, by_epoch: bool = False) -> list[Path]:
+        """Render every prompt of the (re-read) prompt file; returns the images written.
+
+        A second call for the same step (the final render right after a scheduled one) does nothing.
+        """
+        if step == self._last_rendered_step:
+            return []
+        self._last_rendered_step = step
+        trainer = self.trainer
+        try:
+            prompt_file = load_prompt_file(self.sampling.sample_prompts)
+        except AnimaError as exc:
+            trainer.warn(f"previews skipped: {exc}")
+            return []
+        for warning in prompt_file.warnings:
+            trainer.warn(f"preview prompt: {warning}")
+        if not prompt_file.prompts:
+            return []
+        label = f"e{epoch:06d}" if by_epoch else f"{step:06d}"
+        with preserved_rng(), self._sampling_mode():
+            try:
+                encode = self._encoder(prompt_file.prompts)
+                vae, loaded_here = self._vae()
+            except Exception as exc:  # OOM or a broken model file must not end the run
+                trainer.warn(f"previews at step {step} skipped: {exc}")
+                return []
+            try:
+                return [path for prompt in prompt_file.prompts
+                        if (path := self._render_one(prompt, encode, vae, label, step, epoch)) is not None]  # fmt: skip
+            finally:
+                if loaded_here:
+                    del vae
+                free_memory(trainer.device)
+
+    def _render_one(self, prompt: SamplePrompt, encode, vae, label: str, step: int, epoch: int) -> Path | None:
+        trainer = self.trainer
+        seed = prompt.seed_or(trainer.profile.training.seed)
+        path = Path(trainer.run_dir) / "samples" / image_name(trainer.profile.saving.output_name, label, prompt, seed)
+        try:
+            image = render_prompt(trainer.dit, vae, encode, prompt, seed=seed, device=trainer.device,
+                                  apply_t5_attn_mask=trainer.profile.model.apply_t5_attn_mask)
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+        except Exception as exc:
+            free_memory(trainer.device)
+            trainer.warn(f"preview {prompt.index:02d} ({prompt.prompt[:60]!r}) at step {step} failed: {exc}")
+            return None
+        trainer.events.emit("sample", path=str(path), prompt=prompt.prompt, step=step, epoch=epoch)
+        return path
+
+    @contextmanager
+    def _sampling_mode(self):
+        """Eval mode for the DiT and the LoRA (no dropout), memory strategies in forward-only mode; undone after."""
+        trainer = self.trainer
+        network = trainer.network if isinstance(trainer.network, nn.Module) else None
+        modes = [(module, module.training) for module in (trainer.dit, network) if module is not None]
+        for module, _ in modes:
+            module.eval()
+        for strategy in trainer.strategies:
+            strategy.prepare_for_sampling(trainer.dit)
+        try:
+            yield
+        finally:
+            for strategy in reversed(trainer.strategies):
+                strategy.prepare_for_training(trainer.dit)
+            for module, training in modes:
+                module.train(training)
+
+    def _encoder(self, prompts: list[SamplePrompt]):
+        """Encode what the prompts need once, on the training device, then serve it from the CPU cache.
+
+        Texts are the cache key, so an edited prompt file only encodes what changed. A text-encoder LoRA in
+        training changes the outputs, so then nothing is kept between renders.
+        """
+        trainer = self.trainer
+        if getattr(trainer.network, "trains_text_encoder", False):
+            self._encoded.clear()
+        texts = {p.prompt for p in prompts} | {p.negative_prompt for p in prompts if p.scale > 1.0}
+        self._encoded = {t: c for t, c in self._encoded.items() if t in texts}
+        missing = sorted(texts - self._encoded.keys())
+        if missing:
+            self._encode(missing)
+        return self._encoded.__getitem__
+
+    def _encode(self, texts: list[str]) -> None:
+        trainer = self.trainer
+        text_encoder = trainer.text_encoder
+        model_cfg = trainer.profile.model
+        home = text_encoder.device
+        text_encoder.model.to(trainer.device)
+        try:
+            with torch.no_grad():
+                for text in texts:
+                    outputs = text_encoder.encode([text], model_cfg.qwen3_max_token_length, model_cfg.t5_max_token_length)
+                    self._encoded[text] = TextConditioning(*(t.detach().cpu() for t in outputs))
+        finally:
+            if home != trainer.device:
+                text_encoder.model.to(home)
+                free_memory(trainer.device)
+
+    def _vae(self):
+        """The run's VAE, or one loaded for this render when latents were cached (freed by the caller)."""
+        trainer = self.trainer
+        if trainer.vae is not None:
+            return trainer.vae, False
+        model_cfg = trainer.profile.model
+        vae = trainer.models.load_vae(model_cfg, dtype=DTYPES[model_cfg.vae_dtype], device=trainer.device)
+        return vae, True
