@@ -83,7 +83,7 @@ def cmd_lora_info(args) -> int:
 
 def cmd_import_kohya(args) -> int:
     from anima_core.atomic import atomic_write_text
-    from anima_core.kohya_import import import_command_line
+    from anima_core.kohya import import_command_line
 
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     result = import_command_line(text)

@@ -499,8 +499,10 @@ class Trainer:
                 return RunResult("cached", self.run_dir, None, 0)
             self._load_dit()
             self._build_network()
+            data_metadata = {**self.data.metadata(), "ss_total_batch_size": self.profile.dataset.train_batch_size
+                             * self.profile.training.gradient_accumulation_steps}
             self.base_metadata = training_metadata(
-                self.profile, data_metadata=self.data.metadata(), total_steps=self.total_steps,
+                self.profile, data_metadata=data_metadata, total_steps=self.total_steps,
                 num_epochs=self.num_epochs, started_at=time.time())
             progress = self._prepare_training()
             self.previews = self._build_previews()
