@@ -150,7 +150,7 @@ def test_saved_file_names_metadata_and_hashes(trained):
     assert not any(k.startswith("lora_te") for k in keys)
     assert len(keys) == 3 * len(trained.network.targets)
     assert metadata["ss_network_module"] == "networks.lora_anima"
-    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
     assert '"train_llm_adapter": "true"' in metadata["ss_network_args"]
     assert metadata["modelspec.title"] == "t" and metadata["ss_output_name"] == "trained"
     expected = addnet_hashes(tensors, {k: v for k, v in metadata.items() if not k.startswith("sshs_")})
@@ -228,11 +228,12 @@ def test_merge_matches_the_patched_forward(trained):
         patched = dit(*dit_inputs())
         network.merge_into()
         merged = dit(*dit_inputs())
+        merged_weight = dit.state_dict()["blocks.0.mlp.layer1.weight"].clone()
         network.unmerge()
         restored = dit(*dit_inputs())
         network.remove()
     assert torch.allclose(merged, patched, atol=1e-5)
-    assert not torch.equal(dit.state_dict()["blocks.0.mlp.layer1.weight"], patched)
+    assert not torch.allclose(merged_weight, base["blocks.0.mlp.layer1.weight"])
     assert all(torch.allclose(dit.state_dict()[k], v, atol=1e-6) for k, v in base.items())
     assert torch.allclose(restored, patched, atol=1e-5)
 
@@ -290,7 +291,8 @@ def test_reg_lrs_override_and_verbose_table():
 
 def test_self_check_and_lora_info(trained, tmp_path):
     probe_input = dit_inputs()
-    assert self_check(trained.path, trained.dit, trained.te).ok
+    own = trained.network.self_check(trained.path)
+    assert own.ok and f"{own.modules} modules" in own.summary
     dit, te = tiny_dit(), tiny_text_encoder()
     result = self_check(trained.path, dit, te, probe=lambda: dit(*probe_input))
     assert result.ok and result.output_changed and result.changed_modules == result.modules
@@ -343,3 +345,26 @@ def test_apply_lora_files_accepts_comfyui_generic_names_without_alpha(trained, t
                "diffusion_model.blocks.9.mlp.layer1.lora_B.weight": torch.zeros(256, 2)}, str(wrong))  # fmt: skip
     with pytest.raises(LoRAFileError, match="blocks.9.mlp.layer1"):
         apply_lora_files(dit, None, [(wrong, 1.0)])
+
+
+def test_self_check_tolerates_frozen_modules_but_not_an_inert_file(tmp_path):
+    dit = tiny_dit()
+    network = create_network(net_cfg({"target_preset": "sd-scripts"}), dit=dit, text_encoder=None, train_text_encoder=False)
+    network.apply_to()
+    untouched = tmp_path / "untrained.safetensors"
+    network.save(untouched, metadata={})
+    inert = self_check(untouched, dit, None)
+    assert not inert.ok and inert.changed_modules == 0
+
+    network.param_groups(opt_cfg(mlp_lr=0))
+    with torch.no_grad():
+        for param in network.trainable_parameters():
+            if param.shape[1] == 4:  # lora_up
+                param.normal_()
+    path = tmp_path / "frozen_mlp.safetensors"
+    network.save(path, metadata={}, dtype="bf16")
+    result = self_check(path, dit, None)
+    assert result.ok and result.changed_modules == result.modules - 2 * TINY_DIT.num_blocks
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("lora_unet_blocks_0_mlp_layer1.alpha").dtype == torch.bfloat16
+    network.remove()

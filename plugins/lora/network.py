@@ -12,6 +12,7 @@ from anima_core.errors import AnimaError
 
 from .args import NetworkArgs, parse_network_args
 from .files import LoRAFileError, metadata_json, read_lora_file, write_lora_file
+from .inference import SelfCheckResult, self_check
 from .keymap import resolver_key_map
 from .module import LoRAModule
 from .names import COMFY_TE_PREFIX, lr_component
@@ -210,7 +211,7 @@ class AnimaLoRANetwork(nn.Module):
         return {
             "ss_network_module": NETWORK_MODULE,
             "ss_network_dim": str(self.network_dim),
-            "ss_network_alpha": f"{self.network_alpha:g}",
+            "ss_network_alpha": str(self.network_alpha),  # "1.0" as sd-scripts writes it
             "ss_network_dropout": str(self.dropout),
             "ss_network_args": metadata_json({k: _arg_to_string(v) for k, v in self.raw_args.items()}),
             "ss_base_model_version": "anima",
@@ -234,6 +235,11 @@ class AnimaLoRANetwork(nn.Module):
     def save(self, path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | str | None = None) -> None:
         merged = {**(metadata or {}), **self.metadata()}
         write_lora_file(path, self.file_tensors(resolve_dtype(dtype) or self.save_dtype), merged)
+
+    def self_check(self, path, *, probe=None) -> SelfCheckResult:
+        """``inference.self_check`` of a file this network saved, against the models it was built on."""
+        dit, text_encoder_model = self._models
+        return self_check(path, dit, text_encoder_model, probe=probe)
 
     def load_weights(self, path) -> None:
         """Continue from a LoRA file: every key must land on a module of this network, and vice versa."""

@@ -12,7 +12,10 @@ is trained):
 2. ``exclude_patterns`` exclude; ``include_patterns`` override every exclusion (``re.fullmatch`` on the
    module path).
 3. Rank: first matching ``network_reg_dims`` regex, else the component's rank arg (``self_attn_dim`` ...,
-   ``emb_dims``), else ``network_dim``. Rank 0 skips the module.
+   ``emb_dims``), else ``network_dim``. Rank 0 skips the module. Every module belongs to exactly one
+   component (``adaln_modulation_self_attn`` is ``mod``, never ``self_attn``); the first release let an
+   unset component fall through to the next name match, so there ``self_attn_dim`` alone also set the
+   rank of ``adaln_modulation_self_attn``, which the guide's one-arg-per-component table does not describe.
 4. ``train_block_indices`` gives unselected DiT blocks rank 0. It applies to DiT blocks only (the first
    release also filtered the six adapter blocks by the same indices; the guide documents it for DiT blocks).
 """
