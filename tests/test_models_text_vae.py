@@ -1,0 +1,109 @@
+"""Text encoder (tokenizers, masks, empty caption, file layouts) and VAE (naming, file formats, tiling)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from anima_core.errors import TokenizerNotFoundError
+from anima_core.models import load_text_encoder, load_vae, make_tiny_model
+from anima_core.models.checkpoint import read_state_dict
+from anima_core.models.vae import diffusers_key_to_wan, to_diffusers_names, wan_key_to_diffusers
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tiny_model):
+    return load_text_encoder(tiny_model.qwen3, t5_tokenizer_path=tiny_model.t5_tokenizer, dtype=torch.float32)
+
+
+def test_empty_caption_gives_the_spec_values(text_encoder, qwen_tokenizer_dir, t5_tokenizer_dir):
+    # qwen_tokenizer_dir / t5_tokenizer_dir: the tiny set carries copies of the real tokenizers
+    states, qwen_mask, t5_ids, t5_mask = text_encoder.encode(["", "a cat"], qwen_max_length=16, t5_max_length=8)
+    assert states.shape == (2, 16, 64) and states.isfinite().all()
+    assert (states[0] == 0).all() and (qwen_mask[0] == 0).all()
+    assert text_encoder.tokenize([""], 16, 8)[0].eq(151643).all()
+    assert t5_ids[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0] and t5_mask[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    # "a cat": Qwen has no BOS/EOS, T5 appends </s>
+    assert qwen_mask[1].sum() == 2 and (states[1, 2:] == 0).all() and (states[1, :2] != 0).any()
+    assert t5_ids[1, :4].tolist() == [3, 9, 1712, 1] and t5_mask[1].sum() == 4
+
+
+def test_single_file_with_a_tokenizer_folder_equals_the_folder(tiny_model, text_encoder, tmp_path):
+    single = tmp_path / "qwen_3_06b_tiny.safetensors"
+    shutil.copyfile(tiny_model.qwen3 / "model.safetensors", single)
+    from_file = load_text_encoder(
+        single, tokenizer_path=tiny_model.qwen_tokenizer, t5_tokenizer_path=tiny_model.t5_tokenizer,
+        dtype=torch.float32,
+    )  # fmt: skip
+    a = text_encoder.encode(["blue sky"], 8, 8)[0]
+    b = from_file.encode(["blue sky"], 8, 8)[0]
+    torch.testing.assert_close(a, b)
+    assert from_file.identity() != text_encoder.identity()
+    assert "layers.1.self_attn.q_proj" in dict(from_file.model.named_modules())
+
+
+def test_identity_is_stable_and_names_dtype(tiny_model, text_encoder):
+    bf16 = load_text_encoder(tiny_model.qwen3, t5_tokenizer_path=tiny_model.t5_tokenizer, dtype=torch.bfloat16)
+    assert bf16.identity() != text_encoder.identity()
+    assert bf16.identity().replace("bfloat16", "float32") == text_encoder.identity()
+    assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_generated_tokenizers_work_without_any_tokenizer_files(tmp_path):
+    paths = make_tiny_model(tmp_path, tokenizer_source=tmp_path / "nowhere")
+    te = load_text_encoder(paths.qwen3, t5_tokenizer_path=paths.t5_tokenizer, dtype=torch.float32)
+    states, qwen_mask, t5_ids, t5_mask = te.encode(["tiny", ""], qwen_max_length=8, t5_max_length=8)
+    assert qwen_mask[0].sum() == 4 and (states[1] == 0).all()
+    assert t5_ids[0, 4] == 1 and t5_mask[0].sum() == 5 and t5_ids[1].tolist() == [1] + [0] * 7
+    assert int(t5_ids.max()) < 32128  # fits the adapter's embedding rows
+
+
+def test_missing_tokenizer_says_what_to_download(tiny_model, tmp_path, monkeypatch):
+    single = tmp_path / "qwen.safetensors"
+    shutil.copyfile(tiny_model.qwen3 / "model.safetensors", single)
+    monkeypatch.setattr("anima_core.models.tokenizer_files.QWEN_REPO", "anima-tests/not-in-any-cache")
+    with pytest.raises(TokenizerNotFoundError) as err:
+        load_text_encoder(single, t5_tokenizer_path=tiny_model.t5_tokenizer)
+    message = str(err.value)
+    assert str(single) in message and "huggingface-cli download anima-tests/not-in-any-cache" in message
+    assert "model.qwen3_tokenizer" in message and "\n" not in message
+
+
+def test_real_2b_vae_names_map_like_diffusers_own_converter():
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    with torch.device("meta"):
+        diffusers_keys = list(AutoencoderKLQwenImage().state_dict())
+    assert len(diffusers_keys) == 194
+    wan = {diffusers_key_to_wan(k): torch.zeros(1) for k in diffusers_keys}
+    assert len(wan) == 194 and "conv1.weight" in wan and "decoder.upsamples.14.residual.6.bias" in wan
+    theirs = convert_wan_vae_to_diffusers(wan)
+    assert set(theirs) == set(diffusers_keys)
+    assert all(wan_key_to_diffusers(k) in theirs for k in wan)
+    assert to_diffusers_names(dict.fromkeys(diffusers_keys)).keys() == set(diffusers_keys)  # already diffusers
+
+
+def test_pth_file_and_5d_latents(tiny_model, tmp_path):
+    pth = tmp_path / "vae.pth"
+    torch.save(read_state_dict(tiny_model.vae, "VAE"), pth)
+    pixels = torch.rand(1, 3, 32, 40) * 2 - 1
+    a = load_vae(tiny_model.vae).encode(pixels)
+    vae = load_vae(pth)
+    torch.testing.assert_close(vae.encode(pixels), a)
+    torch.testing.assert_close(vae.decode(a[:, :, None]), vae.decode(a))
+
+
+def test_tiled_vae_keeps_shapes_and_names_itself(tiny_model):
+    pixels = torch.rand(1, 3, 48, 40) * 2 - 1  # 2 x 2 tiles of 32 px at stride 24
+    plain = load_vae(tiny_model.vae)
+    tiled = load_vae(tiny_model.vae, chunk_size=32)
+    latents = tiled.encode(pixels)
+    assert latents.shape == (1, 16, 6, 5) and latents.isfinite().all()
+    decoded = tiled.decode(latents)
+    assert decoded.shape == pixels.shape and decoded.abs().max() <= 1
+    assert tiled.identity() != plain.identity()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        load_vae(tiny_model.vae, chunk_size=36)
