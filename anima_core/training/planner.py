@@ -1,0 +1,454 @@
+"""The VRAM planner: predicted peak GPU memory of a profile, phase by phase, and the cheapest memory
+settings that fit a card.
+
+Weights and LoRA sizes are exact: they are counted on the DiT built on the ``meta`` device from the
+detected config, and on the network the profile's network plugin builds on it (no memory is allocated).
+
+Activations follow a per-block model in units of ``U = tokens · D · act_bytes`` (tokens = batch · image
+tokens at the largest bucket, D = model width):
+
+* every block saves ``P = a·U + 2·U·(H/D) + CONTEXT_UNITS · (batch · 512 · D · act_bytes)`` for backward
+  (``H``: MLP hidden width; its two H-wide tensors are the GELU input and the second Linear's input; the
+  context term is cross-attention's k/v side);
+* ``R = c·U`` is what lives outside the saved blocks at the peak: the backward working set of one block plus
+  the embedder/final-layer/loss tensors;
+* no checkpointing: ``N·P + R``; per-block checkpointing: ``N·U + P + R`` (the block inputs stay, one block
+  is recomputed); CPU-offloaded or unsloth checkpointing: ``P + R`` (block inputs live in CPU memory).
+
+Calibration: ``a`` and ``c`` are the two unknowns of the two sd-scripts anchors in
+``shared/bench/ANCHORS.md`` measured without and with checkpointing (H200, 2B model, 1024², batch 1, LoRA
+rank 16 on the 280 default modules, AdamW, bf16; 18.4 and 5.6 GiB). Subtracting the exact weight, LoRA,
+gradient and AdamW bytes (4.24 GiB) leaves ``28·P + R = 14.16 GiB`` and ``28·U + P + R = 1.36 GiB`` with
+U = 16 MiB; solving gives ``P = 31.4·U`` (so ``a ≈ 22.8``) and ``R ≈ 27.9·U``. The other three anchors check
+the model: unsloth 5.16 predicted vs 5.3 measured, swap 18 3.28 vs 3.2, swap 26 2.25 vs 2.2 (within 3%).
+
+Not calibrated (no anchor yet): the VAE's activation sizes while caching latents and decoding previews,
+the fp8 time cost, and the time costs used to rank settings (sd-scripts' measured ratios: unsloth 1.58×,
+checkpointing 2.05×, swap free up to ~65% of the blocks and +0.53 at the maximum).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from anima_core.training.memory import option
+
+GIB = 2**30
+CONTEXT_ROWS = 512
+SAVED_D_UNITS = 22.8  # a: D-wide tensors each block saves for backward, besides the MLP's H-wide ones
+SAVED_CONTEXT_UNITS = 5.0  # k/v projections and k-norm internals over the 512 context rows
+RESIDUAL_UNITS = 27.9  # c: one block's backward working set plus tensors outside the blocks
+# Wan VAE: widest full-resolution stage 96 channels; about six such float maps alive at once (not calibrated).
+VAE_PEAK_CHANNELS = 6 * 96
+VAE_PARAMS = 126_892_531
+QWEN3_PARAMS = 596_049_920
+QWEN3_LORA_PARAMS_PER_RANK = 630_784
+# max_memory_allocated leaves out the CUDA context and allocator slack; keep this much of the card free.
+HEADROOM_GIB = 0.8
+
+CHECKPOINTING_KINDS = ("none", "unsloth", "gradient", "cpu_offload")
+# Step time relative to no strategy, from the sd-scripts anchors (cpu_offload: blocking copies, estimated).
+_RELATIVE_TIME = {"none": 1.0, "unsloth": 1.58, "gradient": 2.05, "cpu_offload": 2.2}
+_FP8_TIME = 1.1  # dequantising each weight in forward and backward (estimate)
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "fp16": 2, "bf16": 2, "no": 4}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The memory settings a prediction is for."""
+
+    checkpointing: str = "none"  # one of CHECKPOINTING_KINDS
+    blocks_to_swap: int = 0
+    fp8_base: bool = False
+
+    @classmethod
+    def from_profile(cls, profile) -> Settings:
+        if option(profile, "memory", "unsloth_offload_checkpointing", False):
+            kind = "unsloth"
+        elif option(profile, "memory", "cpu_offload_checkpointing", False):
+            kind = "cpu_offload"
+        elif option(profile, "memory", "gradient_checkpointing", False):
+            kind = "gradient"
+        else:
+            kind = "none"
+        fp8 = bool(option(profile, "memory", "fp8_base", False) or option(profile, "memory", "fp8_base_unet", False))
+        return cls(kind, int(option(profile, "memory", "blocks_to_swap", 0) or 0), fp8)
+
+    def overrides(self, current: Settings | None = None) -> list[str]:
+        """``--set`` arguments that turn ``current`` (default: everything off) into these settings."""
+        before = set((current or Settings())._assignments())
+        return [a for a in self._assignments() if a not in before]
+
+    def _assignments(self) -> list[str]:
+        flags = {
+            "gradient_checkpointing": self.checkpointing == "gradient",
+            "cpu_offload_checkpointing": self.checkpointing == "cpu_offload",
+            "unsloth_offload_checkpointing": self.checkpointing == "unsloth",
+            "fp8_base": self.fp8_base,
+        }
+        out = [f"memory.{k}={'true' if v else 'false'}" for k, v in flags.items()]
+        return out + [f"memory.blocks_to_swap={self.blocks_to_swap}"]
+
+    def describe(self) -> str:
+        parts = {
+            "none": [],
+            "gradient": ["gradient_checkpointing"],
+            "cpu_offload": ["cpu_offload_checkpointing"],
+            "unsloth": ["unsloth_offload_checkpointing"],
+        }[self.checkpointing]
+        if self.blocks_to_swap:
+            parts.append(f"blocks_to_swap={self.blocks_to_swap}")
+        if self.fp8_base:
+            parts.append("fp8_base")
+        return ", ".join(parts) or "no memory strategy"
+
+    def relative_time(self, num_blocks: int) -> float:
+        """Estimated step time relative to no strategy (for ranking, see the module docstring)."""
+        time = _RELATIVE_TIME[self.checkpointing] * (_FP8_TIME if self.fp8_base else 1.0)
+        free = 0.65 * num_blocks
+        if self.blocks_to_swap > free:
+            time += 0.53 * (self.blocks_to_swap - free) / max(num_blocks - 2 - free, 1e-9)
+        return time
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    parts: dict[str, int]  # label -> bytes
+    calibrated: bool = True
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass(frozen=True)
+class Fit:
+    settings: Settings
+    peak: int
+    relative_time: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    summary: str
+    phases: list[Phase]
+    vram: int | None = None
+    cheapest_fits: list[Fit] = field(default_factory=list)  # best first; empty without vram or when nothing fits
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
+    @property
+    def usable(self) -> int | None:
+        return None if self.vram is None else max(0, self.vram - int(HEADROOM_GIB * GIB))
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.vram is None else self.peak <= self.usable
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameter counts of the DiT, from the meta-device model."""
+
+    num_blocks: int
+    width: int
+    mlp_hidden: int
+    block_params: int  # one block
+    block_fp8_params: int  # of which fp8_base stores as float8
+    block_fp8_rows: int  # output rows of those Linears (one float32 scale each)
+    other_params: int  # everything outside the blocks (adapter included)
+    other_fp8_params: int
+    other_fp8_rows: int
+    largest_linear: int  # elements of the largest quantised weight (its dequantised copy is transient)
+    lora_params: int
+
+    @property
+    def total_params(self) -> int:
+        return self.num_blocks * self.block_params + self.other_params
+
+
+def meta_dit(model_config) -> torch.nn.Module:
+    from anima_core.models.dit import AnimaDiT
+
+    with torch.device("meta"):
+        return AnimaDiT(model_config)
+
+
+def _fp8_counts(module: torch.nn.Module, prefix: str) -> tuple[int, int, int]:
+    from anima_plugins.memory.fp8 import is_fp8_candidate
+
+    params = rows = largest = 0
+    for name, sub in module.named_modules(prefix=prefix):
+        if is_fp8_candidate(name, sub):
+            params += sub.weight.numel()
+            rows += sub.weight.shape[0]
+            largest = max(largest, sub.weight.numel())
+    return params, rows, largest
+
+
+def network_parameter_count(profile, dit: torch.nn.Module, *, create=None) -> int:
+    """Trainable parameters of the profile's network on ``dit`` (built on meta by ``create``, by default the
+    network plugin the profile names)."""
+    network_cfg = getattr(profile, "network", None)
+    if create is None:
+        from anima_core.plugins import default_plugins
+
+        name = getattr(network_cfg, "module", "lora_anima")
+        create = default_plugins().registry("register_networks").get(name)
+    settings = dict(vars(network_cfg)) if network_cfg is not None else {}
+    settings["weights"] = None  # sizes only: never read a file
+    network = create(types.SimpleNamespace(**settings), dit=dit, text_encoder=None, train_text_encoder=False)
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def model_counts(profile, model_config, *, lora_params: int | None = None) -> ModelCounts:
+    dit = meta_dit(model_config)
+    block = dit.blocks[0]
+    block_params = sum(p.numel() for p in block.parameters())
+    block_fp8, block_rows, block_largest = _fp8_counts(block, "blocks.0")
+    total = sum(p.numel() for p in dit.parameters())
+    other = total - len(dit.blocks) * block_params
+    all_fp8, all_rows, largest = _fp8_counts(dit, "")
+    n = len(dit.blocks)
+    if lora_params is None:
+        lora_params = network_parameter_count(profile, dit)
+    return ModelCounts(
+        num_blocks=n,
+        width=model_config.model_channels,
+        mlp_hidden=model_config.mlp_hidden,
+        block_params=block_params,
+        block_fp8_params=block_fp8,
+        block_fp8_rows=block_rows,
+        other_params=other,
+        other_fp8_params=all_fp8 - n * block_fp8,
+        other_fp8_rows=all_rows - n * block_rows,
+        largest_linear=max(largest, block_largest),
+        lora_params=lora_params,
+    )
+
+
+def _resolution(profile) -> tuple[int, int]:
+    reso = option(profile, "dataset", "resolution")
+    if reso is None:
+        return 1024, 1024
+    if isinstance(reso, int):
+        return reso, reso
+    return int(reso[0]), int(reso[-1])
+
+
+def _optimizer_state_per_param(profile, param_bytes: int) -> float:
+    name = str(option(profile, "optimizer", "optimizer_type", "AdamW")).lower()
+    if "8bit" in name:
+        return 2.0
+    if "adafactor" in name:
+        return 0.0  # factored second moments: rows + columns, negligible for LoRA matrices
+    if "lion" in name or "sgd" in name:
+        return float(param_bytes)
+    if "prodigy" in name:
+        return 4.0 * param_bytes
+    return 2.0 * param_bytes
+
+
+def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes: int, tokens: int, batch: int) -> Phase:
+    n, d = counts.num_blocks, counts.width
+    weight_bytes = act_bytes
+    if settings.fp8_base:
+        block_bytes = (counts.block_params - counts.block_fp8_params) * weight_bytes + counts.block_fp8_params + 4 * counts.block_fp8_rows
+        other_bytes = (counts.other_params - counts.other_fp8_params) * weight_bytes + counts.other_fp8_params + 4 * counts.other_fp8_rows
+    else:
+        block_bytes = counts.block_params * weight_bytes
+        other_bytes = counts.other_params * weight_bytes
+    resident_blocks = n - settings.blocks_to_swap
+
+    lora_bytes = 2 if option(profile, "training", "full_bf16", False) else 4
+    lora_params = counts.lora_params
+    te_trained = not option(profile, "caching", "cache_text_encoder_outputs", False) and not option(
+        profile, "network", "train_unet_only", False
+    )
+    parts = {
+        f"DiT weights ({resident_blocks}/{n} blocks on the GPU)": resident_blocks * block_bytes + other_bytes,
+    }
+    if not option(profile, "caching", "cache_text_encoder_outputs", False):
+        parts["Qwen3 text encoder weights"] = QWEN3_PARAMS * 2
+        if te_trained:
+            lora_params += QWEN3_LORA_PARAMS_PER_RANK * int(option(profile, "network", "dim", None) or 4)
+    if not option(profile, "caching", "cache_latents", False):
+        parts["VAE weights"] = VAE_PARAMS * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
+    parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
+    parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
+
+    unit = tokens * d * act_bytes
+    saved = (
+        SAVED_D_UNITS * unit
+        + 2 * tokens * counts.mlp_hidden * act_bytes
+        + SAVED_CONTEXT_UNITS * batch * CONTEXT_ROWS * d * act_bytes
+    )
+    residual = RESIDUAL_UNITS * unit
+    if settings.checkpointing == "none":
+        activations = n * saved + residual
+    elif settings.checkpointing == "gradient":
+        activations = n * unit + saved + residual
+    else:
+        activations = saved + residual
+    parts["activations"] = int(activations)
+    if settings.fp8_base:
+        parts["dequantised weight copies"] = 2 * counts.largest_linear * act_bytes
+    return Phase("training", parts)
+
+
+def _vae_activation_bytes(profile, width: int, height: int, batch: int) -> int:
+    pixels = width * height * batch
+    if option(profile, "model", "vae_tiled", False):
+        pixels = min(pixels, 512 * 512 * batch)
+    return VAE_PEAK_CHANNELS * pixels * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
+
+
+def _caching_phases(profile, width: int, height: int) -> list[Phase]:
+    phases = []
+    vae_bytes = _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
+    if option(profile, "caching", "cache_latents", False) or option(profile, "caching", "cache_latents_to_disk", False):
+        batch = int(option(profile, "caching", "vae_batch_size", 1))
+        phases.append(
+            Phase(
+                "caching latents",
+                {"VAE weights": VAE_PARAMS * vae_bytes, "VAE activations": _vae_activation_bytes(profile, width, height, batch)},
+                calibrated=False,
+            )
+        )
+    if option(profile, "caching", "cache_text_encoder_outputs", False):
+        batch = int(option(profile, "caching", "text_encoder_batch_size", 8))
+        tokens = batch * int(option(profile, "model", "qwen3_max_token_length", 512))
+        # Qwen3-0.6B: hidden 1024, MLP 3072, 28 layers; forward only, so about one layer's tensors at a time.
+        phases.append(
+            Phase(
+                "caching text",
+                {"Qwen3 weights": QWEN3_PARAMS * 2, "Qwen3 activations": tokens * (8 * 1024 + 3 * 3072) * 2},
+                calibrated=False,
+            )
+        )
+    return phases
+
+
+def _sampling_phase(profile, counts: ModelCounts, training: Phase, act_bytes: int, width: int, height: int) -> Phase:
+    """Previews: everything training keeps resident, one block's forward at batch 1, then the VAE decode."""
+    kept = {k: v for k, v in training.parts.items() if k not in ("activations", "dequantised weight copies")}
+    tokens = width * height // 256
+    unit = tokens * counts.width * act_bytes
+    forward = SAVED_D_UNITS * unit + 2 * tokens * counts.mlp_hidden * act_bytes
+    vae_bytes = _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
+    kept.setdefault("VAE weights", VAE_PARAMS * vae_bytes)
+    kept["DiT forward / VAE decode working set"] = int(max(forward, _vae_activation_bytes(profile, width, height, 1)))
+    return Phase("sampling", kept, calibrated=False)
+
+
+def _act_bytes(profile) -> int:
+    dtype = option(profile, "model", "transformer_dtype")
+    if dtype is None:
+        dtype = option(profile, "training", "mixed_precision", "bf16")
+    return _DTYPE_BYTES[dtype]
+
+
+def predict(profile, counts: ModelCounts, settings: Settings) -> list[Phase]:
+    width, height = _resolution(profile)
+    batch = int(option(profile, "dataset", "train_batch_size", 1))
+    tokens = batch * (width // 16) * (height // 16)
+    act_bytes = _act_bytes(profile)
+    training = _training_phase(profile, counts, settings, act_bytes, tokens, batch)
+    phases = [*_caching_phases(profile, width, height), training]
+    sampling_on = option(profile, "sampling", "sample_prompts") is not None
+    if sampling_on:
+        phases.append(_sampling_phase(profile, counts, training, act_bytes, width, height))
+    return phases
+
+
+def candidate_settings(num_blocks: int) -> list[Settings]:
+    """Every combination the planner may suggest (CPU-offload checkpointing is never faster than unsloth)."""
+    return [
+        Settings(kind, swap, fp8)
+        for kind in ("none", "unsloth", "gradient")
+        for fp8 in (False, True)
+        for swap in range(0, num_blocks - 1)
+    ]
+
+
+def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: int | None = None) -> Plan:
+    """Predicted peak GPU memory of ``profile`` on the DiT ``model_config``; with ``vram_gib``, the cheapest
+    settings that fit (by the estimated step time, fewest swapped blocks first)."""
+    counts = model_counts(profile, model_config, lora_params=lora_params)
+    settings = Settings.from_profile(profile)
+    phases = predict(profile, counts, settings)
+    width, height = _resolution(profile)
+    batch = int(option(profile, "dataset", "train_batch_size", 1))
+    summary = (
+        f"DiT {counts.total_params / 1e9:.2f} B params ({counts.num_blocks} blocks, width {counts.width}); "
+        f"{width}×{height} × batch {batch} ({batch * (width // 16) * (height // 16)} image tokens); "
+        f"{_act_bytes(profile) * 8}-bit activations; {counts.lora_params / 1e6:.2f} M trainable params; "
+        f"{option(profile, 'optimizer', 'optimizer_type', 'AdamW')}"
+    )
+    notes = []
+    if option(profile, "dataset", "dataset_config") is not None:
+        notes.append("batch size and resolution are the profile's; a dataset config may set larger ones per dataset.")
+    vram = None if vram_gib is None else int(vram_gib * GIB)
+    fits: list[Fit] = []
+    if vram is not None:
+        usable = vram - int(HEADROOM_GIB * GIB)
+        for candidate in candidate_settings(counts.num_blocks):
+            peak = max(p.peak for p in predict(profile, counts, candidate))
+            if peak <= usable:
+                fits.append(Fit(candidate, peak, candidate.relative_time(counts.num_blocks)))
+        fits.sort(key=lambda f: (round(f.relative_time, 3), f.settings.blocks_to_swap, f.settings.fp8_base))
+        fits = _distinct_families(fits)
+    return Plan(settings, summary, phases, vram, fits, notes)
+
+
+def _distinct_families(fits: list[Fit], limit: int = 3) -> list[Fit]:
+    """The best fit of each (checkpointing, fp8) family, best first, at most ``limit``."""
+    seen, out = set(), []
+    for fit in fits:
+        family = (fit.settings.checkpointing, fit.settings.fp8_base)
+        if family not in seen:
+            seen.add(family)
+            out.append(fit)
+    return out[:limit]
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:6.2f} GiB"
+
+
+def format_plan(p: Plan) -> str:
+    lines = [p.summary, f"settings: {p.settings.describe()}", ""]
+    for phase in p.phases:
+        mark = "" if phase.calibrated else "  (estimate, not calibrated)"
+        lines.append(f"{phase.name:<18} {_gib(phase.peak)}{mark}")
+        for label, size in phase.parts.items():
+            lines.append(f"    {label:<44} {_gib(size)}")
+    lines.append("")
+    lines.append(f"predicted peak     {_gib(p.peak)}")
+    if p.vram is not None:
+        verdict = "fits" if p.fits else "does NOT fit"
+        lines.append(
+            f"{verdict} in {p.vram / GIB:.1f} GiB ({p.usable / GIB:.1f} GiB usable after {HEADROOM_GIB} GiB for the "
+            "CUDA context and allocator slack)"
+        )
+        if p.cheapest_fits:
+            lines.append("cheapest settings that fit (estimated step time relative to no strategy):")
+            for fit in p.cheapest_fits:
+                lines.append(f"  {fit.settings.describe():<52} {_gib(fit.peak)}   ≈{fit.relative_time:.2f}×")
+                lines.append("      " + " ".join(f"--set {o}" for o in fit.settings.overrides(p.settings)) or "      (the profile's settings)")
+        else:
+            lines.append("no combination of memory settings fits; lower the resolution or batch size.")
+    lines.extend(f"note: {n}" for n in p.notes)
+    return "\n".join(lines)
+
+
+__all__ = ["Fit", "ModelCounts", "Phase", "Plan", "Settings", "format_plan", "model_counts", "plan", "predict"]
