@@ -204,7 +204,6 @@ class Trainer:
                               train_text_encoder=train_te)
         self.network.apply_to()
         if self.profile.network.weights:
-            self.network.load_weights(self.profile.network.weights)
             self.log(f"continuing from {self.profile.network.weights}")
         lora_dtype = torch.bfloat16 if self.profile.training.full_bf16 else torch.float32
         for param in self.network.trainable_parameters():
