@@ -68,7 +68,9 @@ def test_noise_depends_only_on_seed():
 
 def test_one_step_without_guidance_is_one_euler_step(dit):
     context = contexts(dit, 0)
-    out = sample_latents(dit, context, None, width=64, height=64, steps=1, scale=1.0, flow_shift=3.0, seed=5, device=CPU)
+    out = sample_latents(
+        dit, context, None, width=64, height=64, steps=1, scale=1.0, flow_shift=3.0, seed=5, device=CPU
+    )
     noise = initial_noise(5, (1, 16, 8, 8))
     expected = noise + (0.0 - 1.0) * velocity(dit, noise, 1.0, context)
     torch.testing.assert_close(out, expected)
@@ -77,7 +79,9 @@ def test_one_step_without_guidance_is_one_euler_step(dit):
 def test_two_steps_with_guidance_follow_the_shifted_schedule(dit):
     cond, uncond = contexts(dit, 0), contexts(dit, 1)
     scale, shift = 4.0, 3.0
-    out = sample_latents(dit, cond, uncond, width=64, height=80, steps=2, scale=scale, flow_shift=shift, seed=9, device=CPU)
+    out = sample_latents(
+        dit, cond, uncond, width=64, height=80, steps=2, scale=scale, flow_shift=shift, seed=9, device=CPU
+    )
     x = initial_noise(9, (1, 16, 10, 8))
     sigmas = [1.0, shift * 0.5 / (1 + (shift - 1) * 0.5), 0.0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):

@@ -10,7 +10,8 @@ from anima_core.sampling.prompts import PromptFileError, SamplePrompt, load_prom
 
 
 def test_line_options_set_every_key():
-    prompt, warnings = parse_prompt_line("1girl, smile --n lowres, bad hands --w 768 --h 1000 --d 42 --s 20 --l 5.5 --fs 2.5")
+    line = "1girl, smile --n lowres, bad hands --w 768 --h 1000 --d 42 --s 20 --l 5.5 --fs 2.5"
+    prompt, warnings = parse_prompt_line(line)
     assert warnings == []
     assert prompt == SamplePrompt(
         prompt="1girl, smile", negative_prompt="lowres, bad hands", width=768, height=992, seed=42,

@@ -51,7 +51,9 @@ def run_sample_command(args, console) -> list[Path]:
     loras = [parse_lora_argument(value) for value in args.lora]
     for path, _ in loras:
         if not path.is_file():
-            raise SampleArgumentError(f"--lora {path}: no such file. Give FILE or FILE:STRENGTH (e.g. my.safetensors:0.8).")
+            raise SampleArgumentError(
+                f"--lora {path}: no such file. Give FILE or FILE:STRENGTH (e.g. my.safetensors:0.8)."
+            )
 
     dit = load_dit(args.dit, dtype=dtype, device=device).eval()
     text_encoder = load_text_encoder(args.qwen3, tokenizer_path=args.qwen3_tokenizer,

@@ -155,7 +155,9 @@ class TrainingPreviews:
         try:
             with torch.no_grad():
                 for text in texts:
-                    outputs = text_encoder.encode([text], model_cfg.qwen3_max_token_length, model_cfg.t5_max_token_length)
+                    outputs = text_encoder.encode(
+                        [text], model_cfg.qwen3_max_token_length, model_cfg.t5_max_token_length
+                    )
                     self._encoded[text] = TextConditioning(*(t.detach().cpu() for t in outputs))
         finally:
             if home != trainer.device:

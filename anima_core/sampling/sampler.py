@@ -1,7 +1,7 @@
 """The preview sampler: Euler on the rectified-flow ODE with a shifted σ schedule and classifier-free guidance.
 
-The DiT predicts v = ε − x₀ at x_σ = (1 − σ)·x₀ + σ·ε, so integrating dx/dσ = v from σ = 1 (pure noise) to
-σ = 0 gives the image latents (spec §1.5, §6). Both entry points (previews during training and
+The DiT predicts v = ε − x₀ at x_σ = (1 − σ)·x₀ + σ·ε, so integrating dx/dσ = v from σ = 1 (pure noise)
+to σ = 0 gives the image latents (spec §1.5, §6). Both entry points (previews during training and
 `anima-train sample`) render through :func:`render_prompt`.
 """
 
