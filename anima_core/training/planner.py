@@ -30,7 +30,8 @@ checkpointing 2.05×, swap free up to ~65% of the blocks and +0.53 at the maximu
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import torch
 
@@ -49,6 +50,7 @@ QWEN3_LORA_PARAMS_PER_RANK = 630_784
 # max_memory_allocated leaves out the CUDA context and allocator slack; keep this much of the card free.
 HEADROOM_GIB = 0.8
 
+SETTINGS_PHASES = ("training", "sampling")
 CHECKPOINTING_KINDS = ("none", "unsloth", "gradient", "cpu_offload")
 # Step time relative to no strategy, from the sd-scripts anchors (cpu_offload: blocking copies, estimated).
 _RELATIVE_TIME = {"none": 1.0, "unsloth": 1.58, "gradient": 2.05, "cpu_offload": 2.2}
@@ -139,7 +141,7 @@ class Plan:
     summary: str
     phases: list[Phase]
     vram: int | None = None
-    cheapest_fits: list[Fit] = field(default_factory=list)  # best first; empty without vram or when nothing fits
+    cheapest_fits: list[Fit] = field(default_factory=list)  # training/sampling fit; best first; empty without vram
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -210,17 +212,15 @@ def network_parameter_count(profile, dit: torch.nn.Module, *, create=None) -> in
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
-def model_counts(profile, model_config, *, lora_params: int | None = None) -> ModelCounts:
+@lru_cache(maxsize=8)
+def _dit_counts(model_config) -> ModelCounts:
     dit = meta_dit(model_config)
     block = dit.blocks[0]
     block_params = sum(p.numel() for p in block.parameters())
     block_fp8, block_rows, block_largest = _fp8_counts(block, "blocks.0")
     total = sum(p.numel() for p in dit.parameters())
-    other = total - len(dit.blocks) * block_params
     all_fp8, all_rows, largest = _fp8_counts(dit, "")
     n = len(dit.blocks)
-    if lora_params is None:
-        lora_params = network_parameter_count(profile, dit)
     return ModelCounts(
         num_blocks=n,
         width=model_config.model_channels,
@@ -228,12 +228,20 @@ def model_counts(profile, model_config, *, lora_params: int | None = None) -> Mo
         block_params=block_params,
         block_fp8_params=block_fp8,
         block_fp8_rows=block_rows,
-        other_params=other,
+        other_params=total - n * block_params,
         other_fp8_params=all_fp8 - n * block_fp8,
         other_fp8_rows=all_rows - n * block_rows,
         largest_linear=max(largest, block_largest),
-        lora_params=lora_params,
+        lora_params=0,
     )
+
+
+def model_counts(profile, model_config, *, lora_params: int | None = None) -> ModelCounts:
+    """Parameter counts of ``model_config``'s DiT and of the profile's network on it (or ``lora_params``)."""
+    counts = _dit_counts(model_config)
+    if lora_params is None:
+        lora_params = network_parameter_count(profile, meta_dit(model_config))
+    return replace(counts, lora_params=lora_params)
 
 
 def _resolution(profile) -> tuple[int, int]:
@@ -395,6 +403,14 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
         f"{option(profile, 'optimizer', 'optimizer_type', 'AdamW')}"
     )
     notes = []
+    if vram_gib is not None:
+        usable = vram_gib * GIB - HEADROOM_GIB * GIB
+        for phase in phases:
+            if phase.name.startswith("caching") and phase.peak > usable:
+                notes.append(
+                    f"{phase.name} alone may need {phase.peak / GIB:.1f} GiB: set model.vae_tiled = true, a smaller "
+                    "caching.vae_batch_size / caching.text_encoder_batch_size, or cache on a larger card."
+                )
     if option(profile, "dataset", "dataset_config") is not None:
         notes.append("batch size and resolution are the profile's; a dataset config may set larger ones per dataset.")
     vram = None if vram_gib is None else int(vram_gib * GIB)
@@ -402,7 +418,8 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
     if vram is not None:
         usable = vram - int(HEADROOM_GIB * GIB)
         for candidate in candidate_settings(counts.num_blocks):
-            peak = max(p.peak for p in predict(profile, counts, candidate))
+            # Caching runs before the DiT is loaded: memory settings do not change it, so it is judged apart.
+            peak = max(p.peak for p in predict(profile, counts, candidate) if p.name in SETTINGS_PHASES)
             if peak <= usable:
                 fits.append(Fit(candidate, peak, candidate.relative_time(counts.num_blocks)))
         fits.sort(key=lambda f: (round(f.relative_time, 3), f.settings.blocks_to_swap, f.settings.fp8_base))

@@ -102,6 +102,11 @@ class Fp8Base(MemoryStrategy):
         return []
 
     def apply(self, dit, *, device) -> None:
+        if getattr(dit, "_block_swapper", None) is not None:
+            raise MemoryStrategyError(
+                "fp8_base must be applied before blocks_to_swap (block swap keeps its own copies of the weights); "
+                "apply memory strategies with anima_core.training.memory.apply_memory_strategies, which orders them."
+            )
         for name, module in dit.named_modules():
             if is_fp8_candidate(name, module):
                 quantize_linear(module)

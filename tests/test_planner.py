@@ -1,0 +1,179 @@
+"""The VRAM planner's arithmetic on the released 2B config (spec §10) and on the tiny config."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from anima_core.models.dit import DiTConfig
+from anima_core.models.tiny import TINY_DIT
+from anima_core.training.planner import (
+    GIB,
+    Settings,
+    format_plan,
+    meta_dit,
+    model_counts,
+    network_parameter_count,
+    plan,
+)
+from anima_plugins.lora import create_network
+
+SD_SCRIPTS_LORA_16 = 1_433_600 * 16  # spec §7.3: 280 default DiT modules, per unit rank
+
+
+def profile(memory=None, **tables):
+    values = dict(
+        memory=dict(
+            gradient_checkpointing=False,
+            cpu_offload_checkpointing=False,
+            unsloth_offload_checkpointing=False,
+            blocks_to_swap=0,
+            fp8_base=False,
+        ),
+        model=dict(transformer_dtype=None, vae_dtype="float32"),
+        training=dict(mixed_precision="bf16", full_bf16=False),
+        dataset=dict(resolution=1024, train_batch_size=1, dataset_config=None),
+        network=dict(module="lora_anima", dim=16, alpha=16.0, args={"target_preset": "sd-scripts"}, weights=None, train_unet_only=True),
+        caching=dict(cache_latents=True, cache_text_encoder_outputs=True),
+        optimizer=dict(optimizer_type="AdamW"),
+        sampling=dict(sample_prompts=None),
+    )
+    values["memory"].update(memory or {})
+    for table, updates in tables.items():
+        values[table].update(updates)
+    return SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in values.items()})
+
+
+def training_peak(prof, config=None, **kwargs) -> float:
+    p = plan(prof, config or DiTConfig(), lora_params=SD_SCRIPTS_LORA_16, **kwargs)
+    return next(ph for ph in p.phases if ph.name == "training").peak / GIB
+
+
+def test_2b_parameter_counts_equal_the_spec():
+    counts = model_counts(profile(), DiTConfig(), lora_params=0)
+    assert counts.block_params == 69_206_528
+    assert counts.num_blocks * counts.block_params == 1_937_782_784
+    assert counts.total_params == 2_091_068_928
+    assert counts.other_params == 18_622_464 + 134_663_680  # DiT other + LLM adapter
+
+
+def test_2b_weight_bytes_equal_the_spec():
+    p = plan(profile(), DiTConfig(), lora_params=0)
+    training = next(ph for ph in p.phases if ph.name == "training")
+    weights = next(v for k, v in training.parts.items() if k.startswith("DiT weights"))
+    assert weights == 2 * 2_091_068_928  # ≈ 4.18 GB in bf16
+
+
+def test_block_swap_removes_exactly_the_swapped_blocks_weights():
+    def weights(swap):
+        p = plan(profile({"gradient_checkpointing": True, "blocks_to_swap": swap}), DiTConfig(), lora_params=0)
+        training = next(ph for ph in p.phases if ph.name == "training")
+        return next(v for k, v in training.parts.items() if k.startswith("DiT weights"))
+
+    assert weights(0) - weights(18) == 18 * 69_206_528 * 2
+    assert weights(0) - weights(26) == 26 * 69_206_528 * 2
+
+
+def test_fp8_stores_one_byte_per_quantised_weight_plus_row_scales():
+    counts = model_counts(profile(), DiTConfig(), lora_params=0)
+    # Per block: attention and MLP Linears are quantised; AdaLN (6 291 456) and the 4 q/k norms (512) are not.
+    assert counts.block_fp8_params == 69_206_528 - 6_291_456 - 512
+    assert counts.block_fp8_rows == 4 * 2048 + 4 * 2048 + 8192 + 2048
+    p = plan(profile({"fp8_base": True}), DiTConfig(), lora_params=0)
+    training = next(ph for ph in p.phases if ph.name == "training")
+    weights = next(v for k, v in training.parts.items() if k.startswith("DiT weights"))
+    per_block = counts.block_fp8_params + 4 * counts.block_fp8_rows + 2 * (6_291_456 + 512)
+    other = counts.other_fp8_params + 4 * counts.other_fp8_rows + 2 * (counts.other_params - counts.other_fp8_params)
+    assert weights == 28 * per_block + other
+
+
+def test_lora_size_comes_from_the_network_plugin():
+    dit = meta_dit(DiTConfig())
+    prof = profile()
+    assert network_parameter_count(prof, dit, create=create_network) == SD_SCRIPTS_LORA_16
+    prof.network.dim = 8
+    assert network_parameter_count(prof, dit, create=create_network) == 1_433_600 * 8
+
+
+@pytest.mark.parametrize(
+    "memory,measured",
+    [
+        ({}, 18.4),
+        ({"gradient_checkpointing": True}, 5.6),
+        ({"unsloth_offload_checkpointing": True}, 5.3),
+        ({"gradient_checkpointing": True, "blocks_to_swap": 18}, 3.2),
+        ({"gradient_checkpointing": True, "blocks_to_swap": 26}, 2.2),
+    ],
+)
+def test_predictions_match_the_sd_scripts_anchors(memory, measured):
+    """ANCHORS.md: sd-scripts on an H200, 1024², batch 1, rank 16, AdamW, bf16, cached latents and text."""
+    assert training_peak(profile(memory)) == pytest.approx(measured, rel=0.05)
+
+
+def test_activations_grow_with_batch_and_resolution():
+    base = training_peak(profile())
+    assert training_peak(profile(dataset={"train_batch_size": 2})) > base
+    assert training_peak(profile(dataset={"resolution": [768, 512]})) < base
+    # Checkpointing trades activations for time: monotone in the expected order.
+    assert training_peak(profile({"unsloth_offload_checkpointing": True})) < training_peak(profile({"gradient_checkpointing": True})) < base
+
+
+def test_uncached_models_stay_on_the_gpu_while_training():
+    cached = training_peak(profile())
+    uncached = training_peak(profile(caching={"cache_latents": False, "cache_text_encoder_outputs": False}))
+    assert uncached > cached + 1.0  # Qwen3 (1.19 GB) and the VAE
+
+
+def test_phases_follow_the_profile():
+    names = [ph.name for ph in plan(profile(), DiTConfig(), lora_params=0).phases]
+    assert names == ["caching latents", "caching text", "training"]
+    prof = profile(caching={"cache_latents": False, "cache_text_encoder_outputs": False}, sampling={"sample_prompts": "p.txt"})
+    assert [ph.name for ph in plan(prof, DiTConfig(), lora_params=0).phases] == ["training", "sampling"]
+
+
+def test_cheapest_settings_that_fit():
+    big = plan(profile(), DiTConfig(), vram_gib=80, lora_params=SD_SCRIPTS_LORA_16)
+    assert big.fits and big.cheapest_fits[0].settings == Settings()
+
+    p = plan(profile(), DiTConfig(), vram_gib=8, lora_params=SD_SCRIPTS_LORA_16)
+    assert p.fits is False
+    assert p.cheapest_fits[0].settings == Settings("unsloth")
+    assert all(f.peak <= p.usable for f in p.cheapest_fits)
+
+    small = plan(profile(), DiTConfig(), vram_gib=3.5, lora_params=SD_SCRIPTS_LORA_16)
+    best = small.cheapest_fits[0].settings
+    assert best.checkpointing != "none" and (best.blocks_to_swap > 0 or best.fp8_base)
+
+    assert plan(profile(), DiTConfig(), vram_gib=1, lora_params=SD_SCRIPTS_LORA_16).cheapest_fits == []
+    assert "caching latents alone may need" in format_plan(small)
+
+
+def test_overrides_name_only_what_changes():
+    current = Settings("gradient")
+    assert Settings("unsloth", 4).overrides(current) == [
+        "memory.gradient_checkpointing=false",
+        "memory.unsloth_offload_checkpointing=true",
+        "memory.blocks_to_swap=4",
+    ]
+    assert current.overrides(current) == []
+
+
+def test_tiny_config_plan_and_report():
+    prof = profile(dataset={"resolution": 64})
+    p = plan(prof, TINY_DIT, vram_gib=1, lora_params=1000)
+    counts = model_counts(prof, TINY_DIT, lora_params=1000)
+    assert counts.num_blocks == 4 and counts.width == 64
+    training = next(ph for ph in p.phases if ph.name == "training")
+    assert 0 < training.peak < 0.01 * GIB
+    assert p.cheapest_fits[0].settings == Settings()
+    text = format_plan(p)
+    assert "training" in text and "in 1.0 GiB" in text
+    # The caching phases use the released VAE and Qwen3 sizes, which do not come from the DiT config.
+    assert "(estimate, not calibrated)" in text and "caching latents alone may need" in text
+
+
+def test_report_on_the_2b_model_names_the_settings_to_use():
+    text = format_plan(plan(profile(), DiTConfig(), vram_gib=8, lora_params=SD_SCRIPTS_LORA_16))
+    assert "does NOT fit in 8.0 GiB" in text
+    assert "--set memory.unsloth_offload_checkpointing=true" in text
