@@ -1,7 +1,8 @@
 """Crash-safe writes: a temporary file in the same folder, flushed, fsynced, then renamed over the target.
 
-A process killed at any moment leaves either the old file or the new one, never a torn one. Leftover
-temporary files carry the TEMP_MARK so a later start can find and report them.
+A process killed at any moment leaves either the old file or the new one, never a torn one. Temporary
+names are ``TEMP_MARK<pid>.<target name>.<random>`` so a later start can find the leftovers of a killed
+process and leave alone the writes of a run that is still alive beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class DiskWriteError(AnimaError):
     """Writing failed (disk full, permissions); the previous file is intact."""
 
 
+def _temp_prefix(target: Path) -> str:
+    return f"{TEMP_MARK}{os.getpid()}.{target.name}."
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -34,24 +39,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 @contextmanager
 def atomic_path(target: str | Path):
     """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_MARK + target.name + ".", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DiskWriteError(
-            f"could not write {target}: {exc.strerror or exc}. The previous file (if any) is intact; free disk space or fix permissions and retry."
+            f"could not write {target}: {exc.strerror or exc}. The previous file (if any) is intact; "
+            "free disk space or fix permissions and retry."
         ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -69,20 +79,28 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 @contextmanager
 def atomic_directory(target: str | Path):
-    """Yield a temporary folder; on success it is renamed to ``target``, so ``target`` is complete or absent."""
+    """Yield a temporary folder; on success it is renamed to ``target``, so ``target`` is complete or absent.
+
+    An existing ``target`` is first renamed aside (a folder cannot be renamed over a non-empty one), so
+    it is gone only for the instant between two renames, never while files are being deleted.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_MARK + target.name + ".", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     try:
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+                _fsync_file(path)
+        _fsync_dir(tmp)
+        old = None
         if target.exists():
-            shutil.rmtree(target)
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target) + "old.", dir=target.parent))
+            os.replace(target, old)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DiskWriteError(
@@ -93,12 +111,26 @@ def atomic_directory(target: str | Path):
         raise
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process named in a temporary name still runs (then its write is in progress)."""
+    pid = name[len(TEMP_MARK):].split(".", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def clean_leftovers(folder: str | Path) -> list[Path]:
-    """Remove what interrupted atomic writes left behind in ``folder`` (recursively); return what was removed."""
+    """Remove what interrupted atomic writes left in ``folder`` (recursively); return what was removed."""
     folder = Path(folder)
     if not folder.exists():
         return []
-    removed = sorted(p for p in folder.rglob(TEMP_MARK + "*"))
+    removed = sorted(p for p in folder.rglob(TEMP_MARK + "*") if not _writer_alive(p.name))
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

@@ -79,7 +79,8 @@ def save_state(state_root: Path, *, progress: Progress, network, optimizer, sche
         (tmp / "progress.json").write_text(json.dumps({"version": STATE_VERSION, **asdict(progress)}))
         (tmp / "profile.json").write_text(json.dumps(profile_to_dict(profile), indent=1, sort_keys=True))
     for old in list_states(state_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != target:  # an older step resumed into a folder that holds later ones keeps its own save
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -129,11 +130,10 @@ def changed_keys(saved: dict, current: dict, *, allow_lr_change: bool) -> list[s
     return changed
 
 
-def load_state(state_dir: Path, *, profile: Profile, allow_lr_change: bool) -> tuple[Progress, dict, dict]:
-    """Check the profile against the state's, then return (progress, network state, trainer state)."""
+def check_profile(state_dir: Path, profile: Profile, *, allow_lr_change: bool) -> None:
+    """Refuse a profile that changed what the state depends on, naming every changed key."""
     try:
         saved_profile = json.loads((state_dir / "profile.json").read_text())
-        info = json.loads((state_dir / "progress.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ResumeError(f"{state_dir}: cannot read the state ({exc}); pick another state folder.") from None
     changes = changed_keys(saved_profile, profile_to_dict(profile), allow_lr_change=allow_lr_change)
@@ -143,7 +143,18 @@ def load_state(state_dir: Path, *, profile: Profile, allow_lr_change: bool) -> t
             + "\n  ".join(changes)
             + "\nRestore those values to resume (learning-rate keys may change with --allow-lr-change)."
         )
-    info.pop("version", None)
-    network_state = torch.load(state_dir / "network.pt", map_location="cpu", weights_only=True)
-    trainer_state = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=False)
-    return Progress(**info), network_state, trainer_state
+
+
+def load_state(state_dir: Path, *, profile: Profile, allow_lr_change: bool) -> tuple[Progress, dict, dict]:
+    """Check the profile against the state's, then return (progress, network state, trainer state)."""
+    check_profile(state_dir, profile, allow_lr_change=allow_lr_change)
+    try:
+        info = json.loads((state_dir / "progress.json").read_text())
+        version = info.pop("version", None)
+        if version != STATE_VERSION:
+            raise ResumeError(f"{state_dir}: state format {version}, this version reads {STATE_VERSION}; resume with the version that saved it.")
+        network_state = torch.load(state_dir / "network.pt", map_location="cpu", weights_only=True)
+        trainer_state = torch.load(state_dir / "trainer.pt", map_location="cpu", weights_only=False)
+        return Progress(**info), network_state, trainer_state
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError) as exc:
+        raise ResumeError(f"{state_dir}: cannot read the state ({exc}); pick another state folder.") from None

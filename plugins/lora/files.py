@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from anima_core.atomic import atomic_write_bytes
 from anima_core.errors import AnimaError
 
 # (down suffix, up suffix) pairs ComfyUI accepts for a plain LoRA, kohya first.
@@ -118,18 +118,7 @@ def write_lora_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     metadata = dict(metadata)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     data = safetensors_bytes(tensors, metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def metadata_json(value: object) -> str:
