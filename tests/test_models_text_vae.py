@@ -96,14 +96,21 @@ def test_pth_file_and_5d_latents(tiny_model, tmp_path):
     torch.testing.assert_close(vae.decode(a[:, :, None]), vae.decode(a))
 
 
-def test_tiled_vae_keeps_shapes_and_names_itself(tiny_model):
-    pixels = torch.rand(1, 3, 48, 40) * 2 - 1  # 2 x 2 tiles of 32 px at stride 24
+def test_chunked_vae_is_exact_and_tiled_vae_keeps_shapes(tiny_model):
+    pixels = torch.rand(1, 3, 40, 32) * 2 - 1
     plain = load_vae(tiny_model.vae)
-    tiled = load_vae(tiny_model.vae, chunk_size=32)
-    latents = tiled.encode(pixels)
-    assert latents.shape == (1, 16, 6, 5) and latents.isfinite().all()
-    decoded = tiled.decode(latents)
+    chunked = load_vae(tiny_model.vae, chunk_size=16)
+    assert "_conv_forward" in vars(chunked.vae.encoder.conv_in)  # the chunked path is installed
+    latents = plain.encode(pixels)
+    torch.testing.assert_close(chunked.encode(pixels), latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.decode(latents), plain.decode(latents), rtol=1e-5, atol=1e-5)
+    assert len({plain.identity(), chunked.identity(), load_vae(tiny_model.vae, tiled=True).identity()}) == 3
+
+    tiled = load_vae(tiny_model.vae, tiled=True)
+    tiled.vae.enable_tiling(32, 32, 24, 24)  # tiles small enough for a tiny image: 2 x 1 tiles
+    tiled_latents = tiled.encode(pixels)
+    assert tiled_latents.shape == latents.shape and tiled_latents.isfinite().all()
+    decoded = tiled.decode(tiled_latents)
     assert decoded.shape == pixels.shape and decoded.abs().max() <= 1
-    assert tiled.identity() != plain.identity()
-    with pytest.raises(ValueError, match="multiple of 8"):
-        load_vae(tiny_model.vae, chunk_size=36)
+    with pytest.raises(ValueError, match="positive number of rows"):
+        load_vae(tiny_model.vae, chunk_size=0)

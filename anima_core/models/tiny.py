@@ -133,15 +133,16 @@ def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     config = Qwen3Config(**{k: v for k, v in TINY_QWEN3.items() if k != "architectures"})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3Model(config)
-        with torch.no_grad():
-            for param in model.parameters():  # transformers' init (std 0.02) is too small to exercise anything
-                if param.ndim > 1:
-                    param.normal_(0.0, 0.1)
-    randomize_norm_weights(model, torch.Generator().manual_seed(seed + 1))
-    state_dict = {f"model.{k}": v for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Qwen3Model(config).state_dict().items() if "rotary_emb" not in k}
+    # Filled here rather than by transformers' init, which is slow and too small (std 0.02) to exercise anything.
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {
+        f"model.{k}": (1.0 + 0.2 * torch.randn(shape, generator=generator))
+        if len(shape) == 1
+        else 0.1 * torch.randn(shape, generator=generator)
+        for k, shape in shapes.items()
+    }
     save_safetensors_atomic(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(TINY_QWEN3, indent=2))
     return folder

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from anima_core.errors import ModelFileError
 from anima_core.models.checkpoint import guess_file_kind, load_strict, read_state_dict
@@ -121,12 +122,8 @@ class AnimaVAE:
         return self.vae.quant_conv.weight.dtype
 
     def identity(self) -> str:
-        tiling = (
-            f"tiles={self.vae.tile_sample_min_height}/{self.vae.tile_sample_stride_height}"
-            if self.vae.use_tiling
-            else "untiled"
-        )
-        return f"{self._identity};dtype={self.dtype};{tiling}"
+        """A stable string naming the file, dtype and memory options (for cache keys)."""
+        return f"{self._identity};dtype={self.dtype}"
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, LATENT_CHANNELS, 1, 1)
@@ -157,6 +154,38 @@ class AnimaVAE:
         return out[:, :, 0].float().clamp(-1.0, 1.0)
 
 
+def _height_chunked_conv_forward(conv: torch.nn.Module, rows: int):
+    """A ``_conv_forward`` for ``conv`` that computes at most ``rows`` output rows at a time (exact: each slice of
+    the zero-padded input carries its kernel halo)."""
+    original = conv._conv_forward
+    conv_fn = F.conv3d if isinstance(conv, torch.nn.Conv3d) else F.conv2d
+
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernel_h = weight.shape[-2]
+        if kernel_h == 1 or conv.stride[-2] != 1 or conv.dilation[-2] != 1 or x.shape[-2] <= rows + kernel_h:
+            return original(x, weight, bias)
+        x = F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])
+        out_h = x.shape[-2] - kernel_h + 1
+        out = None
+        for y0 in range(0, out_h, rows):
+            y1 = min(y0 + rows, out_h)
+            piece = conv_fn(x[..., y0 : y1 + kernel_h - 1, :], weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+            if out is None:
+                out = piece.new_empty((*piece.shape[:-2], out_h, piece.shape[-1]))
+            out[..., y0:y1, :] = piece
+        return out
+
+    return forward
+
+
+def enable_height_chunking(vae: torch.nn.Module, rows: int) -> None:
+    """Run every stride-1 convolution of the VAE over at most ``rows`` output rows at a time (same result, less
+    peak memory), like sd-scripts' ``--vae_chunk_size``."""
+    for module in vae.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            module._conv_forward = _height_chunked_conv_forward(module, rows)
+
+
 def load_vae(
     path: str | os.PathLike,
     *,
@@ -167,8 +196,9 @@ def load_vae(
 ) -> AnimaVAE:
     """The VAE from a Wan-named (released) or diffusers-named ``.safetensors`` / ``.pth`` file.
 
-    ``tiled`` encodes/decodes in 256 px tiles (192 px stride, blended seams); ``chunk_size`` sets the tile edge in
-    pixels instead (implies tiling). Batches always run one image at a time. Tiling changes the result slightly.
+    ``chunk_size``: convolutions run over at most this many rows at a time (exact, less memory). ``tiled``:
+    encode/decode in 256 px tiles with a 192 px stride and blended seams (least memory; changes the result
+    slightly). Batches always run one image at a time.
     """
     from diffusers import AutoencoderKLQwenImage
 
@@ -180,11 +210,12 @@ def load_vae(
     load_strict(vae, {k: v.to(dtype) for k, v in state_dict.items()}, path, "Qwen-Image VAE")
     vae = vae.to(device=device).eval().requires_grad_(False)
     vae.use_slicing = True
-    if chunk_size is not None or tiled:
-        tile = chunk_size or 256
-        if tile % SPATIAL_FACTOR or tile < 4 * SPATIAL_FACTOR:
-            raise ValueError(f"VAE chunk size {tile} must be a multiple of {SPATIAL_FACTOR} and at least 32 px")
-        stride = tile * 3 // 4 // SPATIAL_FACTOR * SPATIAL_FACTOR
-        vae.enable_tiling(tile, tile, stride, stride)
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"VAE chunk size must be a positive number of rows, got {chunk_size}")
+        enable_height_chunking(vae, chunk_size)
+    if tiled:
+        vae.enable_tiling()
     stat = path.stat()
-    return AnimaVAE(vae, f"vae={path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    options = f"chunk={chunk_size};tiled={tiled}"
+    return AnimaVAE(vae, f"vae={path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};{options}")
