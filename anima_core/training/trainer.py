@@ -13,7 +13,7 @@ import platform
 import random
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from anima_core.training.metadata import save_metadata, training_metadata
 from anima_core.training.optim import create_fused_backward_optimizer, create_optimizer
 from anima_core.training.progress import ProgressDisplay
 from anima_core.training.schedules import build_scheduler
-from anima_core.training.state import Progress, find_state, load_state, restore_rng_state, save_state
+from anima_core.training.state import Progress, check_profile, find_state, load_state, restore_rng_state, save_state
 from anima_core.training.step import StepInputs, drop_captions, flow_loss
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -126,8 +126,8 @@ class Trainer:
                  (e.obj for e in self.plugins.registry("register_event_sinks").entries.values())]
         self.events = EventLog(self.run_dir, sinks)
         self.display = ProgressDisplay(self.profile.logging.progress, 1, self.profile.logging.log_every_n_steps, self.console)
-        for leftover in clean_leftovers(saving.output_dir):
-            self.warn(f"removed {leftover}, left by an interrupted write")
+        # Reported once run_start is written, so every event of the run follows it.
+        self.startup_warnings = [f"removed {p}, left by an interrupted write" for p in clean_leftovers(saving.output_dir)]
 
     def warn(self, message: str, **detail) -> None:
         self.events.emit("warning", message=message, **({"detail": detail} if detail else {}))
@@ -138,12 +138,17 @@ class Trainer:
         self.display.message(message)
 
     def _build_data(self) -> None:
-        tokenizer = None
-        self.data = build_training_data(data_options(self.profile), base_dir=Path.cwd(), tokenizer=tokenizer, on_warning=self.warn)
+        """Check every image and caption before any model loads."""
+        self.data = build_training_data(data_options(self.profile), base_dir=Path.cwd(),
+                                        on_warning=self.startup_warnings.append)
+
+    def _report_startup(self) -> None:
+        for message in self.startup_warnings:
+            self.warn(message)
         for line in self.data.bucket_report():
             self.log(line)
         if self.data.skipped:
-            self.warn(f"{len(self.data.skipped)} image(s) skipped; see the warnings above")
+            self.warn(f"{len(self.data.skipped)} image(s) skipped: " + "; ".join(f"{p}: {why}" for p, why in self.data.skipped[:20]))
 
     def _cache(self) -> None:
         caching = self.profile.caching
@@ -255,11 +260,13 @@ class Trainer:
             self.warn(f"self-check of {path.name} failed: {result.summary}")
 
     def save_training_state(self, progress: Progress) -> None:
+        if progress == self.saved_progress:  # a stop right after a scheduled save: that state is this one
+            return
         scaler = getattr(self.accelerator, "scaler", None)
         path = save_state(self.run_dir / "state", progress=progress, network=self.network, optimizer=self.optimizer,
                           scheduler=self.scheduler, scaler=scaler, profile=self.profile,
                           keep_last=self.profile.saving.keep_last_n_states)
-        self.last_state = path
+        self.last_state, self.saved_progress = path, replace(progress)
         self.events.emit("save", kind="state", path=str(path), step=progress.step, epoch=progress.epoch)
 
     def _prune_epoch_saves(self, epoch: int) -> None:
@@ -341,26 +348,33 @@ class Trainer:
             eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
         self.display.step(event)
 
-    def _handle_bad_step(self, progress: Progress, batch, sigmas, loss: float, norm: float) -> bool:
-        """Skip a non-finite step and name its samples; after too many in a row, recover or stop. True = stop."""
+    def _handle_bad_step(self, progress: Progress, samples: list[tuple[str, float]], loss: float, norm: float) -> str:
+        """Skip a non-finite step and name its samples; after too many in a row, reload the last state once
+        (with a lower learning rate) or stop. Returns "skipped", "reloaded" or "stop"."""
         t = self.profile.training
         progress.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.warn(f"non-finite loss or gradient at step {progress.step + 1}: step skipped",
-                  loss=loss, grad_norm=norm, images=list(batch.paths), sigmas=[round(float(s), 5) for s in sigmas])
+        images, sigmas = [str(p) for p, _ in samples], [round(s, 5) for _, s in samples]
+        named = ", ".join(f"{Path(p).name} (σ {s})" for p, s in zip(images, sigmas))
+        self.warn(f"non-finite loss or gradient at step {progress.step + 1}, step skipped; samples: {named}",
+                  loss=loss, grad_norm=norm, images=images, sigmas=sigmas)
         if progress.bad_steps < t.nan_guard_max_bad_steps:
-            return False
-        state = getattr(self, "last_state", None)
-        if state is not None and t.nan_guard_lr_factor:
-            self.warn(f"{progress.bad_steps} bad steps in a row: reloading {state.name} with the learning rate × {t.nan_guard_lr_factor}")
+            return "skipped"
+        seen = f"{progress.bad_steps} non-finite steps in a row (last loss {loss}, gradient norm {norm})"
+        state = self.last_state
+        # One reload per saved state: going bad again before the next save means the reload did not help.
+        if state is not None and t.nan_guard_lr_factor and state != self.reloaded_from:
+            self.warn(f"{seen}: reloading {state.name} with the learning rate × {t.nan_guard_lr_factor}")
+            self.reloaded_from = state
             self._restore(state, lr_scale=progress.lr_scale * t.nan_guard_lr_factor)
-            return False
+            return "reloaded"
+        again = f", again after reloading {state.name} with a lower learning rate" if state and state == self.reloaded_from else ""
         self.stop_reason = (
-            f"{progress.bad_steps} non-finite steps in a row. Likely causes: a learning rate too high for this alpha/rank, "
-            "fp16 overflow (use bf16), or broken images/latents (see the named samples). Lower optimizer.learning_rate "
-            "or set training.nan_guard_lr_factor to reload the last state automatically."
+            f"{seen}{again}. Likely causes: a learning rate too high for this alpha/rank, fp16 overflow (use bf16), "
+            "or broken images/latents (see the samples named in the warnings). Lower optimizer.learning_rate, "
+            "set training.nan_guard_lr_factor to reload the last state automatically, or rebuild the caches."
         )
-        return True
+        return "stop"
 
     def _restore(self, state_dir: Path, *, lr_scale: float | None = None) -> Progress:
         progress, network_state, trainer_state = load_state(state_dir, profile=self.profile, allow_lr_change=self.allow_lr_change)
@@ -389,31 +403,39 @@ class Trainer:
         stop.install()
         self.stop_reason = None
         started, first_step, losses = time.monotonic(), progress.step, []
-        micro_losses, micro = [], 0
+        micro_losses, micro, samples = [], 0, []
+        batches = self._batches(progress)
         try:
             with self.display:
-                for epoch, index, batch in self._batches(progress):
+                while (item := next(batches, None)) is not None:
+                    epoch, index, batch = item
                     if progress.step >= self.total_steps:
                         break
                     loss, sigmas = self._micro_step(batch, progress.step, micro)
                     micro_losses.append(loss)
+                    samples += zip(map(str, batch.paths), sigmas.tolist())
                     micro += 1
                     progress.epoch, progress.batch_in_epoch = epoch, index + 1
                     epoch_done = index + 1 == self.data.num_batches_per_epoch
                     if micro < accum and not epoch_done:
                         continue
                     step_loss = float(torch.stack(micro_losses).mean())
-                    norm = self._optimizer_step(params)
-                    if not (math.isfinite(step_loss) and (math.isfinite(norm) or self.precision == "fp16")):
-                        if self._handle_bad_step(progress, batch, sigmas, step_loss, norm):
+                    # fp16 steps anyway: its gradient scaler skips non-finite updates and lowers the scale.
+                    finite_loss = math.isfinite(step_loss)
+                    norm = self._optimizer_step(params) if finite_loss or self.precision == "fp16" else math.nan
+                    if not (finite_loss and (math.isfinite(norm) or self.precision == "fp16")):
+                        outcome = self._handle_bad_step(progress, samples, step_loss, norm)
+                        if outcome == "stop":
                             break
-                        micro_losses, micro = [], 0
-                        progress = self.progress
+                        micro_losses, micro, samples = [], 0, []
+                        if outcome == "reloaded":  # repeat the data from the reloaded state's position
+                            progress = self.progress
+                            batches = self._batches(progress)
                         continue
                     progress.bad_steps = 0
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    micro_losses, micro = [], 0
+                    micro_losses, micro, samples = [], 0, []
                     progress.step += 1
                     if epoch_done:
                         progress.epoch, progress.batch_in_epoch = epoch + 1, 0
@@ -462,8 +484,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.profile.optimizer, self.total_steps)
         self.base_lrs = list(self.scheduler.base_lrs)
         progress = Progress(step=0, epoch=0, batch_in_epoch=0)
-        if self.resume:
-            state = find_state(self.resume, self.profile.saving.output_dir)
+        if self.resume_state is not None:
+            state = self.last_state = self.resume_state
             progress = self._restore(state)
             self.log(f"resumed from {state} at step {progress.step}, epoch {progress.epoch + 1}")
         return progress
@@ -482,6 +504,7 @@ class Trainer:
         seed_everything(self.profile.training.seed)
         self._open_run()
         self.last_lora = None
+        self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = None
         try:
             self._build_data()
             self._plan_steps()
@@ -490,8 +513,12 @@ class Trainer:
                 "run_start", run_id=self.run_dir.name, pid=os.getpid(), device=str(self.device),
                 total_steps=self.total_steps, total_epochs=self.num_epochs, profile=str(self.run_dir / "profile.toml"),
                 versions={"anima_train": __version__, "torch": torch.__version__, "python": platform.python_version()})
+            self._report_startup()
             if self.profile.training.mixed_precision == "fp16" and self.precision == "no":
                 self.warn("fp16 mixed precision needs a GPU; training in float32 on the CPU")
+            if self.resume:  # refuse a changed profile before minutes of caching and loading
+                self.resume_state = find_state(self.resume, self.profile.saving.output_dir)
+                check_profile(self.resume_state, self.profile, allow_lr_change=self.allow_lr_change)
             self._cache()
             if self.cache_only:
                 self.events.emit("run_end", status="cached", reason="--cache-only", step=0, epoch=0)
