@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AnimaError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")
