@@ -287,11 +287,13 @@ def test_split_attention_matches_batched_attention(tiny_dit):
             tiny_dit.set_attention_backend("sdpa")
 
 
-def test_flash_without_the_package_warns_and_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr("anima_core.models.attention.flash_attn_available", lambda: False)
+@pytest.mark.parametrize(("name", "pip_name"), [("flash", "flash-attn"), ("xformers", "xformers")])
+def test_missing_attention_package_warns_and_falls_back(monkeypatch, caplog, name, pip_name):
+    monkeypatch.setattr("anima_core.models.attention.package_available", lambda module: False)
     with caplog.at_level(logging.WARNING):
-        backend = AttentionBackend.create("flash")
-    assert backend.name == "sdpa"
-    assert "flash-attn is not installed" in caplog.text
+        backend = AttentionBackend.create(name, split=True)
+    assert (backend.name, backend.split) == ("sdpa", True)
+    assert f"{pip_name} is not installed" in caplog.text
+    assert AttentionBackend.create("torch").name == "sdpa"
     with pytest.raises(ValueError, match="unknown attention backend"):
-        AttentionBackend.create("xformers")
+        AttentionBackend.create("sageattn")

@@ -1,10 +1,12 @@
-"""Attention kernels behind one switch: PyTorch SDPA (default) or flash-attn, optionally one sample at a time.
+"""Attention kernels behind one switch: PyTorch SDPA (default), flash-attn or xformers, optionally one sample at a
+time. The DiT's attention has no mask, so every kernel computes the same thing.
 
 All functions take q, k, v as [B, heads, L, head_dim] (the SDPA layout) and return the same layout.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -13,15 +15,13 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "flash")
+BACKENDS = ("sdpa", "flash", "xformers")
+PACKAGES = {"flash": "flash_attn", "xformers": "xformers"}
+PIP_NAMES = {"flash": "flash-attn", "xformers": "xformers"}
 
 
-def flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def package_available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 @dataclass
@@ -37,13 +37,18 @@ class AttentionBackend:
             name = "sdpa"
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-        if name == "flash" and not flash_attn_available():
-            log.warning("flash-attn is not installed (pip install flash-attn); using PyTorch SDPA instead")
+        if name in PACKAGES and not package_available(PACKAGES[name]):
+            log.warning(
+                "%s is not installed (pip install %s); using PyTorch SDPA instead", PIP_NAMES[name], PIP_NAMES[name]
+            )
             name = "sdpa"
         return cls(name=name, split=split)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kernel = _flash if self.name == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else _sdpa
+        kernel = _sdpa
+        # Both extensions only run half precision on CUDA; anything else (CPU tests, fp32) takes SDPA.
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            kernel = {"flash": _flash, "xformers": _xformers}.get(self.name, _sdpa)
         if not self.split or q.shape[0] == 1:
             return kernel(q, k, v)
         return torch.cat([kernel(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(q.shape[0])])
@@ -57,6 +62,13 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from flash_attn import flash_attn_func
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from xformers.ops import memory_efficient_attention
+
+    out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
 

@@ -245,6 +245,8 @@ class AnimaDiT(nn.Module):
         self.final_layer = FinalLayer(config)
         self.llm_adapter = LLMAdapter(config.llm_adapter) if config.llm_adapter is not None else None
         self.block_runner: BlockRunner = default_block_runner
+        # Default for calls that do not say; False ignores the T5 mask in the adapter (see adapt_context).
+        self.apply_t5_attn_mask = True
 
     def set_block_runner(self, fn: BlockRunner | None) -> None:
         """Replace how blocks run: ``fn(index, block, x, *args) -> x``; None restores ``block(x, *args)``."""
@@ -263,13 +265,19 @@ class AnimaDiT(nn.Module):
         target_input_ids: torch.Tensor,
         target_attention_mask: torch.Tensor | None = None,
         source_attention_mask: torch.Tensor | None = None,
-        apply_t5_attn_mask: bool = True,
+        apply_t5_attn_mask: bool | None = None,
     ) -> torch.Tensor:
-        """Run the LLM adapter: Qwen3 states + T5 ids -> context [B, max(512, Lt), context_dim]."""
+        """Run the LLM adapter: Qwen3 states + T5 ids -> context [B, max(512, Lt), context_dim].
+
+        With the T5 mask applied (the reference behaviour) padded T5 positions are masked keys in the adapter's
+        self-attention and their output rows are zero; ``apply_t5_attn_mask=False`` treats them as tokens.
+        """
         if self.llm_adapter is None:
             raise ValueError(
                 "this DiT has no LLM adapter: load it with load_dit(..., llm_adapter_path=...) or pass an adapted context"
             )
+        if apply_t5_attn_mask is None:
+            apply_t5_attn_mask = self.apply_t5_attn_mask
         context = self.llm_adapter(
             qwen_states, target_input_ids, target_attention_mask, source_attention_mask, apply_t5_attn_mask
         )
@@ -284,7 +292,7 @@ class AnimaDiT(nn.Module):
         target_input_ids: torch.Tensor | None = None,
         target_attention_mask: torch.Tensor | None = None,
         source_attention_mask: torch.Tensor | None = None,
-        apply_t5_attn_mask: bool = True,
+        apply_t5_attn_mask: bool | None = None,
     ) -> torch.Tensor:
         """Velocity [B, 16, T, H, W] for latents x [B, 16, T, H, W] at σ = timesteps ([B] or [B, T], in [0, 1]).
 
