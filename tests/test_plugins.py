@@ -53,6 +53,19 @@ def test_third_party_plugin_is_found_through_its_entry_point(installed_plugin):
     assert rows["extra_weighting"]["hooks"] == ["register_loss_weightings"]
 
 
+def test_profile_selects_the_third_party_weighting_by_name(installed_plugin, tmp_path, tiny_model):
+    from training_helpers import make_run, read_events
+
+    plugins = build_plugins()
+    result = make_run(tmp_path, tiny_model, plugins=plugins, training={"max_train_steps": 2, "loss_weighting": "half"}).run()
+    assert result.status == "finished"
+    # The same run with uniform weighting has exactly twice the loss: the plugin's weight was used.
+    baseline = make_run(tmp_path / "b", tiny_model, plugins=plugins, training={"max_train_steps": 1}).run()
+    half = [e["loss"] for e in read_events(result.run_dir) if e["type"] == "step"][0]
+    full = [e["loss"] for e in read_events(baseline.run_dir) if e["type"] == "step"][0]
+    assert half == pytest.approx(full / 2, rel=1e-5)
+
+
 def test_misspelt_hook_fails_at_start():
     class Typo:
         @hookimpl

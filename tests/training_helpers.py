@@ -46,8 +46,9 @@ def tiny_profile_data(root: Path, tiny_model, **tables) -> dict:
 def make_run(root: Path, tiny_model, *, images: int = 2, plugins=None, resume=None, **tables):
     if not (root / "data").exists():
         write_images(root / "data", count=images)
-    profile = profile_from_dict(tiny_profile_data(root, tiny_model, **tables))
-    return Trainer(profile, plugins or build_plugins(entry_points=False), resume=resume)
+    plugins = plugins or build_plugins(entry_points=False)
+    profile = profile_from_dict(tiny_profile_data(root, tiny_model, **tables), plugins=plugins)
+    return Trainer(profile, plugins, resume=resume)
 
 
 def read_events(run_dir: Path) -> list[dict]:

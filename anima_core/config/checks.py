@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from anima_core.config.schema import Profile
-from anima_core.plugins import UnknownNameError, default_plugins
+from anima_core.plugins import Plugins, UnknownNameError, default_plugins
 
 BUILTIN_OPTIMIZERS_NOTE = "AdamW, AdamW8bit, Adafactor or a `module.Class` path"
 
@@ -70,8 +70,7 @@ def _option_problems(profile: Profile) -> list[str]:
     return problems
 
 
-def _plugin_problems(profile: Profile) -> list[str]:
-    plugins = default_plugins()
+def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
     problems = []
     lookups = [
         ("register_model_loaders", "model.loader", profile.model.loader),
@@ -98,5 +97,5 @@ def _plugin_problems(profile: Profile) -> list[str]:
     return problems
 
 
-def cross_field_problems(profile: Profile) -> list[str]:
-    return _file_problems(profile) + _option_problems(profile) + _plugin_problems(profile)
+def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:
+    return _file_problems(profile) + _option_problems(profile) + _plugin_problems(profile, plugins or default_plugins())

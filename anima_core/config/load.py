@@ -99,7 +99,7 @@ def _without(data: dict, locations: list[tuple]) -> dict:
     return pruned
 
 
-def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path | None = None) -> Profile:
+def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path | None = None, plugins=None) -> Profile:
     """Validate ``data``; raise one ProfileError listing every problem (schema and cross-field)."""
     problems: list[str] = []
     try:
@@ -112,7 +112,7 @@ def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path |
             raise ProfileError(source, problems) from None
     if base_dir is not None:
         _resolve_paths(profile, base_dir)
-    problems += cross_field_problems(profile)
+    problems += cross_field_problems(profile, plugins)
     if problems:
         raise ProfileError(source, problems)
     return profile
