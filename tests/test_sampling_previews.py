@@ -15,10 +15,11 @@ from PIL import Image
 from rich.console import Console
 
 from anima_core.config.schema import Profile
-from anima_core.models import load_dit, load_text_encoder, load_vae
+from anima_core.models import load_dit, load_text_encoder
 from anima_core.sampling.cli import parse_lora_argument, run_sample_command
 from anima_core.sampling.during_training import TrainingPreviews
 from anima_core.training.events import EventLog, make_run_dir
+from anima_plugins.anima_loader import AnimaLoader
 from anima_plugins.lora import create_network
 
 FAST = "--w 64 --h 64 --s 1"
@@ -69,7 +70,7 @@ def trainer(tiny_model, tmp_path):
         profile=profile, dit=dit, network=network, text_encoder=text_encoder, vae=None, device=torch.device("cpu"),
         dit_dtype=torch.float32, strategies=[RecordingStrategy(calls)], run_dir=run_dir, events=events,
         warn=lambda message, **detail: events.emit("warning", message=message),
-        models=SimpleNamespace(load_vae=lambda cfg, *, dtype, device: load_vae(cfg.vae, dtype=dtype, device=device)),
+        models=AnimaLoader(),
         calls=calls, prompts=prompts,
     )
     yield trainer
@@ -95,8 +96,10 @@ def test_previews_write_named_images_and_leave_training_untouched(trainer):
     previews.after_step(2, None)
     samples = trainer.run_dir / "samples"
     names = sorted(p.name for p in samples.iterdir())
-    assert names == ["tiny_000002_00_5.png", "tiny_000002_01_101.png"]  # unseeded: training seed + index
+    # Unseeded prompts use the training seed + their index; the sheet puts both side by side.
+    assert names == ["tiny_000002_00_5.png", "tiny_000002_01_101.png", "tiny_000002_sheet.png"]
     assert Image.open(samples / names[0]).size == (64, 64)
+    assert Image.open(samples / names[2]).size == (256 + 4 + 256, 256)
     events = read_events(trainer, "sample")
     assert [(e["prompt"], e["step"]) for e in events] == [("a red fox", 2), ("a blue sky", 2)]
     assert events[0]["path"] == str(samples / names[0])

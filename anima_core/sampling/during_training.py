@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from anima_core.atomic import atomic_path
 from anima_core.errors import AnimaError
 from anima_core.sampling.prompts import SamplePrompt, load_prompt_file
 from anima_core.sampling.sampler import TextConditioning, free_memory, render_prompt
+from anima_core.sampling.sheet import contact_sheet
 from anima_core.training.trainer import DTYPES
 
 
@@ -24,6 +26,10 @@ def image_name(output_name: str, label: str, prompt: SamplePrompt, seed: int) ->
     """sd-scripts' pattern `<output_name>_<e000003|000120>_<NN>_<seed>.png`, without its time stamp so a
     rerun of the same step replaces its images instead of piling up."""
     return f"{output_name}_{label}_{prompt.index:02d}_{seed}.png"
+
+
+def sheet_name(output_name: str, label: str) -> str:
+    return f"{output_name}_{label}_sheet.png"
 
 
 @contextmanager
@@ -58,12 +64,12 @@ class TrainingPreviews:
             return
         every_steps = self.sampling.sample_every_n_steps
         if every_steps and step % every_steps == 0:
-            self.render(step=step, epoch=epoch_completed or 0)
+            self.render(step=step, epoch=epoch_completed)  # None mid-epoch: the loop does not say which
 
     # ---- rendering -------------------------------------------------------------------------------
 
-    def render(self, step: int, epoch: int, *, by_epoch: bool = False) -> list[Path]:
-        """Render every prompt of the (re-read) prompt file; returns the images written.
+    def render(self, step: int, epoch: int | None, *, by_epoch: bool = False) -> list[Path]:
+        """Render every prompt of the (re-read) prompt file, then a contact sheet of them; returns the images.
 
         A second call for the same step (the final render right after a scheduled one) does nothing.
         """
@@ -88,15 +94,31 @@ class TrainingPreviews:
             except Exception as exc:  # OOM or a broken model file must not end the run
                 trainer.warn(f"previews at step {step} skipped: {exc}")
                 return []
+            paths = []
             try:
-                return [path for prompt in prompt_file.prompts
-                        if (path := self._render_one(prompt, encode, vae, label, step, epoch)) is not None]  # fmt: skip
+                for prompt in prompt_file.prompts:
+                    path = self._render_one(prompt, encode, vae, label, step, epoch)
+                    if path is not None:
+                        paths.append(path)
             finally:
                 if loaded_here:
                     del vae
                 free_memory(trainer.device)
+        self._write_sheet(paths, label)
+        return paths
 
-    def _render_one(self, prompt: SamplePrompt, encode, vae, label: str, step: int, epoch: int) -> Path | None:
+    def _write_sheet(self, paths: list[Path], label: str) -> None:
+        if len(paths) < 2:
+            return
+        path = paths[0].parent / sheet_name(self.trainer.profile.saving.output_name, label)
+        try:
+            images = [Image.open(p) for p in paths]
+            with atomic_path(path) as tmp:
+                contact_sheet(images).save(tmp, format="PNG")
+        except Exception as exc:  # a quick-look extra: never worth ending a run over
+            self.trainer.warn(f"contact sheet {path.name} not written: {exc}")
+
+    def _render_one(self, prompt: SamplePrompt, encode, vae, label: str, step: int, epoch: int | None) -> Path | None:
         trainer = self.trainer
         seed = prompt.seed_or(trainer.profile.training.seed)
         path = Path(trainer.run_dir) / "samples" / image_name(trainer.profile.saving.output_name, label, prompt, seed)
