@@ -9,8 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anima_core.training.memory import wrap_block_runner
-from anima_plugins.memory import BlockSwap, GradientCheckpointing, Move, SwapPlan, UnslothOffloadCheckpointing
+from anima_core.training.memory import MemoryStrategyError, wrap_block_runner
+from anima_plugins.memory import (
+    BlockSwap,
+    BlockSwapper,
+    GradientCheckpointing,
+    Move,
+    SwapPlan,
+    UnslothOffloadCheckpointing,
+)
 
 from test_memory_strategies import attach_lora, batch, build_dit, profile, train_step
 
@@ -47,8 +54,9 @@ def test_planned_schedules_keep_every_needed_block_resident(num_blocks):
         start = plan.start_layout()
         assert start == set(range(num_blocks - swap))
         end_forward = simulate(plan, list(range(num_blocks)), plan.forward_moves(), "forward", start)
-        assert end_forward == set(range(swap, num_blocks)) if swap <= num_blocks - swap else True
-        assert simulate(plan, list(range(num_blocks - 1, -1, -1)), plan.backward_moves(), "backward", end_forward) == start
+        assert end_forward == set(range(swap, num_blocks))
+        backward_order = list(range(num_blocks - 1, -1, -1))
+        assert simulate(plan, backward_order, plan.backward_moves(), "backward", end_forward) == start
         assert simulate(plan, list(range(num_blocks)), plan.sampling_moves(), "sampling", start) == start
         # Every swapped block comes in exactly once per forward and once per backward.
         assert sorted(m.into for m in plan.forward_moves()) == list(range(num_blocks - swap, num_blocks))
@@ -57,23 +65,21 @@ def test_planned_schedules_keep_every_needed_block_resident(num_blocks):
 
 def test_documented_maxima():
     for blocks, maximum in ((28, 26), (36, 34), (20, 18)):
-        SwapPlan(blocks, maximum)  # the plan exists
         dit_blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2).requires_grad_(False) for _ in range(blocks))
-        from anima_plugins.memory import BlockSwapper
-        from anima_core.training.memory import MemoryStrategyError
-
         BlockSwapper(dit_blocks, maximum, "cpu")
         with pytest.raises(MemoryStrategyError, match=f"at most {maximum}"):
             BlockSwapper(dit_blocks, maximum + 1, "cpu")
 
 
-def swapped_dit(num_blocks: int, swap: int, checkpointing=None, lora_blocks=None):
+def swapped_dit(num_blocks: int, swap: int, checkpointing=None, lora_blocks=None, swap_first=False):
     dit = build_dit(num_blocks)
-    prof = profile(blocks_to_swap=swap)
+    strategy = BlockSwap(profile(blocks_to_swap=swap))
+    if swap_first:
+        strategy.apply(dit, device="cpu")
     if checkpointing is not None:
         checkpointing(profile(gradient_checkpointing=True, unsloth_offload_checkpointing=True)).apply(dit, device="cpu")
-    strategy = BlockSwap(prof)
-    strategy.apply(dit, device="cpu")
+    if not swap_first:
+        strategy.apply(dit, device="cpu")
     swapper = strategy.swapper
     slot_storage = {t.data_ptr() for slot in swapper.slots for t in slot}
     runs = []
@@ -98,9 +104,19 @@ def swapped_dit(num_blocks: int, swap: int, checkpointing=None, lora_blocks=None
 
 
 @pytest.mark.parametrize("num_blocks,swap", [(6, 4), (6, 2), (4, 2)])
-@pytest.mark.parametrize("checkpointing", [None, GradientCheckpointing, UnslothOffloadCheckpointing])
-def test_training_and_sampling_move_each_block_exactly_as_planned(num_blocks, swap, checkpointing):
-    dit, strategy, loras, runs = swapped_dit(num_blocks, swap, checkpointing)
+@pytest.mark.parametrize(
+    "checkpointing,swap_first",
+    [
+        (None, False),
+        (GradientCheckpointing, False),
+        (GradientCheckpointing, True),
+        (UnslothOffloadCheckpointing, False),
+        (UnslothOffloadCheckpointing, True),
+    ],
+)
+def test_training_and_sampling_move_each_block_exactly_as_planned(num_blocks, swap, checkpointing, swap_first):
+    """Whatever order the strategies are applied in, checkpointing runs inside block swap."""
+    dit, strategy, loras, runs = swapped_dit(num_blocks, swap, checkpointing, swap_first=swap_first)
     plan = strategy.swapper.plan
     for step in range(2):
         train_step(dit, loras, seed=step)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from anima_core.models import load_dit
 from anima_core.models.dit import AnimaDiT
 from anima_core.models.tiny import TINY_DIT, randomize_norm_weights
 from anima_core.training.memory import MemoryStrategyError, apply_memory_strategies
@@ -100,7 +101,11 @@ def train_step(dit, loras, *, context_grad: bool = True, seed: int = 3):
     context.requires_grad_(context_grad)
     loss = torch.nn.functional.mse_loss(dit(x, t, context), target)
     loss.backward()
-    grads = {f"{name}.{p}": getattr(lora, p).weight.grad.clone() for name, lora in loras.items() for p in ("lora_down", "lora_up")}
+    grads = {
+        f"{name}.{part}": getattr(lora, part).weight.grad.clone()
+        for name, lora in loras.items()
+        for part in ("lora_down", "lora_up")
+    }
     if context_grad:
         grads["context"] = context.grad.clone()
     for lora in loras.values():
@@ -268,7 +273,8 @@ def test_fp8_base_refuses_float32_compute():
 
 def test_fp8_with_block_swap_and_checkpointing_matches_fp8_alone():
     _, _, reference = run_with(dict(fp8_base=True), num_blocks=6, steps=2)
-    _, applied, results = run_with(dict(fp8_base=True, blocks_to_swap=4, gradient_checkpointing=True), num_blocks=6, steps=2)
+    memory = dict(fp8_base=True, blocks_to_swap=4, gradient_checkpointing=True)
+    _, applied, results = run_with(memory, num_blocks=6, steps=2)
     assert [s.name for s in applied] == ["fp8_base", "gradient_checkpointing", "blocks_to_swap"]
     for result, ref in zip(results, reference):
         assert_same(result, ref)
@@ -286,3 +292,37 @@ def test_builtin_plugin_registers_every_strategy():
         "unsloth_offload_checkpointing": UnslothOffloadCheckpointing,
         "blocks_to_swap": BlockSwap,
     }
+
+
+def test_strategies_on_the_loaded_tiny_model(tiny_model):
+    """The released-format tiny file through load_dit: every strategy at once (unsloth + swap + fp8 is the
+    combination with the most moving parts) against fp8 alone; checkpointing + swap against plain."""
+
+    def step(memory):
+        dit = load_dit(tiny_model.dit, dtype=torch.float32).requires_grad_(False)
+        prof = profile(**memory)
+        apply_memory_strategies([cls(prof) for cls in STRATEGIES if cls.enabled(prof)], dit, device="cpu")
+        return train_step(dit, attach_lora(dit))
+
+    assert_same(step(dict(gradient_checkpointing=True, blocks_to_swap=2)), step({}))
+    everything = dict(fp8_base=True, unsloth_offload_checkpointing=True, blocks_to_swap=2)
+    assert_same(step(everything), step(dict(fp8_base=True)))
+
+
+def test_fp8_computes_in_bf16():
+    dit = build_dit(4).to(torch.bfloat16)
+    Fp8Base(profile(fp8_base=True)).apply(dit, device="cpu")
+    reference = build_dit(4).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, module in dit.named_modules():
+            if hasattr(module, "weight_scale"):
+                reference.get_submodule(name).weight.copy_(
+                    dequantize_weight(module.weight, module.weight_scale, torch.bfloat16)
+                )
+    x, t, context, _ = batch()
+    with torch.no_grad():
+        out = dit(x.bfloat16(), t, context.bfloat16())
+        expected = reference(x.bfloat16(), t, context.bfloat16())
+    assert out.dtype == torch.bfloat16
+    # Same bf16 weights and ops: identical up to bf16 rounding of the dequantisation product.
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

@@ -11,6 +11,7 @@ from anima_core.models.tiny import TINY_DIT
 from anima_core.training.planner import (
     GIB,
     Settings,
+    format_measured,
     format_plan,
     meta_dit,
     model_counts,
@@ -34,7 +35,14 @@ def profile(memory=None, **tables):
         model=dict(transformer_dtype=None, vae_dtype="float32"),
         training=dict(mixed_precision="bf16", full_bf16=False),
         dataset=dict(resolution=1024, train_batch_size=1, dataset_config=None),
-        network=dict(module="lora_anima", dim=16, alpha=16.0, args={"target_preset": "sd-scripts"}, weights=None, train_unet_only=True),
+        network=dict(
+            module="lora_anima",
+            dim=16,
+            alpha=16.0,
+            args={"target_preset": "sd-scripts"},
+            weights=None,
+            train_unet_only=True,
+        ),
         caching=dict(cache_latents=True, cache_text_encoder_outputs=True),
         optimizer=dict(optimizer_type="AdamW"),
         sampling=dict(sample_prompts=None),
@@ -116,7 +124,8 @@ def test_activations_grow_with_batch_and_resolution():
     assert training_peak(profile(dataset={"train_batch_size": 2})) > base
     assert training_peak(profile(dataset={"resolution": [768, 512]})) < base
     # Checkpointing trades activations for time: monotone in the expected order.
-    assert training_peak(profile({"unsloth_offload_checkpointing": True})) < training_peak(profile({"gradient_checkpointing": True})) < base
+    unsloth = training_peak(profile({"unsloth_offload_checkpointing": True}))
+    assert unsloth < training_peak(profile({"gradient_checkpointing": True})) < base
 
 
 def test_uncached_models_stay_on_the_gpu_while_training():
@@ -128,13 +137,16 @@ def test_uncached_models_stay_on_the_gpu_while_training():
 def test_phases_follow_the_profile():
     names = [ph.name for ph in plan(profile(), DiTConfig(), lora_params=0).phases]
     assert names == ["caching latents", "caching text", "training"]
-    prof = profile(caching={"cache_latents": False, "cache_text_encoder_outputs": False}, sampling={"sample_prompts": "p.txt"})
+    prof = profile(
+        caching={"cache_latents": False, "cache_text_encoder_outputs": False}, sampling={"sample_prompts": "p.txt"}
+    )
     assert [ph.name for ph in plan(prof, DiTConfig(), lora_params=0).phases] == ["training", "sampling"]
 
 
 def test_cheapest_settings_that_fit():
     big = plan(profile(), DiTConfig(), vram_gib=80, lora_params=SD_SCRIPTS_LORA_16)
     assert big.fits and big.cheapest_fits[0].settings == Settings()
+    assert "(the profile's settings)" in format_plan(big)
 
     p = plan(profile(), DiTConfig(), vram_gib=8, lora_params=SD_SCRIPTS_LORA_16)
     assert p.fits is False
@@ -177,3 +189,11 @@ def test_report_on_the_2b_model_names_the_settings_to_use():
     text = format_plan(plan(profile(), DiTConfig(), vram_gib=8, lora_params=SD_SCRIPTS_LORA_16))
     assert "does NOT fit in 8.0 GiB" in text
     assert "--set memory.unsloth_offload_checkpointing=true" in text
+
+
+def test_measured_peak_line_compares_with_the_training_prediction():
+    p = plan(profile({"gradient_checkpointing": True}), DiTConfig(), lora_params=SD_SCRIPTS_LORA_16)
+    predicted = next(ph for ph in p.phases if ph.name == "training").peak
+    line = format_measured(p, int(predicted * 1.1))
+    expected = f"peak GPU memory {predicted * 1.1 / GIB:.2f} GiB measured, {predicted / GIB:.2f} GiB predicted (+10%)"
+    assert line == expected

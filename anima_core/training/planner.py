@@ -270,8 +270,17 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
     n, d = counts.num_blocks, counts.width
     weight_bytes = act_bytes
     if settings.fp8_base:
-        block_bytes = (counts.block_params - counts.block_fp8_params) * weight_bytes + counts.block_fp8_params + 4 * counts.block_fp8_rows
-        other_bytes = (counts.other_params - counts.other_fp8_params) * weight_bytes + counts.other_fp8_params + 4 * counts.other_fp8_rows
+        # One byte per quantised weight, one float32 scale per output row, the rest in the weight dtype.
+        block_bytes = (
+            (counts.block_params - counts.block_fp8_params) * weight_bytes
+            + counts.block_fp8_params
+            + 4 * counts.block_fp8_rows
+        )
+        other_bytes = (
+            (counts.other_params - counts.other_fp8_params) * weight_bytes
+            + counts.other_fp8_params
+            + 4 * counts.other_fp8_rows
+        )
     else:
         block_bytes = counts.block_params * weight_bytes
         other_bytes = counts.other_params * weight_bytes
@@ -328,7 +337,10 @@ def _caching_phases(profile, width: int, height: int) -> list[Phase]:
         phases.append(
             Phase(
                 "caching latents",
-                {"VAE weights": VAE_PARAMS * vae_bytes, "VAE activations": _vae_activation_bytes(profile, width, height, batch)},
+                {
+                    "VAE weights": VAE_PARAMS * vae_bytes,
+                    "VAE activations": _vae_activation_bytes(profile, width, height, batch),
+                },
                 calibrated=False,
             )
         )
@@ -442,6 +454,16 @@ def _gib(n: int) -> str:
     return f"{n / GIB:6.2f} GiB"
 
 
+def format_measured(p: Plan, measured_bytes: int) -> str:
+    """The line a run prints at its end: measured peak beside the prediction."""
+    predicted = max(ph.peak for ph in p.phases if ph.name in SETTINGS_PHASES)
+    error = (measured_bytes - predicted) / predicted * 100 if predicted else 0.0
+    return (
+        f"peak GPU memory {measured_bytes / GIB:.2f} GiB measured, "
+        f"{predicted / GIB:.2f} GiB predicted ({error:+.0f}%)"
+    )
+
+
 def format_plan(p: Plan) -> str:
     lines = [p.summary, f"settings: {p.settings.describe()}", ""]
     for phase in p.phases:
@@ -461,11 +483,23 @@ def format_plan(p: Plan) -> str:
             lines.append("cheapest settings that fit (estimated step time relative to no strategy):")
             for fit in p.cheapest_fits:
                 lines.append(f"  {fit.settings.describe():<52} {_gib(fit.peak)}   ≈{fit.relative_time:.2f}×")
-                lines.append("      " + " ".join(f"--set {o}" for o in fit.settings.overrides(p.settings)) or "      (the profile's settings)")
+                changes = " ".join(f"--set {o}" for o in fit.settings.overrides(p.settings))
+                lines.append("      " + (changes or "(the profile's settings)"))
         else:
             lines.append("no combination of memory settings fits; lower the resolution or batch size.")
     lines.extend(f"note: {n}" for n in p.notes)
     return "\n".join(lines)
 
 
-__all__ = ["Fit", "ModelCounts", "Phase", "Plan", "Settings", "format_plan", "model_counts", "plan", "predict"]
+__all__ = [
+    "Fit",
+    "ModelCounts",
+    "Phase",
+    "Plan",
+    "Settings",
+    "format_measured",
+    "format_plan",
+    "model_counts",
+    "plan",
+    "predict",
+]

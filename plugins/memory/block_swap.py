@@ -29,7 +29,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from anima_core.training.memory import SWAP_LAYER, BlockRunner, MemoryStrategy, MemoryStrategyError, option, wrap_block_runner
+from anima_core.training.memory import (
+    SWAP_LAYER,
+    BlockRunner,
+    MemoryStrategy,
+    MemoryStrategyError,
+    option,
+    wrap_block_runner,
+)
 
 _SWAPPER_ATTR = "_block_swapper"
 
@@ -103,8 +110,14 @@ class BlockSwapper:
                         module._buffers[name] = buffer.to(self.device)
         shapes = [[(t.shape, t.dtype) for t in home] for home in self.home]
         if any(s != shapes[0] for s in shapes):
-            raise MemoryStrategyError("memory.blocks_to_swap needs DiT blocks of identical shapes; this model's differ.")
-        self.slots = [[torch.empty_like(t, device=self.device) for t in self.home[0]] for _ in range(self.plan.resident)]
+            raise MemoryStrategyError(
+                "memory.blocks_to_swap needs DiT blocks of identical shapes; this model's differ. Set "
+                "memory.blocks_to_swap = 0."
+            )
+        # One slot per resident block; an incoming block reuses the slot the outgoing one left.
+        self.slots = [
+            [torch.empty_like(t, device=self.device) for t in self.home[0]] for _ in range(self.plan.resident)
+        ]
         self.free_slots = list(range(self.plan.resident - 1, -1, -1))
         self.slot_of: dict[int, int] = {}
         self.ready: dict[int, torch.cuda.Event] = {}
@@ -127,7 +140,9 @@ class BlockSwapper:
     def wait(self, index: int) -> None:
         """Make the compute stream wait until block ``index`` is on the device (a bug if it is not coming)."""
         if index not in self.slot_of:
-            raise RuntimeError(f"block swap: block {index} is needed but not on the device (resident: {sorted(self.slot_of)})")
+            raise RuntimeError(
+                f"block swap: block {index} is needed but not on the device (resident: {sorted(self.slot_of)})"
+            )
         event = self.ready.pop(index, None)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
