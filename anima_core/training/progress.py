@@ -55,7 +55,7 @@ class ProgressDisplay:
         elif event["step"] % self.every == 0 or event["step"] == self.total:
             eta = event.get("eta_s")
             eta_text = f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else ""
-            self.console.print(f"step {event['step']}/{self.total} epoch {event['epoch']} | {step_summary(event)}{eta_text}", highlight=False)
+            self.console.print(f"step {event['step']}/{self.total} epoch {event['epoch']} | {step_summary(event)}{eta_text}", highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)
