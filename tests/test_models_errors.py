@@ -97,3 +97,17 @@ def test_adapter_from_a_separate_file(tiny_model, tmp_path):
     with pytest.raises(ModelFileError) as err:
         load_dit(tmp_path / "dit.safetensors", llm_adapter_path=tiny_model.vae)
     assert_one_paragraph(err.value, str(tiny_model.vae), "not an Anima LLM adapter")
+
+
+def test_qwen3_file_missing_a_tensor_names_it_and_extra_tensors_are_ignored(tiny_model, tmp_path):
+    state_dict = read_state_dict(tiny_model.qwen3 / "model.safetensors", "Qwen3")
+    state_dict["model.spiece_model"] = torch.zeros(3)
+    save_safetensors_atomic(state_dict, tmp_path / "extra.safetensors")
+    load_text_encoder(tmp_path / "extra.safetensors", tokenizer_path=tiny_model.qwen_tokenizer,
+                      t5_tokenizer_path=tiny_model.t5_tokenizer)  # fmt: skip
+    del state_dict["model.layers.1.mlp.up_proj.weight"]
+    save_safetensors_atomic(state_dict, tmp_path / "missing.safetensors")
+    with pytest.raises(ModelFileError) as err:
+        load_text_encoder(tmp_path / "missing.safetensors", tokenizer_path=tiny_model.qwen_tokenizer,
+                          t5_tokenizer_path=tiny_model.t5_tokenizer)  # fmt: skip
+    assert_one_paragraph(err.value, "missing.safetensors", "1 missing key(s): layers.1.mlp.up_proj.weight")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from anima_core.errors import ModelFileError
 from anima_core.models.checkpoint import load_strict, read_state_dict
 from anima_core.models.tokenizer_files import load_qwen_tokenizer, load_t5_tokenizer
+
+log = logging.getLogger(__name__)
 
 # Qwen3-0.6B(-Base), used when neither the model folder nor the tokenizer folder has a config.json.
 QWEN3_06B_CONFIG = {
@@ -86,7 +89,13 @@ def load_qwen3_model(path: Path, tokenizer_path: Path | None, dtype: torch.dtype
     config = _qwen3_config(path, tokenizer_path)
     with torch.device("meta"):
         model = Qwen3Model(config)
-    load_strict(model, {k: v.to(dtype) for k, v in state_dict.items()}, files[0], "Qwen3 text encoder")
+    # Like sd-scripts, extra tensors some exports carry are ignored (with a warning); missing ones are an error.
+    expected = model.state_dict().keys()
+    extra = sorted(set(state_dict) - set(expected))
+    if extra:
+        log.warning("%s: ignoring %d tensor(s) that Qwen3Model does not use: %s", files[0], len(extra), extra[:8])
+    state_dict = {k: v.to(dtype) for k, v in state_dict.items() if k in expected}
+    load_strict(model, state_dict, files[0], "Qwen3 text encoder")
     # The RoPE table is a buffer the file does not carry: build it for real (float32, as transformers does).
     model.rotary_emb = type(model.rotary_emb)(config=config)
     return model.to(device=device).eval().requires_grad_(False)
