@@ -1,6 +1,7 @@
 """Profile loading: every problem at once, suggestions, overrides, the CLI's validate and show-config."""
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,9 @@ def test_validate_command_prints_problems_without_traceback(model_files, capsys)
     assert "Traceback" not in err
     assert main(["validate", str(model_files / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "profiles").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_profiles_match_the_schema(path):
+    data = tomllib.loads(path.read_text())
+    Profile.model_validate(data)  # file paths are placeholders; every key and value must still be valid
