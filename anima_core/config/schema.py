@@ -40,7 +40,9 @@ class ModelTable(Table):
     )
     qwen3_max_token_length: int = Field(512, ge=1, le=4096, description="Qwen3 tokens kept per caption (truncate + pad).")
     t5_max_token_length: int = Field(512, ge=1, le=4096, description="T5 tokens kept per caption (truncate + pad).")
-    apply_t5_attn_mask: bool = Field(False, description="Use the T5 attention mask inside the LLM adapter.")
+    apply_t5_attn_mask: bool = Field(
+        True, description="Mask padded T5 tokens in the LLM adapter (what every reference implementation does); false treats the padding as tokens."
+    )
     attn_mode: Literal["torch", "sdpa", "flash", "xformers"] = Field(
         "sdpa", description="Attention backend for the DiT: sdpa (PyTorch, default; `torch` is an alias) or flash (flash-attn, falls back to SDPA with a warning)."
     )

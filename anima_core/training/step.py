@@ -53,7 +53,7 @@ def latent_mask(alpha_masks: torch.Tensor | None, latent_hw: tuple[int, int]) ->
     return torch.nn.functional.interpolate(alpha_masks.float(), size=latent_hw, mode="area")
 
 
-def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generator, apply_t5_mask: bool):
+def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generator):
     """Loss of one batch, and the σ drawn (named in NaN warnings)."""
     latents = inputs.latents
     batch, _, h, w = latents.shape
@@ -69,7 +69,7 @@ def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generator, ap
         sigmas_dev,
         inputs.qwen_states.to(dtype),
         target_input_ids=inputs.t5_ids,
-        target_attention_mask=inputs.t5_mask if apply_t5_mask else None,
+        target_attention_mask=inputs.t5_mask,
         source_attention_mask=inputs.qwen_mask,
     ).squeeze(2)
     target = noise - latents

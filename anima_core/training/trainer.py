@@ -311,7 +311,7 @@ class Trainer:
         inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generator)
         with self.accelerator.autocast():
             loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
-                                     generator=generator, apply_t5_mask=self.profile.model.apply_t5_attn_mask)
+                                     generator=generator)
         self.accelerator.backward(loss / t.gradient_accumulation_steps)
         return loss.detach(), sigmas
 
