@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anima_core.training.memory import MemoryStrategyError, wrap_block_runner
+from anima_core.training.memory import MemoryStrategyError, apply_memory_strategies, wrap_block_runner
 from anima_plugins.memory import (
     BlockSwap,
     BlockSwapper,
@@ -163,3 +163,11 @@ def test_untrained_early_blocks_skip_their_backward_moves_and_recover():
     phases = [m.phase for m in strategy.swapper.log]
     assert "reconcile" in phases
     assert all(m.after != 2 for m in strategy.swapper.log if m.phase == "backward")
+
+
+def test_without_block_swap_the_whole_dit_moves_to_the_device():
+    """("meta" stands in for the GPU; block swap itself cannot be placed on meta: parameters cannot switch
+    between meta and CPU storage the way they switch between CUDA and CPU.)"""
+    dit = build_dit(4)
+    apply_memory_strategies([GradientCheckpointing(profile(gradient_checkpointing=True))], dit, device="meta")
+    assert {p.device.type for p in dit.parameters()} == {"meta"}

@@ -6,11 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from anima_core.errors import ModelFileError
 from anima_core.models.dit import DiTConfig
 from anima_core.models.tiny import TINY_DIT
 from anima_core.training.planner import (
     GIB,
     Settings,
+    dit_config_from_file,
     format_measured,
     format_plan,
     meta_dit,
@@ -197,3 +199,9 @@ def test_measured_peak_line_compares_with_the_training_prediction():
     line = format_measured(p, int(predicted * 1.1))
     expected = f"peak GPU memory {predicted * 1.1 / GIB:.2f} GiB measured, {predicted / GIB:.2f} GiB predicted (+10%)"
     assert line == expected
+
+
+def test_config_comes_from_the_file_header(tiny_model, tmp_path):
+    assert dit_config_from_file(tiny_model.dit) == TINY_DIT
+    with pytest.raises(ModelFileError, match="model.dit"):
+        dit_config_from_file(tmp_path / "missing.safetensors")

@@ -178,6 +178,31 @@ class ModelCounts:
         return self.num_blocks * self.block_params + self.other_params
 
 
+def dit_config_from_file(path, *, llm_adapter_path=None):
+    """The DiT config detected from a safetensors file's header alone (no weights are read).
+
+    A separate adapter file counts as the released adapter (its size is fixed, spec §2).
+    """
+    from safetensors import safe_open
+
+    from anima_core.errors import ModelFileError
+    from anima_core.models.checkpoint import strip_prefixes
+    from anima_core.models.dit_loading import detect_dit_config
+    from anima_core.models.llm_adapter import LLMAdapterConfig
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"{path}: cannot read the DiT file's header ({exc}); check model.dit in the profile."
+        ) from exc
+    config = detect_dit_config(strip_prefixes(shapes), path)
+    if llm_adapter_path is not None and config.llm_adapter is None:
+        config = replace(config, llm_adapter=LLMAdapterConfig())
+    return config
+
+
 def meta_dit(model_config) -> torch.nn.Module:
     from anima_core.models.dit import AnimaDiT
 
@@ -497,6 +522,7 @@ __all__ = [
     "Phase",
     "Plan",
     "Settings",
+    "dit_config_from_file",
     "format_measured",
     "format_plan",
     "model_counts",

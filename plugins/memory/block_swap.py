@@ -104,6 +104,7 @@ class BlockSwapper:
             self.params.append(params)
             home = [p.data.to("cpu") for p in params]
             self.home.append([t.pin_memory() for t in home] if use_cuda else home)
+            self._point_at(index, self.home[index])  # frees the loaded copy now: host memory holds one copy
             for module in block.modules():
                 for name, buffer in module._buffers.items():
                     if buffer is not None:
@@ -123,8 +124,6 @@ class BlockSwapper:
         self.ready: dict[int, torch.cuda.Event] = {}
         self.released: dict[int, torch.cuda.Event] = {}
         self.log: list[Move] = []
-        for index in range(self.plan.num_blocks):
-            self._point_at(index, self.home[index])
         for index in sorted(self.plan.start_layout()):
             self._load(index)
         self.wait_all()
