@@ -74,3 +74,25 @@ def test_cache_only_exits_before_training(tmp_path, tiny_model):
     result = trainer.run()
     assert result.status == "cached" and result.lora_path is None
     assert list((tmp_path / "data").rglob("*_anima.npz"))
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"optimizer_type": "Adafactor", "optimizer_args": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
+     "fused_backward_pass": True, "max_grad_norm": 0.0, "lr_scheduler": "adafactor", "lr_warmup_steps": 1},
+    {"optimizer_type": "torch.optim.SGD", "optimizer_args": {"momentum": 0.9}, "lr_scheduler": "polynomial"},
+], ids=["adafactor-fused", "module-class"])
+def test_other_optimizers_train(tmp_path, tiny_model, optimizer):
+    result = make_run(tmp_path, tiny_model, optimizer=optimizer, training={"max_train_steps": 3}).run()
+    assert result.status == "finished"
+    tensors = load_file(result.lora_path)
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert any(v.abs().sum() > 0 for v in ups)  # lora_up starts at zero: the optimizer stepped
+
+
+def test_adamw8bit_without_cuda_suggests_adamw(tmp_path, tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only message")
+    from anima_core.errors import AnimaError
+
+    with pytest.raises(AnimaError, match="optimizer_type = 'AdamW'"):
+        make_run(tmp_path, tiny_model, optimizer={"optimizer_type": "AdamW8bit"}).run()
