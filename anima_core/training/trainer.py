@@ -7,6 +7,7 @@ Order matters for memory: images are checked before any model loads; the VAE and
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 import platform
@@ -316,11 +317,17 @@ class Trainer:
         return loss.detach(), sigmas
 
     def _batches(self, progress: Progress):
-        """(epoch, index in epoch, batch) from the resume point to the end of training."""
-        for epoch in range(progress.epoch, self.num_epochs):
-            start = progress.batch_in_epoch if epoch == progress.epoch else 0
+        """(epoch, index in epoch, batch) from the resume point on; past the planned epochs when skipped
+        non-finite steps used batches (the loop ends at total_steps), ending if a whole epoch yields none."""
+        first_epoch, first_batch = progress.epoch, progress.batch_in_epoch
+        for epoch in itertools.count(first_epoch):
+            start = first_batch if epoch == first_epoch else 0
+            empty = True
             for index, batch in enumerate(self.data.epoch_batches(epoch, start_batch=start), start=start):
+                empty = False
                 yield epoch, index, batch
+            if empty and start == 0:
+                return
 
     def _optimizer_step(self, params) -> float:
         max_norm = self.profile.optimizer.max_grad_norm
