@@ -120,9 +120,11 @@ def cmd_ctl(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from anima_core.training.planner import format_plan, plan_for_profile
+    from anima_core.training.planner import dit_config_from_file, format_plan, plan
 
-    print(format_plan(plan_for_profile(_profile(args), vram_gib=args.vram)))
+    profile = _profile(args)
+    config = dit_config_from_file(profile.model.dit, llm_adapter_path=profile.model.llm_adapter)
+    print(format_plan(plan(profile, config, vram_gib=args.vram)))
     return 0
 
 

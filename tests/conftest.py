@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from anima_core.models import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The tests run tiny models, where thread start-up costs more than it saves (about 10x on a busy 2-core box).
+torch.set_num_threads(1)
 
 
 def tokenizers_root() -> Path:

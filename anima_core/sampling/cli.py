@@ -74,7 +74,7 @@ def run_sample_command(args, console) -> list[Path]:
     written = []
     for prompt in prompts:
         seed = prompt.seed_or(DEFAULT_SEED)
-        image = render_prompt(dit, vae, encode, prompt, seed=seed, device=device, apply_t5_attn_mask=False)
+        image = render_prompt(dit, vae, encode, prompt, seed=seed, device=device)
         path = Path(args.output) / f"sample_{prompt.index:02d}_{seed}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")

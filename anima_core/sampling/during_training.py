@@ -123,8 +123,7 @@ class TrainingPreviews:
         seed = prompt.seed_or(trainer.profile.training.seed)
         path = Path(trainer.run_dir) / "samples" / image_name(trainer.profile.saving.output_name, label, prompt, seed)
         try:
-            image = render_prompt(trainer.dit, vae, encode, prompt, seed=seed, device=trainer.device,
-                                  apply_t5_attn_mask=trainer.profile.model.apply_t5_attn_mask)
+            image = render_prompt(trainer.dit, vae, encode, prompt, seed=seed, device=trainer.device)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
         except Exception as exc:

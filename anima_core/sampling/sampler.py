@@ -56,16 +56,13 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
-def adapt_context(dit, cond: TextConditioning, apply_t5_attn_mask: bool) -> torch.Tensor:
-    """The adapted cross-attention context, computed once per prompt instead of at every step."""
+def adapt_context(dit, cond: TextConditioning) -> torch.Tensor:
+    """The adapted cross-attention context, computed once per prompt instead of at every step.
+
+    The T5 mask is always given; the DiT's own ``apply_t5_attn_mask`` (set from the profile) decides its use.
+    """
     dtype = next(dit.parameters()).dtype
-    return dit.adapt_context(
-        cond.qwen_states.to(dtype),
-        cond.t5_ids,
-        cond.t5_mask if apply_t5_attn_mask else None,
-        cond.qwen_mask,
-        apply_t5_attn_mask,
-    )
+    return dit.adapt_context(cond.qwen_states.to(dtype), cond.t5_ids, cond.t5_mask, cond.qwen_mask)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -120,14 +117,13 @@ def render_prompt(
     *,
     seed: int,
     device: torch.device,
-    apply_t5_attn_mask: bool,
 ) -> Image.Image:
     """One preview image: encode (cached by the caller's ``encode``), adapt, sample, decode."""
     with torch.no_grad(), _autocast(device, next(dit.parameters()).dtype):
-        context = adapt_context(dit, encode(prompt.prompt).to(device), apply_t5_attn_mask)
+        context = adapt_context(dit, encode(prompt.prompt).to(device))
         uncond = None
         if prompt.scale > 1.0:
-            uncond = adapt_context(dit, encode(prompt.negative_prompt).to(device), apply_t5_attn_mask)
+            uncond = adapt_context(dit, encode(prompt.negative_prompt).to(device))
         latents = sample_latents(
             dit, context, uncond, width=prompt.width, height=prompt.height, steps=prompt.sample_steps,
             scale=prompt.scale, flow_shift=prompt.flow_shift, seed=seed, device=device,

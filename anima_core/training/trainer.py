@@ -30,8 +30,10 @@ from anima_core.errors import AnimaError
 from anima_core.plugins import Plugins
 from anima_core.training.control import StopRequests
 from anima_core.training.events import EventLog, make_run_dir
+from anima_core.training.memory import apply_memory_strategies
 from anima_core.training.metadata import save_metadata, training_metadata
 from anima_core.training.optim import create_fused_backward_optimizer, create_optimizer
+from anima_core.training.planner import format_measured, format_plan, plan
 from anima_core.training.progress import ProgressDisplay
 from anima_core.training.schedules import build_scheduler
 from anima_core.training.state import Progress, check_profile, find_state, load_state, restore_rng_state, save_state
@@ -191,17 +193,26 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def _load_dit(self) -> None:
-        self.dit = self.models.load_dit(self.profile.model, dtype=self.dit_dtype, device=self.device)
+        """The DiT is read on the CPU; memory strategies then decide what goes to the device (all of it
+        unless one of them, like block swap, places weights itself)."""
+        self.dit = self.models.load_dit(self.profile.model, dtype=self.dit_dtype, device="cpu")
         self.dit.requires_grad_(False)
         self.dit.train()
-        self.strategies = []
         registry = self.plugins.registry("register_memory_strategies")
-        for entry in registry.entries.values():
-            if entry.obj.enabled(self.profile) or entry.name in self.profile.memory.extra_strategies:
-                strategy = entry.obj(self.profile)
-                strategy.apply(self.dit, device=self.device)
-                self.strategies.append(strategy)
-                self.log(f"memory strategy: {entry.name}")
+        chosen = [entry.obj(self.profile) for entry in registry.entries.values()
+                  if entry.obj.enabled(self.profile) or entry.name in self.profile.memory.extra_strategies]
+        self.strategies = apply_memory_strategies(chosen, self.dit, device=self.device)
+        for strategy in self.strategies:
+            self.log(f"memory strategy: {strategy.name}")
+        self._log_memory_plan()
+
+    def _log_memory_plan(self) -> None:
+        self.memory_plan = None
+        if self.device.type != "cuda":
+            return
+        self.memory_plan = plan(self.profile, self.dit.config,
+                                lora_params=None, vram_gib=torch.cuda.get_device_properties(self.device).total_memory / 2**30)
+        self.log(format_plan(self.memory_plan))
 
     def _build_network(self) -> None:
         create = self.plugins.registry("register_networks").get(self.profile.network.module)
@@ -211,9 +222,8 @@ class Trainer:
         self.network.apply_to()
         if self.profile.network.weights:
             self.log(f"continuing from {self.profile.network.weights}")
-        lora_dtype = torch.bfloat16 if self.profile.training.full_bf16 else torch.float32
-        for param in self.network.trainable_parameters():
-            param.data = param.data.to(device=self.device, dtype=lora_dtype)
+        # LoRA modules start on their target's device, which is the CPU for swapped-out blocks.
+        self.network.to(device=self.device, dtype=torch.bfloat16 if self.profile.training.full_bf16 else torch.float32)
         groups = self.network.param_groups(self.profile.optimizer)
         self.log(self.network.describe_groups())
         if self.profile.optimizer.fused_backward_pass:
@@ -551,6 +561,8 @@ class Trainer:
             if self.previews is not None and final:
                 self.previews.render(step=progress.step, epoch=progress.epoch)
             self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
+            if self.memory_plan is not None:
+                self.log(format_measured(self.memory_plan, torch.cuda.max_memory_allocated(self.device)))
             self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
                              epoch=progress.epoch, lora=str(path))
             return RunResult(status, self.run_dir, path, progress.step)
