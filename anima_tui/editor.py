@@ -47,10 +47,15 @@ class EditorScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.show_table(TABLES[0])
         self.validate()
 
+    def show_table(self, table: str) -> None:
+        self.query_one(f"#table-{table}", TableForm).populate()
+        self.query_one(ContentSwitcher).current = f"table-{table}"
+
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
-        self.query_one(ContentSwitcher).current = f"table-{event.option.id}"
+        self.show_table(event.option.id)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.query_one(f"#table-{event.option.id}", TableForm).focus_next()

@@ -82,10 +82,13 @@ class HomeScreen(Screen):
 
     def action_refresh(self) -> None:
         options = self.query_one("#profiles", OptionList)
+        kept = options.highlighted or 0
         options.clear_options()
         profiles = self.profiles()
         options.add_options([Option(p.name, id=str(p)) for p in profiles])
-        if not profiles:
+        if profiles:
+            options.highlighted = min(kept, len(profiles) - 1)
+        else:
             options.add_option(Option("(no profiles yet: press o to open or create one)", disabled=True))
         self.refresh_runs()
 

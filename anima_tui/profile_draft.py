@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import tomlkit
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from anima_core.atomic import atomic_write_text
 from anima_core.config import Profile, profile_from_dict
@@ -152,8 +152,8 @@ class ProfileDraft:
             profile_from_dict(self.document.unwrap(), source=str(self.path), base_dir=self.path.resolve().parent)
         except ProfileError as exc:
             return exc.problems
-        except Exception as exc:  # a broken plugin must not take the editor down; say so instead
-            return [f"validation could not finish: {type(exc).__name__}: {exc}"]
+        except Exception as exc:  # a broken plugin must not take the editor down: schema problems, and say so
+            return [*_schema_problems(self.document.unwrap()), f"plugin checks could not run: {type(exc).__name__}: {exc}"]
         return []
 
     def diff(self) -> str:
@@ -170,6 +170,14 @@ class ProfileDraft:
         text = self.text()
         atomic_write_text(self.path, text)
         self._saved_text = text
+
+
+def _schema_problems(data: dict) -> list[str]:
+    try:
+        Profile.model_validate(data)
+    except ValidationError as exc:
+        return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return []
 
 
 def sort_problems(problems: list[str]) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:

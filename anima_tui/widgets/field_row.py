@@ -33,40 +33,64 @@ class FieldRow(Vertical):
         super().__init__(id=f"field-{spec.table}-{spec.name}")
         self.spec = spec
         self.initial = value
+        self._problems: list[str] = []
+        self._shown_value: Any = None  # what the control shows; its initial Changed event is not an edit
 
     def compose(self) -> ComposeResult:
         spec, value = self.spec, self.initial
         with Horizontal(classes="field-line"):
             yield Label(spec.name, classes="field-name")
             if spec.kind == "bool":
-                yield Switch(value=bool(spec.default if value is None else value), classes="field-input")
+                self._shown_value = bool(spec.default if value is None else value)
+                yield Switch(value=self._shown_value, classes="field-input")
             elif spec.kind == "choice" and (value is None or value in spec.choices):
+                current = spec.default if value is None else value
+                self._shown_value = Select.NULL if current is None else current
                 yield Select(
                     [(str(c), c) for c in spec.choices],
-                    value=spec.default if value is None else value,
+                    value=self._shown_value,
                     allow_blank=spec.optional,
                     prompt="(empty)",
+                    compact=True,
                     classes="field-input",
                 )
             else:
-                yield Input(shown(value, spec), placeholder=f"default: {default_text(spec)}", classes="field-input")
+                self._shown_value = shown(value, spec)
+                yield Input(self._shown_value, placeholder=f"default: {default_text(spec)}", compact=True, classes="field-input")
         yield Static(Text(f"{spec.help}  [default: {default_text(spec)}]"), classes="field-help")
         yield Static(classes="field-error")
 
+    def on_mount(self) -> None:
+        self._render_problems()
+
     def show_problems(self, problems: list[str]) -> None:
-        error = self.query_one(".field-error", Static)
+        if problems != self._problems:
+            self._problems = problems
+            self._render_problems()
+
+    def _render_problems(self) -> None:
+        errors = self.query(".field-error")
+        if not errors:  # not composed yet: on_mount renders them
+            return
+        problems = self._problems
+        error = errors.first(Static)
         error.update(Text("\n".join(f"✗ {p}" for p in problems)))
         error.display = bool(problems)
         self.set_class(bool(problems), "has-error")
 
+    def _edited(self, control_value: Any, value: Any) -> None:
+        if control_value != self._shown_value:
+            self._shown_value = control_value
+            self.post_message(self.Edited(self, value))
+
     def on_input_changed(self, event: Input.Changed) -> None:
         event.stop()
-        self.post_message(self.Edited(self, parse(event.value, self.spec)))
+        self._edited(event.value, parse(event.value, self.spec))
 
     def on_switch_changed(self, event: Switch.Changed) -> None:
         event.stop()
-        self.post_message(self.Edited(self, event.value))
+        self._edited(event.value, event.value)
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
-        self.post_message(self.Edited(self, REMOVE if event.value is Select.BLANK else event.value))
+        self._edited(event.value, REMOVE if event.value is Select.NULL else event.value)

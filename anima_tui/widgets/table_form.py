@@ -20,17 +20,27 @@ class TableForm(VerticalScroll):
         super().__init__(id=f"table-{table}")
         self.table = table
         self.draft = draft
+        self._by_field: dict[str, list[str]] = {}
 
     def compose(self) -> ComposeResult:
         summary = Profile.model_fields[self.table].description or ""
         yield Static(Text(f"[{self.table}]  {summary}"), classes="table-title")
         yield Static(classes="table-errors")
-        for spec in field_specs(self.table):
-            yield FieldRow(spec, self.draft.value(self.table, spec.name))
+
+    def populate(self) -> None:
+        """Mount the field rows the first time the table is shown (all tables at once are ~1000 widgets)."""
+        if self.query(FieldRow):
+            return
+        self.mount_all(FieldRow(spec, self.draft.value(self.table, spec.name)) for spec in field_specs(self.table))
+        self.call_after_refresh(self._apply_problems)
 
     def show_problems(self, by_field: dict[str, list[str]], table_level: list[str]) -> None:
+        self._by_field = by_field
         errors = self.query_one(".table-errors", Static)
         errors.update(Text("\n".join(f"✗ {p}" for p in table_level)))
         errors.display = bool(table_level)
+        self._apply_problems()
+
+    def _apply_problems(self) -> None:
         for row in self.query(FieldRow):
-            row.show_problems(by_field.get(row.spec.dotted, []))
+            row.show_problems(self._by_field.get(row.spec.dotted, []))
