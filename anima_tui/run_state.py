@@ -16,6 +16,13 @@ def number(value: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def learning_rate(value: object) -> float | None:
+    """The trainer writes one lr per parameter group (a list) or a single number; the first group leads."""
+    if isinstance(value, list):
+        return number(value[0]) if value else None
+    return number(value)
+
+
 def integer(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -77,7 +84,7 @@ class RunState:
             # Starting from the first loss (not 0) keeps the early points unbiased.
             self._ema = loss if self._ema is None else EMA_WEIGHT * self._ema + (1 - EMA_WEIGHT) * loss
             self.smoothed.append(self._ema)
-        lr = number(event.get("lr"))
+        lr = learning_rate(event.get("lr"))
         if lr is not None:
             self.lrs.append(lr)
 

@@ -100,6 +100,12 @@ async def _test_monitor_follows_new_lines_and_survives_bad_ones(tmp_path):
         assert state.bad_lines == 2
         assert state.losses[-1] == 0.2 and state.last_step["step"] == 14
         assert "14/40" in plain(app.screen.query_one("#title", Static))
+        with open(run / "events.jsonl", "a") as handle:
+            handle.write('\n' + json.dumps({**step(15, 0.1), "lr": [3e-4, 1e-4], "vram_peak": None}) + "\n")
+        app.screen.poll()
+        await pilot.pause()
+        assert state.lrs[-1] == 3e-4
+        assert "3.00e-04 (groups differ)" in stats_text(app) and "peak    –" in stats_text(app)
 
 
 def test_plot_downsamples_and_ignores_non_finite_values():

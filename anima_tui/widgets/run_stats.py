@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from textual.widgets import Static
 
-from anima_tui.run_state import RunState, integer, number
+from anima_tui.run_state import RunState, integer, learning_rate, number
 from anima_tui.system_stats import SystemReading
 from anima_tui.widgets import css_beside
 
@@ -43,6 +43,12 @@ def fixed(value: object, fmt: str) -> str:
     return "–" if amount is None else format(amount, fmt)
 
 
+def lr_text(value: object) -> str:
+    shown = fixed(learning_rate(value), ".2e")
+    groups = {learning_rate([v]) for v in value} if isinstance(value, list) else set()
+    return f"{shown} (groups differ)" if len(groups) > 1 else shown
+
+
 def of_total(value: object, total: int | None) -> str:
     current = integer(value)
     shown = "–" if current is None else str(current)
@@ -60,11 +66,11 @@ class RunStats(Static):
         table.add_row("step", of_total(step.get("step"), state.total_steps))
         table.add_row("epoch", of_total(step.get("epoch"), state.total_epochs))
         table.add_row("loss", f"{fixed(step.get('loss'), '.4f')}  avg {fixed(step.get('loss_avg'), '.4f')}")
-        table.add_row("lr", fixed(step.get("lr"), ".2e"))
+        table.add_row("lr", lr_text(step.get("lr")))
         table.add_row("speed", speed(step))
         table.add_row("ETA", duration(step.get("eta_s")))
         table.add_row("VRAM", f"{gib(step.get('vram_allocated'))} alloc {gib(step.get('vram_reserved'))} res")
-        table.add_row("peak", gib(step.get("vram_peak")))
+        table.add_row("peak", f"{gib(step.get('vram_peak'))}  process RAM {gib(step.get('ram_used'))}")
         for index, gpu in enumerate(system.gpus):
             util = "–" if gpu.utilisation is None else f"{gpu.utilisation}%"
             table.add_row(f"GPU{index}", f"{gib(gpu.used)}/{gib(gpu.total)} {util}")
