@@ -48,13 +48,13 @@ class MonitorScreen(Screen):
                 yield LinePlot("learning rate", id="lr")
             yield RunStats(id="stats")
         with Horizontal(id="bottom"):
-            yield LogTail(self.run_dir / "train.log", id="log")
+            yield LogTail(self.run_dir / "train.log", self.run_dir / runctl.LAUNCH_LOG, id="log")
             yield NotesList(id="notes")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#stats").border_title = "run"
-        self.query_one("#log").border_title = "train.log"
+        self.query_one("#log").border_title = self.query_one(LogTail).path.name
         self.query_one("#notes").border_title = "saves · samples · warnings"
         self.poll()
         self.set_interval(self._poll_seconds, self.poll)
@@ -98,6 +98,10 @@ class MonitorScreen(Screen):
         self.app.push_screen(ConfirmScreen("Stop this run? It saves a LoRA and its state, then exits."), answered)
 
     def _request(self, action: str, message: str) -> None:
+        if self.state.status is not None:
+            # A control file left in an ended run would act on the next resume in this directory.
+            self.notify(f"the run has ended ({self.state.status}); nothing to {action}", severity="warning")
+            return
         try:
             runctl.request(self.run_dir, action)
         except (OSError, runctl.RunDirError) as exc:

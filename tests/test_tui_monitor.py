@@ -108,12 +108,30 @@ async def _test_monitor_follows_new_lines_and_survives_bad_ones(tmp_path):
         assert "3.00e-04 (groups differ)" in stats_text(app) and "peak    –" in stats_text(app)
 
 
+def test_ended_run_gets_no_control_files_and_launch_log_is_shown_without_train_log(tmp_path):
+    asyncio.run(_ended(tmp_path))
+
+
+async def _ended(tmp_path):
+    run = make_run(tmp_path, ended=True)
+    (run / "train.log").unlink()
+    (run / "launch.log").write_text("anima-train: 1 problem(s) in the profile\n")
+    app = WatchApp(run, probe=fixed_system)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("s")
+        await pilot.pause()
+        assert not (run / "control" / "save").exists()
+        log = app.screen.query_one("#log")
+        assert log.border_title == "launch.log" and "1 problem(s) in the profile" in log.lines[0]
+
+
 def test_plot_downsamples_and_ignores_non_finite_values():
     values = [float(i % 7) for i in range(5000)] + [float("nan"), float("inf"), None, "x"]
     columns = _columns(values, 40, band=True)
     assert len(columns) == 40 and all(c == (0.0, 6.0) for c in columns)
     assert _columns(values, 40, band=False)[0] == (sum(i % 7 for i in range(125)) / 125,) * 2
     assert _columns([float("nan")], 10, band=False) == [None] * 10
+    assert [c[0] for c in _columns([0.0, 3.0], 4, band=False)] == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_controls_create_control_files_and_stop_asks_first(tmp_path):

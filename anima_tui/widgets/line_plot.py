@@ -30,10 +30,13 @@ def _columns(values: list[float], width: int, band: bool) -> list[tuple[float, f
     if n == 0 or width <= 0:
         return columns
     if n <= width:
-        for i, v in enumerate(finite):
-            if v is not None:
-                x = round(i * (width - 1) / max(n - 1, 1))
-                columns[x] = (v, v)
+        # Fewer points than columns: interpolate, so a young run shows a line rather than scattered dots.
+        for x in range(width):
+            position = x * (n - 1) / max(width - 1, 1)
+            left, right = finite[int(position)], finite[min(int(position) + 1, n - 1)]
+            if left is not None and right is not None:
+                value = left + (right - left) * (position - int(position))
+                columns[x] = (value, value)
         return columns
     for x in range(width):
         bucket = [v for v in finite[x * n // width:(x + 1) * n // width] if v is not None]

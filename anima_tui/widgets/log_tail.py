@@ -1,4 +1,8 @@
-"""The end of a growing text file (train.log), followed by polling; undecodable bytes are replaced."""
+"""The end of a growing text file, followed by polling; undecodable bytes are replaced.
+
+Given several paths it follows the first that exists: a run's train.log, else the trainer's launch.log
+(where a run that failed before its first event explains why).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +19,22 @@ INITIAL_BYTES = 256 * 1024
 class LogTail(Log):
     DEFAULT_CSS = css_beside(__file__)
 
-    def __init__(self, path: Path, **kwargs) -> None:
+    def __init__(self, *paths: Path, **kwargs) -> None:
         super().__init__(max_lines=MAX_LINES, **kwargs)
-        self.path = path
+        self.paths = paths
+        self.path = paths[0]
         self._offset: int | None = None
         self._partial = b""
 
+    def _choose(self) -> None:
+        path = next((p for p in self.paths if p.exists()), self.paths[0])
+        if path != self.path:
+            self.path, self._offset, self._partial = path, None, b""
+            self.clear()
+            self.border_title = path.name
+
     def poll(self) -> None:
+        self._choose()
         try:
             size = self.path.stat().st_size
             if self._offset is None or size < self._offset:
