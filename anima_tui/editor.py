@@ -58,7 +58,8 @@ class EditorScreen(Screen):
         self.show_table(event.option.id)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
-        self.query_one(f"#table-{event.option.id}", TableForm).focus_next()
+        self.show_table(event.option.id)
+        self.call_after_refresh(self.focus_next)  # into the table's first field
 
     def on_field_row_edited(self, event: FieldRow.Edited) -> None:
         if self.draft.set(event.row.spec.table, event.row.spec.name, event.value):

@@ -91,6 +91,13 @@ async def _declined(tmp_path):
         await pilot.press("n")
         await pilot.pause()
         assert path.read_text() == PROFILE
+        # Keyboard only: the table list, down to "caching", Enter moves into its first field.
+        await pilot.press("ctrl+t", "down", "down", "enter")
+        for _ in range(50):
+            if isinstance(app.focused, Switch):
+                break
+            await pilot.pause()
+        assert app.focused.parent.parent.id == "field-caching-cache_latents"
         assert "modified" in str(app.screen.query_one("#title").content)
 
 

@@ -16,7 +16,7 @@ from anima_tui.widgets.runs_table import RunsTable
 def test_home_lists_runs_and_opens_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "profiles").mkdir()
-    (tmp_path / "profiles" / "base.toml").write_text('[saving]\noutput_name = "x"\n')
+    (tmp_path / "profiles" / "base.toml").write_text('# template\n[saving]\noutput_name = "x"\n')
     run = tmp_path / "output" / "runs" / "r1"
     run.mkdir(parents=True)
     events = [{"v": 1, "type": "run_start", "run_id": "r1", "total_steps": 9, "time": 1.0},
@@ -41,6 +41,19 @@ async def _home(tmp_path):
         await pilot.press("e")
         await pilot.pause()
         assert isinstance(app.screen, EditorScreen) and app.screen.draft.path.name == "base.toml"
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("n")
+        await pilot.pause()
+        await pilot.press("enter")  # accept the proposed name, my-base.toml
+        await pilot.pause()
+        assert isinstance(app.screen, EditorScreen) and app.screen.draft.path == tmp_path / "my-base.toml"
+        assert app.screen.draft.modified
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        await pilot.press("y")
+        await pilot.pause()
+    assert (tmp_path / "my-base.toml").read_text() == '# template\n[saving]\noutput_name = "x"\n'
 
 
 def test_watch_refuses_a_folder_that_is_not_a_run(tmp_path):

@@ -15,6 +15,7 @@ from anima_tui.widgets.field_row import FieldRow
 
 class TableForm(VerticalScroll):
     DEFAULT_CSS = css_beside(__file__)
+    can_focus = False  # focus goes to the fields; the form scrolls to the focused one
 
     def __init__(self, table: str, draft: ProfileDraft) -> None:
         super().__init__(id=f"table-{table}")
