@@ -16,7 +16,7 @@ from torch import nn
 from anima_core.models.attention import AttentionBackend
 from anima_core.models.llm_adapter import LLMAdapter, LLMAdapterConfig
 from anima_core.models.norms import RMSNorm
-from anima_core.models.rope import apply_rope, dit_rope_cos_sin
+from anima_core.models.rope import apply_rope, cached_dit_rope_cos_sin
 
 # Training and sampling always give the DiT 512 context rows; zero rows still take softmax weight, so the count matters.
 CONTEXT_ROWS = 512
@@ -252,6 +252,15 @@ class AnimaDiT(nn.Module):
         """Replace how blocks run: ``fn(index, block, x, *args) -> x``; None restores ``block(x, *args)``."""
         self.block_runner = fn if fn is not None else default_block_runner
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every block in place (off unless called; ``options`` go to torch.compile).
+
+        Regional compilation: the blocks share one compiled graph, state-dict keys stay the same, and block
+        runners (checkpointing, block swap) keep running outside the compiled code.
+        """
+        for block in self.blocks:
+            block.compile(**options)
+
     def set_attention_backend(self, name: str, split: bool = False) -> None:
         """"sdpa" or "flash" (falls back to SDPA with a warning when flash-attn is missing) for DiT attention."""
         backend = AttentionBackend.create(name, split)
@@ -325,7 +334,7 @@ class AnimaDiT(nn.Module):
         adaln_lora = self.t_embedder[1](sinusoid)[:, :, None]
         emb = self.t_embedding_norm(sinusoid)[:, :, None]
 
-        rope_cos, rope_sin = dit_rope_cos_sin(cfg.head_dim, tuple(grid), cfg.rope_ratios, device=tokens.device)
+        rope_cos, rope_sin = cached_dit_rope_cos_sin(cfg.head_dim, tuple(grid), cfg.rope_ratios, tokens.device)
         context = context.to(dtype)
         for index, block in enumerate(self.blocks):
             tokens = self.block_runner(index, block, tokens, context, emb, adaln_lora, rope_cos, rope_sin)

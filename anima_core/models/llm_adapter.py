@@ -9,7 +9,7 @@ from torch import nn
 
 from anima_core.models.attention import masked_attention
 from anima_core.models.norms import T5RMSNorm
-from anima_core.models.rope import adapter_rope_cos_sin, apply_rope
+from anima_core.models.rope import apply_rope, cached_adapter_rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,8 @@ class LLMAdapter(nn.Module):
             target_attention_mask = None
         x = self.embed(target_input_ids).to(source.dtype)
         head_dim = self.config.head_dim
-        target_rope = tuple(t.to(x.dtype) for t in adapter_rope_cos_sin(head_dim, x.shape[1], x.device))
-        source_rope = tuple(t.to(x.dtype) for t in adapter_rope_cos_sin(head_dim, source.shape[1], x.device))
+        target_rope = cached_adapter_rope_cos_sin(head_dim, x.shape[1], x.device, x.dtype)
+        source_rope = cached_adapter_rope_cos_sin(head_dim, source.shape[1], x.device, x.dtype)
         for block in self.blocks:
             x = block(x, source, target_attention_mask, source_attention_mask, target_rope, source_rope)
         x = self.norm(self.out_proj(x))

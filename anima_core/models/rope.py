@@ -6,7 +6,12 @@ never stored in the state dict.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
+
+# Tables kept per (shape, device[, dtype]); aspect-ratio buckets use a handful of grid shapes.
+ROPE_CACHE_SIZE = 32
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +71,18 @@ def dit_rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
+@lru_cache(maxsize=ROPE_CACHE_SIZE)
+def cached_dit_rope_cos_sin(
+    head_dim: int, grid: tuple[int, int, int], ratios: tuple[float, float, float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dit_rope_cos_sin`, computed once per grid and device. The tables are shared: never modify them.
+
+    Built outside inference mode, so a table first made while sampling can still be saved for backward.
+    """
+    with torch.inference_mode(False):
+        return dit_rope_cos_sin(head_dim, grid, ratios, device)
+
+
 def adapter_rope_cos_sin(
     head_dim: int, length: int, device: torch.device | str | None = None, theta: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,3 +91,12 @@ def adapter_rope_cos_sin(
     half = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([half, half], dim=-1)
     return angles.cos(), angles.sin()
+
+
+@lru_cache(maxsize=ROPE_CACHE_SIZE)
+def cached_adapter_rope_cos_sin(
+    head_dim: int, length: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`adapter_rope_cos_sin` cast to ``dtype``, computed once per shape; shared, never modify them."""
+    with torch.inference_mode(False):
+        return tuple(t.to(dtype) for t in adapter_rope_cos_sin(head_dim, length, device))

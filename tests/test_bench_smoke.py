@@ -1,0 +1,50 @@
+"""The GPU benchmark script runs end to end on the CPU with its tiny config (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_train.py"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_bench_prints_a_row_per_setting_with_finite_numbers(bench, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rows = bench.main(["--tiny", "--steps", "2", "--json", str(out)])
+    table = capsys.readouterr().out
+
+    assert [r.setting for r in rows] == bench.DEFAULT_SETTINGS
+    table_rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    table_rows = [line for line in table_rows if not line.startswith("| ---")]
+    assert [line.split("|")[1].strip() for line in table_rows] == bench.DEFAULT_SETTINGS
+    assert table.rstrip().splitlines()[-1] == table_rows[-1]  # the table comes last
+    for row in rows:
+        assert len(row.step_times) == 2
+        for value in (row.s_per_step, row.floor_fraction, row.planner_peak_gib, row.planner_s_per_step, row.first_loss):
+            assert math.isfinite(value) and value > 0, (row.setting, value)
+        assert row.peak_allocated_gib is None  # the CPU has no allocator statistics; shown as "-"
+    # One seed, one batch size: every strategy starts from the same loss (fp8 rounds the weights).
+    batch1 = {r.setting: r.first_loss for r in rows if r.batch == 1}
+    for name, loss in batch1.items():
+        assert math.isclose(loss, batch1["plain"], rel_tol=1e-3 if name == "fp8" else 1e-5), name
+    saved = json.loads(out.read_text())
+    assert [r["setting"] for r in saved["rows"]] == bench.DEFAULT_SETTINGS
+
+
+def test_unknown_setting_is_refused(bench):
+    with pytest.raises(SystemExit, match="unknown setting"):
+        bench.parse_setting("plain+fast")
