@@ -147,6 +147,8 @@ def run_info(run_dir: str | Path) -> RunInfo:
         info.pid = _as_int(start.get("pid"))
     if info.pid is None:
         info.pid = _as_int(launch.get("pid"))
+    if info.started is None and isinstance(launch.get("time"), (int, float)):
+        info.started = launch["time"]
     for event in recent:
         if isinstance(event.get("time"), (int, float)):
             info.updated = event["time"]
