@@ -122,7 +122,11 @@ def _writer_alive(name: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: a killed process its parent has not reaped yet is a zombie, and writes nothing more
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def clean_leftovers(folder: str | Path) -> list[Path]:
