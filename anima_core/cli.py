@@ -112,8 +112,12 @@ def cmd_watch(args) -> int:
 
 
 def cmd_ctl(args) -> int:
-    from anima_core.runctl import request
+    from anima_core.runctl import request, run_info
 
+    status = run_info(Path(args.run_dir)).status
+    if status not in ("starting", "running"):
+        console.print(f"[yellow]warning:[/yellow] the run is {status}; nothing will act on the request")
+        return 1
     request(Path(args.run_dir), args.action)
     console.print(f"{args.action} requested; the run acts on it after its current step")
     return 0

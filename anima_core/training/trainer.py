@@ -131,6 +131,10 @@ class Trainer:
         self.display = ProgressDisplay(self.profile.logging.progress, 1, self.profile.logging.log_every_n_steps, self.console)
         # Reported once run_start is written, so every event of the run follows it.
         self.startup_warnings = [f"removed {p}, left by an interrupted write" for p in clean_leftovers(saving.output_dir)]
+        # A request left from an earlier run in this folder must not stop or save this one.
+        for stale in sorted((self.run_dir / "control").glob("*")):
+            stale.unlink(missing_ok=True)
+            self.startup_warnings.append(f"ignored the leftover control request {stale.name!r} from an earlier run")
 
     def warn(self, message: str, **detail) -> None:
         self.events.emit("warning", message=message, **({"detail": detail} if detail else {}))
