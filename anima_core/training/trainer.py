@@ -420,57 +420,53 @@ class Trainer:
         t, s = self.profile.training, self.profile.saving
         accum = t.gradient_accumulation_steps
         params = self.network.trainable_parameters()
-        stop = StopRequests(self.run_dir / "control")
-        stop.install()
+        stop = self.stop_requests
         self.stop_reason = None
         started, first_step, losses = time.monotonic(), progress.step, []
         micro_losses, micro, samples = [], 0, []
         batches = self._batches(progress)
-        try:
-            with self.display:
-                while (item := next(batches, None)) is not None:
-                    epoch, index, batch = item
-                    if progress.step >= self.total_steps:
+        with self.display:
+            while (item := next(batches, None)) is not None:
+                epoch, index, batch = item
+                if progress.step >= self.total_steps:
+                    break
+                loss, sigmas = self._micro_step(batch, progress.step, micro)
+                micro_losses.append(loss)
+                samples += zip(map(str, batch.paths), sigmas.tolist())
+                micro += 1
+                progress.epoch, progress.batch_in_epoch = epoch, index + 1
+                epoch_done = index + 1 == self.data.num_batches_per_epoch
+                if micro < accum and not epoch_done:
+                    continue
+                step_loss = float(torch.stack(micro_losses).mean())
+                # fp16 steps anyway: its gradient scaler skips non-finite updates and lowers the scale.
+                finite_loss = math.isfinite(step_loss)
+                norm = self._optimizer_step(params) if finite_loss or self.precision == "fp16" else math.nan
+                if not (finite_loss and (math.isfinite(norm) or self.precision == "fp16")):
+                    outcome = self._handle_bad_step(progress, samples, step_loss, norm)
+                    if outcome == "stop":
                         break
-                    loss, sigmas = self._micro_step(batch, progress.step, micro)
-                    micro_losses.append(loss)
-                    samples += zip(map(str, batch.paths), sigmas.tolist())
-                    micro += 1
-                    progress.epoch, progress.batch_in_epoch = epoch, index + 1
-                    epoch_done = index + 1 == self.data.num_batches_per_epoch
-                    if micro < accum and not epoch_done:
-                        continue
-                    step_loss = float(torch.stack(micro_losses).mean())
-                    # fp16 steps anyway: its gradient scaler skips non-finite updates and lowers the scale.
-                    finite_loss = math.isfinite(step_loss)
-                    norm = self._optimizer_step(params) if finite_loss or self.precision == "fp16" else math.nan
-                    if not (finite_loss and (math.isfinite(norm) or self.precision == "fp16")):
-                        outcome = self._handle_bad_step(progress, samples, step_loss, norm)
-                        if outcome == "stop":
-                            break
-                        micro_losses, micro, samples = [], 0, []
-                        if outcome == "reloaded":  # repeat the data from the reloaded state's position
-                            progress = self.progress
-                            batches = self._batches(progress)
-                        continue
-                    progress.bad_steps = 0
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
                     micro_losses, micro, samples = [], 0, []
-                    progress.step += 1
-                    if epoch_done:
-                        progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-                    losses.append(step_loss)
-                    self._emit_step(progress, step_loss, started, first_step, losses)
-                    stop_now, save_now = stop.poll()
-                    self._scheduled_saves(progress, epoch_done, epoch, save_now)
-                    if self.previews is not None:
-                        self.previews.after_step(progress.step, epoch + 1 if epoch_done else None)
-                    if stop_now:
-                        self.stop_reason = stop.stop_reason
-                        break
-        finally:
-            stop.uninstall()
+                    if outcome == "reloaded":  # repeat the data from the reloaded state's position
+                        progress = self.progress
+                        batches = self._batches(progress)
+                    continue
+                progress.bad_steps = 0
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                micro_losses, micro, samples = [], 0, []
+                progress.step += 1
+                if epoch_done:
+                    progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+                losses.append(step_loss)
+                self._emit_step(progress, step_loss, started, first_step, losses)
+                stop_now, save_now = stop.poll()
+                self._scheduled_saves(progress, epoch_done, epoch, save_now)
+                if self.previews is not None:
+                    self.previews.after_step(progress.step, epoch + 1 if epoch_done else None)
+                if stop_now:
+                    self.stop_reason = stop.stop_reason
+                    break
         self.progress = progress
         self.throughput = (progress.step - first_step) / max(1e-9, time.monotonic() - started)
         return "stopped" if self.stop_reason else "finished"
@@ -525,7 +521,7 @@ class Trainer:
         seed_everything(self.profile.training.seed)
         self._open_run()
         self.last_lora = None
-        self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = None
+        self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = self.stop_requests = None
         try:
             self._build_data()
             self._plan_steps()
@@ -555,6 +551,9 @@ class Trainer:
             self.previews = self._build_previews()
             if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
                 self.previews.render(step=0, epoch=0)
+            # Installed until the final saves are written: a second signal during them exits at once.
+            self.stop_requests = StopRequests(self.run_dir / "control")
+            self.stop_requests.install()
             status = self._loop(progress)
             progress = self.progress
             final = status == "finished"
@@ -575,4 +574,6 @@ class Trainer:
             self.events.emit("run_end", status="failed", reason=reason, step=getattr(getattr(self, "progress", None), "step", 0), epoch=0)
             raise
         finally:
+            if self.stop_requests is not None:
+                self.stop_requests.uninstall()
             self.events.close()
