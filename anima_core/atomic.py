@@ -130,14 +130,17 @@ def _writer_alive(name: str) -> bool:
 
 
 def clean_leftovers(folder: str | Path) -> list[Path]:
-    """Remove what interrupted atomic writes left in ``folder`` (recursively); return what was removed."""
-    folder = Path(folder)
-    if not folder.exists():
-        return []
-    removed = sorted(p for p in folder.rglob(TEMP_MARK + "*") if not _writer_alive(p.name))
+    """Remove what interrupted atomic writes left in ``folder`` (recursively); return what was removed.
+
+    Other runs may write and prune in the same folder meanwhile: folders that vanish are skipped.
+    """
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        removed += [Path(root) / name for name in dirs + files if name.startswith(TEMP_MARK) and not _writer_alive(name)]
+        dirs[:] = [name for name in dirs if not name.startswith(TEMP_MARK)]
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    return removed
+    return sorted(removed)

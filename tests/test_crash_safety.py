@@ -68,7 +68,8 @@ for _ in sys.stdin:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return list(folder.rglob(TEMP_MARK + "*"))
+    """Temporary names under folder; os.walk skips folders the writer prunes meanwhile."""
+    return [Path(root, name) for root, dirs, files in os.walk(folder) for name in dirs + files if name.startswith(TEMP_MARK)]
 
 
 def kill_inside_a_write(pid: int, alive, folder: Path, rng: random.Random, timeout: float = 120) -> None:
