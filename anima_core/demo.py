@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import tomli_w
+import torch
 from PIL import Image
 
 from anima_core.config import load_profile
@@ -57,6 +58,8 @@ def demo_profile(root: Path, model, steps: int) -> dict:
 
 
 def run_demo(root: Path, *, steps: int = 30, console=None):
+    # The demo model is tiny: one thread beats several, whose start-up costs more than the work they share.
+    torch.set_num_threads(1)
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     model = make_tiny_model(root / "tiny-model")

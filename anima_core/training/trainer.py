@@ -187,7 +187,7 @@ class Trainer:
             now = time.monotonic()
             if done == total or now - last["t"] > 2:
                 last["t"] = now
-                self.display.message(f"caching {what}: {done}/{total}")
+                self.display.message(f"{what}: {done}/{total}")
 
         return report
 
