@@ -5,35 +5,10 @@ import tomllib
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_kohya_import import GUIDE_COMMAND
 from training_helpers import read_events, write_images
 
 from anima_core.cli import main
-
-GUIDE_COMMAND = r"""accelerate launch --num_cpu_threads_per_process 1 anima_train_network.py \
-  --dit_path="{dit}" \
-  --qwen3_path="{qwen3}" \
-  --vae_path="{vae}" \
-  --llm_adapter_path="{adapter}" \
-  --dataset_config="my_anima_dataset_config.toml" \
-  --output_dir="{out}" \
-  --output_name="my_anima_lora" \
-  --save_model_as=safetensors \
-  --network_module=networks.lora_anima \
-  --network_dim=8 \
-  --network_alpha=8 \
-  --learning_rate=1e-4 \
-  --optimizer_type="AdamW8bit" \
-  --lr_scheduler="constant" \
-  --timestep_sample_method="logit_normal" \
-  --discrete_flow_shift=3.0 \
-  --max_train_epochs=10 \
-  --save_every_n_epochs=1 \
-  --mixed_precision="bf16" \
-  --gradient_checkpointing \
-  --cache_latents \
-  --cache_text_encoder_outputs \
-  --blocks_to_swap=18
-"""
 
 DATASET_CONFIG = """
 [general]
@@ -62,8 +37,13 @@ def test_guide_example_imports_and_trains(tmp_path, tiny_model, capsys):
     dit_weights = load_file(tiny_model.dit)
     save_file({k.removeprefix("net."): v for k, v in dit_weights.items() if k.startswith("net.llm_adapter.")}, adapter)
     command = tmp_path / "command.sh"
-    command.write_text(GUIDE_COMMAND.format(dit=tiny_model.dit, qwen3=tiny_model.qwen3, vae=tiny_model.vae,
-                                            adapter=adapter, out=tmp_path / "out"))
+    paths = {"<path to Anima DiT model>": tiny_model.dit, "<path to Qwen3-0.6B model or directory>": tiny_model.qwen3,
+             "<path to WanVAE model>": tiny_model.vae, "<path to LLM adapter model>": adapter,
+             "<output directory>": tmp_path / "out"}
+    text = GUIDE_COMMAND
+    for placeholder, path in paths.items():
+        text = text.replace(placeholder, str(path))
+    command.write_text(text)
     profile = tmp_path / "profile.toml"
     assert main(["import-kohya", str(command), "-o", str(profile)]) == 0
     data = tomllib.loads(profile.read_text())
