@@ -96,3 +96,28 @@ def test_adamw8bit_without_cuda_suggests_adamw(tmp_path, tiny_model):
 
     with pytest.raises(AnimaError, match="optimizer_type = 'AdamW'"):
         make_run(tmp_path, tiny_model, optimizer={"optimizer_type": "AdamW8bit"}).run()
+
+
+def test_signal_during_caching_stops_at_once_with_run_end(tmp_path, tiny_model):
+    import os
+    import signal
+
+    from anima_core.hookspecs import hookimpl
+    from anima_core.plugins import build_plugins
+
+    class SignalWhileCaching:
+        @hookimpl
+        def register_event_sinks(self, register):
+            def make(run_dir, profile):
+                def sink(event):
+                    if event.get("message") == "caching latents":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                return sink
+            register("signal_while_caching", make)
+
+    plugins = build_plugins(entry_points=False, extra=(SignalWhileCaching(),))
+    result = make_run(tmp_path, tiny_model, plugins=plugins).run()
+    assert result.status == "stopped" and result.lora_path is None
+    end = read_events(result.run_dir)[-1]
+    assert end["type"] == "run_end" and end["status"] == "stopped" and "SIGTERM" in end["reason"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are given back

@@ -7,13 +7,13 @@ any field makes the entry stale, and the field names say why it is rebuilt.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from anima_core.atomic import atomic_path
 
 VAE_SCALE = 8  # the Qwen-Image / Wan VAE downsamples by 8 in each direction
 
@@ -45,16 +45,9 @@ def stale_reason(stored: dict | None, wanted: dict) -> str | None:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray] | None:

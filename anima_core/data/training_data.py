@@ -54,6 +54,7 @@ class Batch:
     alpha_masks: torch.Tensor | None  # Bx1xHxW in [0, 1]
     paths: list[str]
     bucket: tuple[int, int]  # (w, h)
+    index: int  # position in the epoch; batches whose every sample failed are left out, so count by this
 
 
 SampleId = tuple[int, int, int]  # dataset, image entry, repeat
@@ -540,6 +541,7 @@ class TrainingData:
             alpha_masks=torch.stack(alphas) if alphas else None,
             paths=paths,
             bucket=planned.bucket,
+            index=k,
         )
         return batch, failures
 

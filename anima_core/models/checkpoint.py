@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from anima_core.atomic import atomic_write_bytes
 from anima_core.errors import ModelFileError
 
 STRIPPED_PREFIXES = ("model.diffusion_model.", "net.")
@@ -100,11 +101,4 @@ def save_safetensors_atomic(
     """Write a safetensors file so that a crash never leaves a half-written file under ``path``."""
     from safetensors.torch import save
 
-    path = Path(path)
-    data = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata))

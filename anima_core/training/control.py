@@ -7,12 +7,21 @@ import signal
 from pathlib import Path
 
 
+class StopDuringSetup(Exception):
+    """A stop signal arrived while caching or loading, before anything was trained."""
+
+
 class StopRequests:
-    """First SIGINT/SIGTERM: finish the step, save, exit 0. Second: exit at once (writes are atomic)."""
+    """First SIGINT/SIGTERM: finish the step, save, exit 0. Second: exit at once (writes are atomic).
+
+    Before training starts (``training`` False) there is no step to finish: the first signal raises
+    StopDuringSetup at once, so a long caching phase does not make the user wait.
+    """
 
     def __init__(self, control_dir: Path):
         self.control_dir = control_dir
         self.stop_reason: str | None = None
+        self.training = False
         self._previous = {}
 
     def install(self) -> None:
@@ -28,6 +37,8 @@ class StopRequests:
         if self.stop_reason is not None:
             os._exit(128 + signum)
         self.stop_reason = f"signal {signal.Signals(signum).name}"
+        if not self.training:
+            raise StopDuringSetup(self.stop_reason)
 
     def _take(self, name: str) -> bool:
         path = self.control_dir / name

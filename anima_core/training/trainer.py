@@ -28,7 +28,7 @@ from anima_core.config.schema import Profile
 from anima_core.data import DataOptions, build_training_data
 from anima_core.errors import AnimaError
 from anima_core.plugins import Plugins
-from anima_core.training.control import StopRequests
+from anima_core.training.control import StopDuringSetup, StopRequests
 from anima_core.training.events import EventLog, make_run_dir
 from anima_core.training.memory import apply_memory_strategies
 from anima_core.training.metadata import save_metadata, training_metadata
@@ -337,9 +337,9 @@ class Trainer:
         for epoch in itertools.count(first_epoch):
             start = first_batch if epoch == first_epoch else 0
             empty = True
-            for index, batch in enumerate(self.data.epoch_batches(epoch, start_batch=start), start=start):
+            for batch in self.data.epoch_batches(epoch, start_batch=start):
                 empty = False
-                yield epoch, index, batch
+                yield epoch, batch.index, batch
             if empty and start == 0:
                 return
 
@@ -521,7 +521,10 @@ class Trainer:
         seed_everything(self.profile.training.seed)
         self._open_run()
         self.last_lora = None
-        self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = self.stop_requests = None
+        self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = None
+        # Installed until the final saves are written: a second signal during them exits at once.
+        self.stop_requests = StopRequests(self.run_dir / "control")
+        self.stop_requests.install()
         try:
             self._build_data()
             self._plan_steps()
@@ -551,9 +554,7 @@ class Trainer:
             self.previews = self._build_previews()
             if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
                 self.previews.render(step=0, epoch=0)
-            # Installed until the final saves are written: a second signal during them exits at once.
-            self.stop_requests = StopRequests(self.run_dir / "control")
-            self.stop_requests.install()
+            self.stop_requests.training = True
             status = self._loop(progress)
             progress = self.progress
             final = status == "finished"
@@ -569,11 +570,13 @@ class Trainer:
             self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
                              epoch=progress.epoch, lora=str(path))
             return RunResult(status, self.run_dir, path, progress.step)
+        except StopDuringSetup as exc:
+            self.events.emit("run_end", status="stopped", reason=f"{exc} before training started", step=0, epoch=0)
+            return RunResult("stopped", self.run_dir, None, 0)
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, AnimaError) else "".join(traceback.format_exception_only(exc)).strip()
             self.events.emit("run_end", status="failed", reason=reason, step=getattr(getattr(self, "progress", None), "step", 0), epoch=0)
             raise
         finally:
-            if self.stop_requests is not None:
-                self.stop_requests.uninstall()
+            self.stop_requests.uninstall()
             self.events.close()
