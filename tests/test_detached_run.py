@@ -1,11 +1,14 @@
-"""A run launched detached keeps going on its own; it is watched and stopped only through its files."""
+"""A run launched detached keeps going on its own; the TUI attaches to it, watches it and stops it, only
+through the run directory's files."""
 
+import asyncio
 import time
 
 import tomli_w
 from training_helpers import tiny_profile_data, write_images
 
-from anima_core.runctl import launch_detached, read_events, request, run_info
+from anima_core.runctl import launch_detached, read_events, run_info
+from anima_tui.app import WatchApp
 
 
 def wait_for(predicate, timeout, what):
@@ -16,6 +19,23 @@ def wait_for(predicate, timeout, what):
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def attach_watch_and_stop(run_dir):
+    app = WatchApp(run_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        state = app.screen.state
+        first = state.last_step["step"]
+        deadline = time.monotonic() + 60
+        while state.last_step["step"] <= first:  # the monitor follows the live file by itself
+            assert time.monotonic() < deadline, "the monitor never showed a new step"
+            await pilot.pause(0.3)
+        await pilot.press("x")
+        await pilot.pause()
+        await pilot.press("y")
+        await pilot.pause()
+        assert (run_dir / "control" / "stop").exists() or read_events(run_dir / "events.jsonl").events[-1]["type"] == "run_end"
 
 
 def test_detached_run_is_watched_and_stopped_through_its_files(tmp_path, tiny_model):
@@ -35,11 +55,9 @@ def test_detached_run_is_watched_and_stopped_through_its_files(tmp_path, tiny_mo
                 return 0
             return max((e["step"] for e in read_events(events_path).events if e["type"] == "step"), default=0)
 
-        first = wait_for(steps_seen, 240, "the first steps")
-        wait_for(lambda: steps_seen() > first, 60, "the step count to rise")
+        wait_for(steps_seen, 240, "the first steps")
         assert run_info(launch.run_dir).status == "running"
-
-        request(launch.run_dir, "stop")
+        asyncio.run(attach_watch_and_stop(launch.run_dir))
         assert launch.process.wait(timeout=120) == 0
     finally:
         if launch.process.poll() is None:
