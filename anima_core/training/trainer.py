@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from anima_core import __version__
 from anima_core.atomic import atomic_write_text, clean_leftovers
@@ -495,6 +496,9 @@ class Trainer:
         registry = self.plugins.registry
         self.sampler = registry("register_timestep_samplers").get(t.timestep_sampling)
         self.weighting = registry("register_loss_weightings").get(t.loss_weighting or t.weighting_scheme)
+        # accelerate keeps one process-wide state; a second run in the same process (the TUI, the tests, a
+        # Python caller) may ask for another precision or device, so start from a clean state each run.
+        AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=self.device.type == "cpu")
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer, device_placement=False) \
             if not self.profile.optimizer.fused_backward_pass else self.optimizer
