@@ -209,6 +209,9 @@ class Trainer:
         self.strategies = apply_memory_strategies(chosen, self.dit, device=self.device)
         for strategy in self.strategies:
             self.log(f"memory strategy: {strategy.name}")
+        if self.profile.model.compile_blocks:
+            self.dit.compile_blocks()
+            self.log("DiT blocks compiled with torch.compile")
         self._log_memory_plan()
 
     def _log_memory_plan(self) -> None:

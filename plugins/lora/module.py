@@ -104,7 +104,10 @@ class LoRAModule(nn.Module):
             return out
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
-        hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmul picks its dtype itself; a cast here would copy every input for nothing.
+            x = x.to(self.lora_down.weight.dtype)
+        hidden = self.lora_down(x)
         if self.training and self.dropout:
             hidden = nn.functional.dropout(hidden, p=self.dropout)
         scale = self.scale
