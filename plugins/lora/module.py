@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def _autocasting(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type with no autocast at all (meta)
+        return False
+
+
 class LoRAModule(nn.Module):
     def __init__(
         self,
@@ -104,7 +111,7 @@ class LoRAModule(nn.Module):
             return out
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
-        if not torch.is_autocast_enabled(x.device.type):
+        if not _autocasting(x.device.type):
             # Under autocast the matmul picks its dtype itself; a cast here would copy every input for nothing.
             x = x.to(self.lora_down.weight.dtype)
         hidden = self.lora_down(x)
