@@ -33,9 +33,8 @@ async def attach_watch_and_stop(run_dir):
             await pilot.pause(0.3)
         await pilot.press("x")
         await pilot.pause()
-        await pilot.press("y")
+        await pilot.press("y")  # confirm; only this can end a run of 5000 steps with status "stopped"
         await pilot.pause()
-        assert (run_dir / "control" / "stop").exists() or read_events(run_dir / "events.jsonl").events[-1]["type"] == "run_end"
 
 
 def test_detached_run_is_watched_and_stopped_through_its_files(tmp_path, tiny_model):
