@@ -361,13 +361,14 @@ class Trainer:
             self.optimizer.step()
         return norm
 
-    def _emit_step(self, progress: Progress, loss: float, started: float, first_step: int, losses: list[float]) -> None:
+    def _emit_step(self, progress: Progress, epoch: int, loss: float, started: float, first_step: int, losses: list[float]) -> None:
+        """``epoch``: the 1-based epoch of the batch just trained."""
         done = progress.step - first_step
         elapsed = time.monotonic() - started
         s_per_it = elapsed / done if done else 0.0
         window = losses[-50:]
         event = self.events.emit(
-            "step", step=progress.step, epoch=progress.epoch + 1, total_steps=self.total_steps, loss=loss,
+            "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=loss,
             loss_avg=sum(window) / len(window), lr=[g["lr"] for g in self.optimizer.param_groups][:4],
             s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
             eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
@@ -463,7 +464,7 @@ class Trainer:
                 if epoch_done:
                     progress.epoch, progress.batch_in_epoch = epoch + 1, 0
                 losses.append(step_loss)
-                self._emit_step(progress, step_loss, started, first_step, losses)
+                self._emit_step(progress, epoch + 1, step_loss, started, first_step, losses)
                 stop_now, save_now = stop.poll()
                 self._scheduled_saves(progress, epoch_done, epoch, save_now)
                 if self.previews is not None:
