@@ -33,6 +33,7 @@ from anima_core.models.llm_adapter import LLMAdapterConfig
 from anima_core.plugins import build_plugins
 from anima_core.training import planner
 from anima_core.training.memory import apply_memory_strategies
+from anima_core.training.flops import matmul_tflops
 from anima_core.training.step import StepInputs, flow_loss
 from anima_plugins.lora import create_network
 from anima_plugins.memory import STRATEGIES
@@ -151,22 +152,6 @@ def synthetic_inputs(batch: int, side: int, tokens: int, config: DiTConfig, devi
         alpha_masks=None,
     )
     return StepInputs(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(inputs).items()})
-
-
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul rate of this device in the step's dtype (the floor's denominator)."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    repeats = 20 if device.type == "cuda" else 5
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def count_host_syncs(run_step) -> int:

@@ -31,6 +31,7 @@ from anima_core.errors import AnimaError
 from anima_core.plugins import Plugins
 from anima_core.training.control import StopDuringSetup, StopRequests
 from anima_core.training.events import EventLog, make_run_dir
+from anima_core.training.flops import matmul_tflops, step_tflop
 from anima_core.training.memory import apply_memory_strategies
 from anima_core.training.metadata import save_metadata, training_metadata
 from anima_core.training.optim import create_fused_backward_optimizer, create_optimizer
@@ -209,6 +210,7 @@ class Trainer:
         self.strategies = apply_memory_strategies(chosen, self.dit, device=self.device)
         for strategy in self.strategies:
             self.log(f"memory strategy: {strategy.name}")
+        self.checkpointing = any("checkpointing" in s.name for s in self.strategies)
         if self.profile.model.compile_blocks:
             self.dit.compile_blocks()
             self.log("DiT blocks compiled with torch.compile")
@@ -328,6 +330,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(step_seed(t.seed, step, micro))
         torch.manual_seed(step_seed(t.seed, step, micro) + 1)  # LoRA dropouts draw from the global RNG
         inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generator)
+        batch_size, _, h, w = inputs.latents.shape
+        self.tflop_done += step_tflop(self.dit.config, latent_hw=(h, w), text_tokens=inputs.t5_ids.shape[1],
+                                      batch=batch_size, checkpointing=self.checkpointing)
         with self.accelerator.autocast():
             loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
                                      generator=generator)
@@ -473,7 +478,8 @@ class Trainer:
                     self.stop_reason = stop.stop_reason
                     break
         self.progress = progress
-        self.throughput = (progress.step - first_step) / max(1e-9, time.monotonic() - started)
+        self.train_seconds = max(1e-9, time.monotonic() - started)
+        self.throughput = (progress.step - first_step) / self.train_seconds
         return "stopped" if self.stop_reason else "finished"
 
     def _scheduled_saves(self, progress: Progress, epoch_done: bool, epoch: int, save_now: bool) -> None:
@@ -515,6 +521,16 @@ class Trainer:
             self.log(f"resumed from {state} at step {progress.step}, epoch {progress.epoch + 1}")
         return progress
 
+    def _report_speed(self) -> None:
+        """Achieved model math per second, and its share of this device's measured matmul rate (the floor)."""
+        if not self.tflop_done:
+            return
+        achieved = self.tflop_done / self.train_seconds
+        peak = matmul_tflops(self.device, self.dit_dtype)
+        self.speed = {"tflops": round(achieved, 4), "floor_fraction": round(achieved / peak, 4)}
+        self.log(f"model math: {achieved:.3g} TFLOP/s, {100 * achieved / peak:.0f}% of this device's measured "
+                 f"{str(self.dit_dtype).removeprefix('torch.')} matmul rate ({peak:.3g} TFLOP/s)")
+
     def _build_previews(self):
         sampling = self.profile.sampling
         if sampling.sample_prompts is None:
@@ -530,6 +546,7 @@ class Trainer:
         self._open_run()
         self.last_lora = None
         self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = None
+        self.tflop_done, self.speed = 0.0, {}
         # Installed until the final saves are written: a second signal during them exits at once.
         self.stop_requests = StopRequests(self.run_dir / "control")
         self.stop_requests.install()
@@ -573,10 +590,11 @@ class Trainer:
             if self.previews is not None and final:
                 self.previews.render(step=progress.step, epoch=progress.epoch)
             self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
+            self._report_speed()
             if self.memory_plan is not None:
                 self.log(format_measured(self.memory_plan, torch.cuda.max_memory_allocated(self.device)))
             self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
-                             epoch=progress.epoch, lora=str(path))
+                             epoch=progress.epoch, lora=str(path), **self.speed)
             return RunResult(status, self.run_dir, path, progress.step)
         except StopDuringSetup as exc:
             self.events.emit("run_end", status="stopped", reason=f"{exc} before training started", step=0, epoch=0)
