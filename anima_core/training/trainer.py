@@ -74,6 +74,11 @@ def data_options(profile: Profile) -> DataOptions:
     )
 
 
+def epoch_number(progress: Progress) -> int:
+    """The 1-based epoch people see: the one in progress, or the one just completed at an epoch boundary."""
+    return progress.epoch + (1 if progress.batch_in_epoch else 0)
+
+
 def step_seed(seed: int, step: int, micro: int) -> int:
     """Every random draw of a step comes from (seed, step, micro-batch), so a resumed run repeats exactly."""
     return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
@@ -264,9 +269,9 @@ class Trainer:
         return s.output_dir / f"{name}.safetensors"
 
     def save_lora(self, path: Path, progress: Progress) -> None:
-        metadata = save_metadata(self.profile, self.base_metadata, self.network.metadata(), step=progress.step, epoch=progress.epoch)
+        metadata = save_metadata(self.profile, self.base_metadata, self.network.metadata(), step=progress.step, epoch=epoch_number(progress))
         self.network.save(path, metadata=metadata, dtype=SAVE_DTYPES[self.profile.saving.save_precision])
-        self.events.emit("save", kind="lora", path=str(path), step=progress.step, epoch=progress.epoch)
+        self.events.emit("save", kind="lora", path=str(path), step=progress.step, epoch=epoch_number(progress))
         self.last_lora = path
         self._self_check(path)
 
@@ -288,7 +293,7 @@ class Trainer:
                           scheduler=self.scheduler, scaler=scaler, profile=self.profile,
                           keep_last=self.profile.saving.keep_last_n_states)
         self.last_state, self.saved_progress = path, replace(progress)
-        self.events.emit("save", kind="state", path=str(path), step=progress.step, epoch=progress.epoch)
+        self.events.emit("save", kind="state", path=str(path), step=progress.step, epoch=epoch_number(progress))
 
     def _prune_epoch_saves(self, epoch: int) -> None:
         keep = self.profile.saving.save_last_n_epochs
@@ -588,13 +593,13 @@ class Trainer:
             if self.profile.saving.save_state:
                 self.save_training_state(progress)
             if self.previews is not None and final:
-                self.previews.render(step=progress.step, epoch=progress.epoch)
+                self.previews.render(step=progress.step, epoch=epoch_number(progress))
             self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
             self._report_speed()
             if self.memory_plan is not None:
                 self.log(format_measured(self.memory_plan, torch.cuda.max_memory_allocated(self.device)))
             self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
-                             epoch=progress.epoch, lora=str(path), **self.speed)
+                             epoch=epoch_number(progress), lora=str(path), **self.speed)
             return RunResult(status, self.run_dir, path, progress.step)
         except StopDuringSetup as exc:
             self.events.emit("run_end", status="stopped", reason=f"{exc} before training started", step=0, epoch=0)
