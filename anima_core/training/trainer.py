@@ -360,6 +360,7 @@ class Trainer:
     def _optimizer_step(self, params) -> float:
         max_norm = self.profile.optimizer.max_grad_norm
         if self.profile.optimizer.fused_backward_pass:
+            self.optimizer.step()  # the updates happened in backward; this keeps the scheduler's count right
             return 0.0
         if max_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_norm)
