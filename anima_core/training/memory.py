@@ -11,6 +11,8 @@ by ``layer`` (smaller = outer), whatever order the strategies were applied in.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,7 +40,7 @@ def option(profile: Any, table: str, name: str, default: Any = None) -> Any:
     return getattr(getattr(profile, table, None), name, default)
 
 
-class MemoryStrategy:
+class MemoryStrategy(ABC):
     """Base class for memory strategies. Subclasses set ``name`` and override what they need.
 
     ``order``: apply order, smallest first. Strategies that change how weights are stored (fp8) come before
@@ -62,8 +64,9 @@ class MemoryStrategy:
     def __init__(self, profile):
         self.profile = profile
 
+    @abstractmethod
     def apply(self, dit: nn.Module, *, device: torch.device | str) -> None:
-        raise NotImplementedError(f"memory strategy {self.name!r} does not implement apply()")
+        """Change how the DiT stores or runs its blocks (before the network is created)."""
 
     def prepare_for_sampling(self, dit: nn.Module) -> None:
         """Called before previews (forward only, no grad)."""
