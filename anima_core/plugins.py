@@ -6,7 +6,6 @@ import difflib
 import importlib
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import metadata
 
 import pluggy
 

@@ -1,6 +1,5 @@
 """End-to-end tiny training on the CPU: the loss falls, files are complete, runs repeat exactly."""
 
-import json
 
 import pytest
 import torch

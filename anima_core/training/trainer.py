@@ -433,8 +433,7 @@ class Trainer:
         return progress
 
     def _loop(self, progress: Progress) -> str:
-        t, s = self.profile.training, self.profile.saving
-        accum = t.gradient_accumulation_steps
+        accum = self.profile.training.gradient_accumulation_steps
         params = self.network.trainable_parameters()
         stop = self.stop_requests
         self.stop_reason = None
