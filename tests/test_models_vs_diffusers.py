@@ -124,7 +124,7 @@ def test_text_path_matches_transformers_and_the_diffusers_conditioner(tiny_model
 
     states, qwen_mask, t5_ids, t5_mask = text_encoder.encode(CAPTIONS, qwen_max_length=32, t5_max_length=24)
     reference_qwen = Qwen3Model.from_pretrained(str(tiny_model.qwen3), dtype=torch.float32).eval()
-    ids = text_encoder.qwen_tokenizer(CAPTIONS, padding="max_length", max_length=32, return_tensors="pt")
+    ids = text_encoder.qwen_tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
     assert torch.equal(ids["attention_mask"], qwen_mask)
     with torch.no_grad():
         expected = reference_qwen(**ids).last_hidden_state * ids["attention_mask"][..., None]
