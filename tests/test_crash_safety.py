@@ -137,6 +137,29 @@ def test_disk_full_names_the_file_and_keeps_the_old_one(tmp_path):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["lora.safetensors"]
 
 
+def test_full_disk_during_a_state_save_names_it_and_keeps_earlier_states(tmp_path, monkeypatch):
+    import torch
+
+    from anima_core.config.schema import Profile
+    from anima_core.training.state import Progress, save_state
+
+    network = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(network.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = dict(network=network, optimizer=optimizer, scheduler=scheduler, scaler=None, profile=Profile(), keep_last=3)
+    first = save_state(tmp_path, progress=Progress(step=1, epoch=0, batch_in_epoch=1), **state)
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(DiskWriteError, match="step-00000002.*No space left on device"):
+        save_state(tmp_path, progress=Progress(step=2, epoch=0, batch_in_epoch=2), **state)
+    monkeypatch.undo()
+    assert list_states(tmp_path) == [first] and not clean_leftovers(tmp_path)
+    load_state(first, profile=Profile(), allow_lr_change=False)
+
+
 def test_leftovers_of_dead_writers_are_removed_and_live_writers_kept(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
@@ -63,11 +64,19 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_torch(obj, path: Path) -> None:
+    """torch.save through memory: a full disk then raises OSError (ENOSPC), which atomic_directory turns
+    into a DiskWriteError naming the state, instead of torch's opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def save_state(state_root: Path, *, progress: Progress, network, optimizer, scheduler, scaler, profile: Profile, keep_last: int) -> Path:
     target = state_root / f"step-{progress.step:08d}"
     with atomic_directory(target) as tmp:
-        torch.save(network.state_dict(), tmp / "network.pt")
-        torch.save(
+        _write_torch(network.state_dict(), tmp / "network.pt")
+        _write_torch(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
