@@ -12,8 +12,8 @@ from PIL import Image
 
 from anima_core.data import DataOptions, build_training_data
 from anima_core.errors import DatasetError
+from anima_core.models.tokenizer_files import load_qwen_tokenizer
 
-QWEN_TOKENIZER = Path("/work/shared/tokenizers/qwen3_06b")
 
 
 def _image(path: Path, w: int, h: int, seed: int = 0, mode: str = "RGB") -> Path:
@@ -200,11 +200,9 @@ EXPECTED_BAD = {
 
 
 @pytest.fixture(scope="module")
-def qwen_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    if not QWEN_TOKENIZER.is_dir():
-        pytest.skip("no Qwen3 tokenizer files")
-    return transformers.AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
+def qwen_tokenizer(tiny_model):
+    """The tiny model's Qwen3 tokenizer: the real one where its files exist, else a generated one."""
+    return load_qwen_tokenizer(tiny_model.qwen_tokenizer, tiny_model.qwen3)
 
 
 def test_every_bad_input_is_named_and_skipped(tmp_path, qwen_tokenizer):
