@@ -4,6 +4,7 @@
     python bench/bench_train.py --tiny --steps 2      # tiny config on the CPU in seconds (smoke test)
     python bench/bench_train.py --settings plain,gc --steps 20 --json out.json
     python bench/bench_train.py --profile gc          # torch.profiler table of one setting
+    python bench/bench_train.py --model 2.9b          # Anima 2.9B (40 blocks) instead of the 2B model
 
 Per setting a fresh DiT (real module classes and key names, no file) is built on the device in bf16 with small
 random weights, the memory strategies are applied as the trainer applies them, LoRA rank 16 / alpha 16 goes on
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -33,7 +34,7 @@ from anima_core.models.llm_adapter import LLMAdapterConfig
 from anima_core.plugins import build_plugins
 from anima_core.training import planner
 from anima_core.training.memory import apply_memory_strategies
-from anima_core.training.flops import matmul_tflops
+from anima_core.training.flops import matmul_tflops, step_tflop
 from anima_core.training.step import StepInputs, flow_loss
 from anima_plugins.lora import create_network
 from anima_plugins.memory import STRATEGIES
@@ -63,6 +64,8 @@ TINY_CONFIG = DiTConfig(
     context_dim=64,
     llm_adapter=LLMAdapterConfig(source_dim=64, target_dim=64, model_dim=64, num_layers=2, num_heads=4),
 )
+# The released layouts (anima_core.models.dit_loading.RELEASES); 2.9B is the 2B model expanded to 40 blocks.
+MODELS = {"2b": DiTConfig(), "2.9b": replace(DiTConfig(), num_blocks=40)}
 TINY_LATENT_SIDE = 16
 TINY_TEXT_TOKENS = 32
 
@@ -183,12 +186,16 @@ def counted_tflop(run_step) -> tuple[float, float]:
 
 
 class Bench:
-    def __init__(self, *, tiny: bool, device: torch.device, steps: int, warmup: int):
+    def __init__(self, *, tiny: bool, device: torch.device, steps: int, warmup: int, model: str = "2b"):
         self.tiny = tiny
+        self.model = model
         self.device = device
         self.steps = steps
         self.warmup = warmup
-        self.config = TINY_CONFIG if tiny else DiTConfig()
+        full = MODELS[model]
+        # The tiny config keeps the model's share of blocks, so swap counts scale as on the real model.
+        tiny_blocks = round(TINY_CONFIG.num_blocks * full.num_blocks / DiTConfig().num_blocks)
+        self.config = replace(TINY_CONFIG, num_blocks=tiny_blocks) if tiny else full
         self.side = TINY_LATENT_SIDE if tiny else LATENT_SIDE
         self.tokens = TINY_TEXT_TOKENS if tiny else TEXT_TOKENS
         # bf16 weights + bf16 autocast (mixed_precision "bf16"); the tiny CPU run takes the float32 path
@@ -249,6 +256,14 @@ class Bench:
 
         return run_step
 
+    def floor_tflop(self, setting: Setting) -> float:
+        """ANCHORS.md's floor for the 2B model, scaled by the counted FLOPs of this model to the 2B model's."""
+        def count(config):
+            return step_tflop(config, latent_hw=(self.side, self.side), text_tokens=self.tokens, batch=setting.batch,
+                              checkpointing=setting.checkpointing)
+
+        return FLOOR_TFLOP[setting.checkpointing] * setting.batch * count(self.config) / count(DiTConfig())
+
     def run(self, name: str) -> Row:
         setting = parse_setting(name)
         free_device_memory(self.device)
@@ -264,7 +279,7 @@ class Bench:
         elif self.tiny:
             floor, first_loss = self.tiny_floor[key], float(run_step())
         else:
-            floor, first_loss = FLOOR_TFLOP[setting.checkpointing] * setting.batch, float(run_step())
+            floor, first_loss = self.floor_tflop(setting), float(run_step())
         times = []
         for _ in range(self.warmup + self.steps):
             start = time.perf_counter()
@@ -282,7 +297,7 @@ class Bench:
             peak_reserved = torch.cuda.max_memory_reserved(self.device) / GIB
         predicted_peak, relative_time = self.planner_prediction(setting, network)
         plain = self.plain_s.get(setting.batch)
-        anchor = SD_SCRIPTS.get(name) if not self.tiny else None
+        anchor = SD_SCRIPTS.get(name) if not self.tiny and self.model == "2b" else None
         del dit, network, optimizer, run_step
         return Row(
             setting=name,
@@ -376,6 +391,8 @@ def environment(device: torch.device, dtype: torch.dtype, tflops: float) -> str:
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU (smoke test)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="2b",
+                        help="2b (28 blocks, the sd-scripts anchors' model) or 2.9b (40 blocks)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per setting, after warm-up")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5, tiny 0)")
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
@@ -386,8 +403,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 5)
-    bench = Bench(tiny=args.tiny, device=device, steps=args.steps, warmup=warmup)
-    model = "tiny config (CPU smoke, not comparable)" if args.tiny else "Anima 2B, 1024², LoRA r16"
+    bench = Bench(tiny=args.tiny, device=device, steps=args.steps, warmup=warmup, model=args.model)
+    name = f"Anima {args.model.upper()} ({bench.config.num_blocks} blocks)"
+    model = f"tiny config of {name} (CPU smoke, not comparable)" if args.tiny else f"{name}, 1024², LoRA r16"
     header = f"{model}; {environment(device, bench.dtype, bench.tflops)}"
     if args.profile:
         print(bench.profile(args.profile))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +19,50 @@ log = logging.getLogger(__name__)
 PATCH_EMBED_KEY = "x_embedder.proj.1.weight"
 ADAPTER_KEY = "llm_adapter.out_proj.weight"
 ADAPTER_PREFIX = "llm_adapter."
-# Released widths -> (blocks, heads); used to cross-check what the shapes say.
-KNOWN_RELEASES = {2048: (28, 16), 5120: (36, 40), 1280: (20, 20)}
+# Position buffers that sd-scripts' own DiT saves as persistent (spec §1.3); they are derived from the config,
+# never learned, so a file that carries them (sd-scripts full fine-tunes, Anima-2.9B) loads without them.
+DERIVED_BUFFERS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range")
+
+
+@dataclass(frozen=True)
+class Release:
+    """A DiT layout people train on; the shapes of a file are checked against these."""
+
+    name: str
+    width: int
+    num_blocks: int
+    num_heads: int
+
+
+RELEASES = (
+    Release("Anima 2B", 2048, 28, 16),
+    # Gazingstars123/Anima-2.9B: the 2B model's 28 blocks expanded to 40 at the same width.
+    Release("Anima 2.9B", 2048, 40, 16),
+    Release("Cosmos-Predict2 14B layout", 5120, 36, 40),
+    Release("1280-wide layout", 1280, 20, 20),
+)
+
+
+def known_release(config: DiTConfig) -> Release | None:
+    for release in RELEASES:
+        if (release.width, release.num_blocks, release.num_heads) == (
+            config.model_channels, config.num_blocks, config.num_heads
+        ):
+            return release
+    return None
+
+
+def describe_dit(config: DiTConfig) -> str:
+    """``Anima 2.9B (40 blocks, width 2048)``, or the shapes alone for a layout no release has."""
+    shapes = f"{config.num_blocks} blocks, width {config.model_channels}"
+    release = known_release(config)
+    return f"{release.name} ({shapes})" if release else f"DiT of {shapes}"
+
+
+def drop_derived_buffers(state_dict: dict) -> dict:
+    if not any(k in state_dict for k in DERIVED_BUFFERS):
+        return state_dict
+    return {k: v for k, v in state_dict.items() if k not in DERIVED_BUFFERS}
 # The RoPE extrapolation ratios (t, h, w) go with the latent channel count.
 ROPE_RATIOS = {16: (1.0, 4.0, 4.0), 17: (1.0, 3.0, 3.0)}
 
@@ -75,10 +118,12 @@ def detect_dit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLi
     head_dim = _shape(state_dict, "blocks.0.self_attn.q_norm.weight", path)[0]
     num_blocks = _count_indexed(state_dict, "blocks.")
     num_heads = width // head_dim
-    if width in KNOWN_RELEASES and KNOWN_RELEASES[width] != (num_blocks, num_heads):
+    same_width = [r for r in RELEASES if r.width == width]
+    if same_width and not any((r.num_blocks, r.num_heads) == (num_blocks, num_heads) for r in same_width):
+        expected = " or ".join(f"{r.num_blocks} blocks / {r.num_heads} heads ({r.name})" for r in same_width)
         log.warning(
-            "%s: width %d usually means %d blocks / %d heads, the file has %d / %d; using the file's shapes",
-            path, width, *KNOWN_RELEASES[width], num_blocks, num_heads,
+            "%s: width %d means %s in the releases we know, the file has %d / %d; using the file's shapes",
+            path, width, expected, num_blocks, num_heads,
         )
     return DiTConfig(
         model_channels=width,
@@ -117,7 +162,7 @@ def load_dit(
 
     The LLM adapter comes from the same file, or from ``llm_adapter_path`` (whose weights then replace it).
     """
-    state_dict = strip_prefixes(read_state_dict(path, "DiT"))
+    state_dict = drop_derived_buffers(strip_prefixes(read_state_dict(path, "DiT")))
     if llm_adapter_path is not None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ADAPTER_PREFIX)}
         state_dict.update(_read_adapter(llm_adapter_path))

@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from anima_core import __version__
 from anima_core.config.schema import Profile
 
+# Ours, beside sd-scripts' keys: the DiT a LoRA was trained on (``lora-info`` shows it).
+DIT_KEY, DIT_BLOCKS_KEY = "anima_dit", "anima_dit_blocks"
 ESSENTIAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 
 
@@ -31,8 +33,9 @@ def _resolution(profile: Profile) -> str:
 
 
 def training_metadata(profile: Profile, *, data_metadata: dict, total_steps: int, num_epochs: int,
-                      started_at: float, session_id: str | None = None) -> dict[str, str]:
-    """Keys fixed at the start of a run; `finish_metadata` adds the per-save ones."""
+                      started_at: float, dit_config=None, session_id: str | None = None) -> dict[str, str]:
+    """Keys fixed at the start of a run; `finish_metadata` adds the per-save ones. ``dit_config``, the trained
+    DiT's detected config, names the model the LoRA was made for (Anima 2B or 2.9B: their block counts differ)."""
     t, o, d, m, c = profile.training, profile.optimizer, profile.dataset, profile.memory, profile.caching
     ss = {
         "ss_session_id": session_id or uuid.uuid4().hex[:16],
@@ -99,6 +102,11 @@ def training_metadata(profile: Profile, *, data_metadata: dict, total_steps: int
         "ss_vae_name": profile.model.vae.name if profile.model.vae else None,
     }
     ss.update(data_metadata)
+    if dit_config is not None:
+        from anima_core.models.dit_loading import describe_dit
+
+        ss[DIT_KEY] = describe_dit(dit_config)
+        ss[DIT_BLOCKS_KEY] = dit_config.num_blocks
     return {k: _text(v) for k, v in ss.items()}
 
 

@@ -428,13 +428,15 @@ def candidate_settings(num_blocks: int) -> list[Settings]:
 def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: int | None = None) -> Plan:
     """Predicted peak GPU memory of ``profile`` on the DiT ``model_config``; with ``vram_gib``, the cheapest
     settings that fit (by the estimated step time, fewest swapped blocks first)."""
+    from anima_core.models.dit_loading import describe_dit
+
     counts = model_counts(profile, model_config, lora_params=lora_params)
     settings = Settings.from_profile(profile)
     phases = predict(profile, counts, settings)
     width, height = _resolution(profile)
     batch = int(option(profile, "dataset", "train_batch_size", 1))
     summary = (
-        f"DiT {counts.total_params / 1e9:.2f} B params ({counts.num_blocks} blocks, width {counts.width}); "
+        f"{describe_dit(model_config)}: {counts.total_params / 1e9:.2f} B params; "
         f"{width}×{height} × batch {batch} ({batch * (width // 16) * (height // 16)} image tokens); "
         f"{_act_bytes(profile) * 8}-bit activations; {counts.lora_params / 1e6:.2f} M trainable params; "
         f"{option(profile, 'optimizer', 'optimizer_type', 'AdamW')}"

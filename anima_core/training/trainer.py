@@ -28,6 +28,7 @@ from anima_core.config.load import profile_to_toml
 from anima_core.config.schema import Profile
 from anima_core.data import DataOptions, build_training_data
 from anima_core.errors import AnimaError
+from anima_core.models.dit_loading import describe_dit
 from anima_core.plugins import Plugins
 from anima_core.training.control import StopDuringSetup, StopRequests
 from anima_core.training.events import EventLog, make_run_dir
@@ -207,6 +208,7 @@ class Trainer:
         """The DiT is read on the CPU; memory strategies then decide what goes to the device (all of it
         unless one of them, like block swap, places weights itself)."""
         self.dit = self.models.load_dit(self.profile.model, dtype=self.dit_dtype, device="cpu")
+        self.log(f"DiT: {describe_dit(self.dit.config)}")
         self.dit.requires_grad_(False)
         self.dit.train()
         registry = self.plugins.registry("register_memory_strategies")
@@ -579,7 +581,7 @@ class Trainer:
                              * self.profile.training.gradient_accumulation_steps}
             self.base_metadata = training_metadata(
                 self.profile, data_metadata=data_metadata, total_steps=self.total_steps,
-                num_epochs=self.num_epochs, started_at=time.time())
+                num_epochs=self.num_epochs, started_at=time.time(), dit_config=self.dit.config)
             progress = self._prepare_training()
             self.previews = self._build_previews()
             if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
