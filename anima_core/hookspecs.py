@@ -20,7 +20,8 @@ def register_model_loaders(register):
 @hookspec
 def register_networks(register):
     """Network modules: callables ``create(network_cfg, *, dit, text_encoder, train_text_encoder)``
-    returning an object that follows ``anima_core.training.network.Network``."""
+    returning an object that follows ``anima_core.training.network.Network``. A network may also offer
+    ``self_check(path)``, run after every save."""
 
 
 @hookspec

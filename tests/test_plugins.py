@@ -91,3 +91,32 @@ def test_plugins_command_lists_versions_and_hooks(capsys):
     out = capsys.readouterr().out
     assert "anima_plugins.lora" in out and "register_networks" in out
     assert "network: lora_anima" in out
+
+
+def test_every_contract_the_hookspecs_name_exists():
+    """The hook docs point plugin authors at real classes: a renamed or missing one fails here."""
+    import importlib
+    import re
+
+    from anima_core import hookspecs
+
+    named = set(re.findall(r"``(anima_core(?:\.\w+)+)``", "\n".join(
+        f.__doc__ or "" for f in vars(hookspecs).values() if callable(f))))
+    assert "anima_core.training.network.Network" in named
+    for dotted in named:
+        module, _, attr = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), dotted
+
+
+def test_the_builtin_networks_follow_the_network_contract(tiny_model):
+    import torch
+
+    from anima_core.config.schema import NetworkTable
+    from anima_core.models import load_dit
+    from anima_core.training.network import Network
+
+    plugins = build_plugins(entry_points=False)
+    dit = load_dit(tiny_model.dit, dtype=torch.float32)
+    for name, entry in plugins.registry("register_networks").entries.items():
+        network = entry.obj(NetworkTable(dim=2, alpha=2), dit=dit, text_encoder=None, train_text_encoder=False)
+        assert isinstance(network, Network), name
