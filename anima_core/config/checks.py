@@ -75,6 +75,7 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
     lookups = [
         ("register_model_loaders", "model.loader", profile.model.loader),
         ("register_networks", "network.module", profile.network.module),
+        ("register_timestep_samplers", "training.timestep_sampling", profile.training.timestep_sampling),
     ]
     if profile.training.loss_weighting:
         lookups.append(("register_loss_weightings", "training.loss_weighting", profile.training.loss_weighting))

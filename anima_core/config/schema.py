@@ -159,9 +159,9 @@ class TrainingTable(Table):
     full_bf16: bool = Field(False, description="Keep the LoRA weights and gradients in bf16 too.")
     seed: int = Field(42, description="Seed for everything random; CPU runs repeat exactly.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
-    timestep_sampling: Literal["logit_normal", "uniform", "sigmoid", "shift", "flux_shift", "sigma"] = Field(
+    timestep_sampling: str = Field(
         "logit_normal",
-        description="σ sampling: logit_normal / uniform (the guide's; shifted then clamped) or current sd-scripts' sigmoid / shift / flux_shift / sigma.",
+        description="σ sampling: logit_normal / uniform (the guide's; shifted then clamped), current sd-scripts' sigmoid / shift / flux_shift / sigma, or a timestep-sampler plugin by name.",
     )
     discrete_flow_shift: float = Field(3.0, gt=0, description="Shift s: σ ← s·σ / (1 + (s−1)·σ).")
     sigmoid_scale: float = Field(1.0, gt=0, description="Scale of the normal before the sigmoid.")
