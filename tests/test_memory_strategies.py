@@ -207,13 +207,32 @@ def test_unsloth_does_not_keep_the_graph_of_the_block():
 
 
 def test_cpu_offload_keeps_block_inputs_in_cpu_memory():
+    """Each block runs on the CPU copy the checkpoint keeps, not on the tensor it was given."""
     dit = build_dit(4)
+    given, ran_on = [], []
+
+    def innermost(index, block, x, *args):
+        ran_on.append(x)
+        return block(x, *args)
+
+    dit.set_block_runner(innermost)
     CpuOffloadCheckpointing(profile(cpu_offload_checkpointing=True)).apply(dit, device="cpu")
+    offloading = dit.block_runner
+
+    def outermost(index, block, x, *args):
+        given.append(x)
+        return offloading(index, block, x, *args)
+
+    dit.set_block_runner(outermost)
     attach_lora(dit)
     x, t, context, target = batch()
     loss = torch.nn.functional.mse_loss(dit(x, t, context), target)
-    assert torch.isfinite(loss)
+    assert len(given) == len(ran_on) == 4
+    for original, kept in zip(given, ran_on):
+        assert kept.device.type == "cpu" and kept.data_ptr() != original.data_ptr()
+        assert torch.equal(kept, original)
     loss.backward()
+    assert len(ran_on) == 8  # recomputed in backward from the kept copies
 
 
 def test_fp8_stores_linear_weights_as_float8_and_keeps_names():

@@ -136,3 +136,22 @@ def test_network_dropout_changes_the_training(tmp_path, tiny_model):
     loras = [lora_of(make_run(tmp_path / str(p), tiny_model, training={"max_train_steps": 2},
                               network={"dropout": p}).run()) for p in (None, 0.5)]
     assert not same(*loras)
+
+
+def test_model_compile_blocks_compiles_the_trainers_dit(tmp_path, tiny_model, monkeypatch):
+    from anima_core.models.dit import AnimaDiT
+
+    compiled = []
+    original = AnimaDiT.compile_blocks
+
+    def compile_blocks(self, **options):  # Inductor takes minutes on a CPU; the eager backend still traces
+        compiled.append(self)
+        original(self, backend="eager")
+
+    monkeypatch.setattr(AnimaDiT, "compile_blocks", compile_blocks)
+    for flag in (False, True):
+        result = make_run(tmp_path / str(flag), tiny_model, training={"max_train_steps": 1},
+                          model={"compile_blocks": flag}).run()
+        assert result.status == "finished"
+        assert len(compiled) == int(flag)
+    assert all(block._compiled_call_impl is not None for block in compiled[0].blocks)

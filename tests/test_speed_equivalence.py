@@ -204,6 +204,7 @@ def test_compiled_blocks_under_checkpointing_train_like_eager_blocks():
         if compiled:
             torch._dynamo.reset()
             dit.compile_blocks(backend="aot_eager")
+            assert all(block._compiled_call_impl is not None for block in dit.blocks)
             assert list(dit.state_dict()) == keys  # checkpoints and LoRA names do not change
         network = with_lora(dit)
         runs.append(loss_and_lora_grads(dit, network, inputs))

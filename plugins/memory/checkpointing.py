@@ -75,8 +75,9 @@ class CpuOffloadCheckpointing(MemoryStrategy):
                 def on_device(x_saved, *rest):
                     return inner(index, block, x_saved.to(compute_device), *rest)
 
-                # The checkpoint keeps only its inputs: the CPU copy of x, and the shared args.
-                return checkpoint(on_device, x.to("cpu"), *args, use_reentrant=False)
+                # The checkpoint keeps only its inputs: a CPU copy of x (a copy even on a CPU, so what is kept
+                # is never the caller's tensor), and the shared args.
+                return checkpoint(on_device, x.to("cpu", copy=True), *args, use_reentrant=False)
 
             return run
 
