@@ -1,11 +1,27 @@
-"""Built-in optimizers: AdamW, AdamW8bit (bitsandbytes) and Adafactor (transformers)."""
+"""Built-in optimizers under sd-scripts' names, each from the package that defines it.
+
+Names compare without case (as in sd-scripts). Packages beyond torch and transformers are optional extras;
+a missing one is named with the command that installs it.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
 from anima_core.errors import AnimaError
 from anima_core.hookspecs import hookimpl
+
+
+def _package(name: str, module: str, extra: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise AnimaError(
+            f"optimizer.optimizer_type = {name!r} needs the {module} package: `pip install 'anima-train[{extra}]'`, "
+            "or choose another optimizer_type (AdamW needs nothing more)."
+        ) from None
 
 
 def create_adamw(param_groups, lr, optimizer_args):
@@ -15,34 +31,71 @@ def create_adamw(param_groups, lr, optimizer_args):
     return torch.optim.AdamW(param_groups, lr=lr, **args)
 
 
-def create_adamw8bit(param_groups, lr, optimizer_args):
-    if not torch.cuda.is_available():
-        raise AnimaError(
-            "optimizer.optimizer_type = 'AdamW8bit' needs a CUDA GPU (bitsandbytes' 8-bit optimizers run on the GPU). "
-            "On this machine set optimizer.optimizer_type = 'AdamW'."
-        )
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise AnimaError(
-            "optimizer.optimizer_type = 'AdamW8bit' needs bitsandbytes: `pip install 'anima-train[cuda]'`, "
-            "or set optimizer.optimizer_type = 'AdamW'."
-        ) from None
-    return bitsandbytes.optim.AdamW8bit(param_groups, lr=lr, **optimizer_args)
+def create_sgd_nesterov(param_groups, lr, optimizer_args):
+    args = {"momentum": 0.9, **optimizer_args}  # Nesterov needs momentum; sd-scripts defaults it to 0.9
+    return torch.optim.SGD(param_groups, lr=lr, nesterov=True, **args)
+
+
+def bitsandbytes_optimizer(name: str, class_name: str, *, nesterov: bool = False):
+    """bitsandbytes' 8-bit and paged optimizers keep their state on the GPU: refused on a CPU-only machine."""
+
+    def create(param_groups, lr, optimizer_args):
+        if not torch.cuda.is_available():
+            raise AnimaError(
+                f"optimizer.optimizer_type = {name!r} needs a CUDA GPU (bitsandbytes' 8-bit and paged optimizers run on the GPU). "
+                "On this machine set optimizer.optimizer_type = 'AdamW'."
+            )
+        bnb = _package(name, "bitsandbytes", "cuda")
+        args = dict(optimizer_args)
+        if nesterov:
+            args = {"momentum": 0.9, **args, "nesterov": True}
+        return getattr(bnb.optim, class_name)(param_groups, lr=lr, **args)
+
+    return create
+
+
+def package_optimizer(name: str, module: str, class_name: str, extra: str):
+    def create(param_groups, lr, optimizer_args):
+        return getattr(_package(name, module, extra), class_name)(param_groups, lr=lr, **optimizer_args)
+
+    return create
 
 
 def create_adafactor(param_groups, lr, optimizer_args):
+    """sd-scripts' Adafactor rules: relative_step unless turned off (warmup_init turns it back on); with it,
+    Adafactor derives its own rate and ignores the learning rate (the 'adafactor' schedule reports it)."""
     from transformers.optimization import Adafactor
 
-    args = dict(optimizer_args)
-    if args.get("relative_step"):
-        # Adafactor computes its own step size; the base rate only seeds the schedule sd-scripts prints.
+    args = {"relative_step": True, **optimizer_args}
+    if args.get("warmup_init"):
+        args["relative_step"] = True
+    if args["relative_step"]:
         lr = None
+        param_groups = [{k: v for k, v in group.items() if k != "lr"} for group in param_groups]
     return Adafactor(param_groups, lr=lr, **args)
+
+
+BITSANDBYTES = {
+    "AdamW8bit": "AdamW8bit", "Lion8bit": "Lion8bit", "PagedAdamW": "PagedAdamW", "PagedAdamW8bit": "PagedAdamW8bit",
+    "PagedAdamW32bit": "PagedAdamW32bit", "PagedLion8bit": "PagedLion8bit",
+}
+PACKAGES = {  # name: (module, class, extra)
+    "Lion": ("lion_pytorch", "Lion", "lion"),
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigy"),
+    "CAME": ("came_pytorch", "CAME", "came"),
+    "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "RAdamScheduleFree": ("schedulefree", "RAdamScheduleFree", "schedulefree"),
+    "SGDScheduleFree": ("schedulefree", "SGDScheduleFree", "schedulefree"),
+}
 
 
 @hookimpl
 def register_optimizers(register):
-    register("AdamW", create_adamw, aliases=["adamw", "torch.optim.AdamW"])
-    register("AdamW8bit", create_adamw8bit, aliases=["adamw8bit", "bitsandbytes.optim.AdamW8bit"])
-    register("Adafactor", create_adafactor, aliases=["adafactor", "transformers.optimization.Adafactor"])
+    register("AdamW", create_adamw, aliases=["torch.optim.AdamW"])
+    register("SGDNesterov", create_sgd_nesterov)
+    register("Adafactor", create_adafactor, aliases=["transformers.optimization.Adafactor"])
+    for name, class_name in BITSANDBYTES.items():
+        register(name, bitsandbytes_optimizer(name, class_name), aliases=[f"bitsandbytes.optim.{class_name}"])
+    register("SGDNesterov8bit", bitsandbytes_optimizer("SGDNesterov8bit", "SGD8bit", nesterov=True))
+    for name, (module, class_name, extra) in PACKAGES.items():
+        register(name, package_optimizer(name, module, class_name, extra), aliases=[f"{module}.{class_name}"])

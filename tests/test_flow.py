@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from anima_core.training import flow
-from anima_core.training.schedules import lr_factor, warmup_steps_for
 
 
 def cfg(**kw):
@@ -124,14 +123,3 @@ def test_reduce_loss_weights_then_masks_then_means():
     per_sample = (el * w.view(-1, 1, 1, 1) * mask).flatten(1).mean(1)
     assert flow.reduce_loss(el, w, lw, mask) == pytest.approx(float((per_sample * lw).mean()))
 
-
-def test_schedules():
-    assert warmup_steps_for(0.1, 200) == 20 and warmup_steps_for(7, 200) == 7
-    assert lr_factor(4, kind="constant_with_warmup", warmup=10, total=100) == pytest.approx(0.5)
-    assert lr_factor(4, kind="constant", warmup=10, total=100) == 1.0
-    assert lr_factor(55, kind="linear", warmup=10, total=100) == pytest.approx(0.5)
-    assert lr_factor(55, kind="cosine", warmup=10, total=100) == pytest.approx(0.5)
-    assert lr_factor(100, kind="cosine", warmup=0, total=100) == pytest.approx(0.0)
-    assert lr_factor(50, kind="polynomial", warmup=0, total=100, power=2.0) == pytest.approx(0.25)
-    assert lr_factor(25, kind="cosine_with_restarts", warmup=0, total=100, cycles=2) == pytest.approx(0.5)
-    assert lr_factor(100, kind="linear", warmup=0, total=100, min_ratio=0.1) == pytest.approx(0.1)

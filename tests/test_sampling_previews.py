@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -70,7 +71,7 @@ def trainer(tiny_model, tmp_path):
         profile=profile, dit=dit, network=network, text_encoder=text_encoder, vae=None, device=torch.device("cpu"),
         dit_dtype=torch.float32, strategies=[RecordingStrategy(calls)], run_dir=run_dir, events=events,
         warn=lambda message, **detail: events.emit("warning", message=message),
-        models=AnimaLoader(),
+        models=AnimaLoader(), ema_weights=lambda use: contextlib.nullcontext(),
         calls=calls, prompts=prompts,
     )
     yield trainer

@@ -77,7 +77,7 @@ def test_cache_only_exits_before_training(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("optimizer", [
     {"optimizer_type": "Adafactor", "optimizer_args": {"relative_step": False, "scale_parameter": False, "warmup_init": False},
-     "fused_backward_pass": True, "max_grad_norm": 0.0, "lr_scheduler": "adafactor", "lr_warmup_steps": 1},
+     "fused_backward_pass": True, "max_grad_norm": 0.0, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 1},
     {"optimizer_type": "torch.optim.SGD", "optimizer_args": {"momentum": 0.9}, "lr_scheduler": "polynomial"},
 ], ids=["adafactor-fused", "module-class"])
 def test_other_optimizers_train(tmp_path, tiny_model, optimizer):

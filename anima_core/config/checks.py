@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from anima_core.config.schema import Profile
 from anima_core.plugins import Plugins, UnknownNameError, default_plugins
-
-BUILTIN_OPTIMIZERS_NOTE = "AdamW, AdamW8bit, Adafactor or a `module.Class` path"
-
+from anima_core.training.optim import optimizer_problems
 
 def _file_problems(profile: Profile) -> list[str]:
     problems = []
@@ -34,7 +32,7 @@ def _file_problems(profile: Profile) -> list[str]:
 
 def _option_problems(profile: Profile) -> list[str]:
     problems = []
-    data, training, optimizer = profile.dataset, profile.training, profile.optimizer
+    data, training = profile.dataset, profile.training
     resolution = data.resolution
     sides = [resolution] if isinstance(resolution, int) else list(resolution or [])
     if len(sides) not in (0, 1, 2):
@@ -47,11 +45,6 @@ def _option_problems(profile: Profile) -> list[str]:
         problems.append(
             "training.huber_schedule: 'snr' needs a noise schedule with alphas, which flow matching has not; use 'constant' or 'exponential'"
         )
-    if optimizer.fused_backward_pass:
-        if optimizer.optimizer_type.lower() != "adafactor":
-            problems.append("optimizer.fused_backward_pass: works only with optimizer_type = 'Adafactor'")
-        if training.gradient_accumulation_steps > 1:
-            problems.append("optimizer.fused_backward_pass: cannot be combined with gradient_accumulation_steps > 1")
     caching = profile.caching
     text_cached = caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk
     if text_cached and not profile.network.train_unet_only:
@@ -85,12 +78,7 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
             plugins.registry(hook).resolve(name)
         except UnknownNameError as exc:
             problems.append(f"{key}: {exc}")
-    opt = profile.optimizer.optimizer_type
-    if "." not in opt and opt not in plugins.registry("register_optimizers").entries:
-        try:
-            plugins.registry("register_optimizers").resolve(opt)
-        except UnknownNameError as exc:
-            problems.append(f"optimizer.optimizer_type: {exc} Or give a `module.Class` path.")
+    problems += optimizer_problems(profile, plugins)
     for entry in plugins.registry("register_memory_strategies").entries.values():
         strategy = entry.obj
         if strategy.enabled(profile) or entry.name in profile.memory.extra_strategies:

@@ -129,8 +129,18 @@ class NetworkTable(Table):
     train_unet_only: bool = Field(False, description="Train only the DiT (and adapter); leave Qwen3 without LoRA (network_train_unet_only).")
 
 
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+    "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor",
+]
+
+
 class OptimizerTable(Table):
-    optimizer_type: str = Field("AdamW", description="AdamW, AdamW8bit (CUDA), Adafactor, or any `module.Class`.")
+    optimizer_type: str = Field(
+        "AdamW",
+        description="An optimizer by sd-scripts' name (AdamW, AdamW8bit, PagedAdamW8bit, Lion, Prodigy, Adafactor, "
+        "AdamWScheduleFree, CAME, ...; any case), a torch.optim class name, or any `module.Class`.",
+    )
     optimizer_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the optimizer.")
     learning_rate: float = Field(1e-4, ge=0, description="Base learning rate.")
     unet_lr: Optional[float] = Field(None, ge=0, description="Learning rate for the DiT LoRA (default: learning_rate).")
@@ -140,15 +150,44 @@ class OptimizerTable(Table):
     mlp_lr: Optional[float] = Field(None, ge=0, description="MLP learning rate; 0 freezes.")
     mod_lr: Optional[float] = Field(None, ge=0, description="AdaLN modulation learning rate; 0 freezes.")
     llm_adapter_lr: Optional[float] = Field(None, ge=0, description="LLM adapter learning rate; 0 freezes.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
-    fused_backward_pass: bool = Field(False, description="Apply Adafactor updates during backward, parameter by parameter (less memory; Adafactor only).")
-    lr_scheduler: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor"
-    ] = Field("constant", description="Learning-rate schedule.")
-    lr_warmup_steps: float = Field(0, ge=0, description="Warmup steps, or a fraction of all steps when below 1.")
-    lr_scheduler_num_cycles: int = Field(1, ge=1, description="Restarts of cosine_with_restarts.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm of the whole gradient; 0 disables.")
+    fused_backward_pass: bool = Field(
+        False,
+        description="Adafactor only: update each parameter during backward (with max_grad_norm = 0; with clipping "
+        "the updates wait for the whole gradient, as sd-scripts' LoRA training clips it).",
+    )
+    scale_weight_norms: Optional[float] = Field(
+        None, gt=0, description="Max-norm regularisation: after each step, scale every LoRA pair whose ΔW norm exceeds this back to it."
+    )
+    lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule (transformers' / diffusers' functions, as sd-scripts).")
+    lr_warmup_steps: Union[int, float] = Field(0, ge=0, description="Warmup steps, or a fraction of all steps when below 1.")
+    lr_decay_steps: Union[int, float] = Field(
+        0, ge=0, description="warmup_stable_decay: decay steps, or a fraction of all steps when below 1."
+    )
+    lr_scheduler_num_cycles: int = Field(
+        1, ge=1, description="Cycles of cosine_with_restarts; half-waves of cosine_with_min_lr and warmup_stable_decay's decay."
+    )
     lr_scheduler_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
-    lr_scheduler_min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of decaying schedules as a fraction of the learning rate.")
+    lr_scheduler_min_lr_ratio: Optional[float] = Field(
+        None, ge=0, le=1, description="Floor as a fraction of the rate: cosine_with_min_lr (required) and warmup_stable_decay only."
+    )
+    lr_scheduler_timescale: Optional[int] = Field(None, ge=1, description="inverse_sqrt's timescale (default: the warmup steps).")
+    lr_scheduler_type: str = Field(
+        "", description="Any scheduler class (a torch.optim.lr_scheduler name or `module.Class`); replaces lr_scheduler."
+    )
+    lr_scheduler_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the schedule (e.g. step_rules of piecewise_constant, T_max)."
+    )
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the trained weights with this decay (e.g. 0.999)."
+    )
+    ema_every_n_steps: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+    ema_device: Literal["device", "cpu"] = Field("device", description="Where the EMA weights live: the training device or CPU memory.")
+    ema_save: Literal["lora", "beside"] = Field(
+        "lora", description="lora: the saved LoRA holds the EMA weights; beside: also write <name>-ema.safetensors next to it."
+    )
+    ema_for_previews: bool = Field(False, description="Render previews with the EMA weights.")
+    ema_for_validation: bool = Field(False, description="Compute the validation loss with the EMA weights.")
 
 
 class TrainingTable(Table):

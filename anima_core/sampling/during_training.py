@@ -87,7 +87,7 @@ class TrainingPreviews:
         if not prompt_file.prompts:
             return []
         label = f"e{epoch:06d}" if by_epoch else f"{step:06d}"
-        with preserved_rng(), self._sampling_mode():
+        with preserved_rng(), self._sampling_mode(), trainer.ema_weights("previews"):
             try:
                 encode = self._encoder(prompt_file.prompts)
                 vae, loaded_here = self._vae()

@@ -1,66 +1,168 @@
-"""Building the optimizer from the profile, and the fused backward pass."""
+"""Building the optimizer from the profile (sd-scripts' names and rules), the fused backward pass,
+schedule-free train/eval modes, and max-norm regularisation of LoRA weights."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from contextlib import contextmanager
 
 import torch
 
 from anima_core.errors import AnimaError
 from anima_core.plugins import Plugins
+from anima_core.training.schedules import is_schedule_free, schedule_problems, unwrapped, uses_relative_step
 
 
-def _import_class(path: str):
+def _registered(plugins: Plugins, name: str):
+    """The registered factory for ``name``; sd-scripts compares optimizer names without case."""
+    registry = plugins.registry("register_optimizers")
+    for known, canonical in [*((n, n) for n in registry.entries), *registry.aliases.items()]:
+        if known.lower() == name.lower():
+            return registry.get(canonical)
+    return None
+
+
+def _import_class(plugins: Plugins, path: str):
+    """A `module.Class` path, or (as sd-scripts does) a bare name from torch.optim."""
     module_name, _, class_name = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), class_name)
+        module = importlib.import_module(module_name) if module_name else torch.optim
+        return getattr(module, class_name)
     except (ImportError, AttributeError) as exc:
+        names = plugins.registry("register_optimizers").names()
+        close = difflib.get_close_matches(path, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close and not module_name else ""
         raise AnimaError(
-            f"optimizer.optimizer_type = {path!r}: cannot import it ({exc}). Give an importable `module.Class`, or AdamW / AdamW8bit / Adafactor."
+            f"optimizer.optimizer_type = {path!r}: neither a registered optimizer nor importable ({exc}); {hint}Give one "
+            f"of {', '.join(names)}, a torch.optim class, or an importable `module.Class` (install its package first)."
         ) from None
 
 
+def optimizer_factory(plugins: Plugins, name: str):
+    """``factory(param_groups, lr, args) -> Optimizer`` for a registered name, a torch.optim name or a class path."""
+    factory = _registered(plugins, name)
+    if factory is not None:
+        return factory
+    cls = _import_class(plugins, name)
+    return lambda groups, lr, args: cls(groups, lr=lr, **args)
+
+
+def optimizer_problems(profile, plugins: Plugins) -> list[str]:
+    """Optimizer, schedule and EMA settings that cannot work together; each names its key and what to do."""
+    o, problems = profile.optimizer, []
+    try:
+        optimizer_factory(plugins, o.optimizer_type)
+    except AnimaError as exc:
+        problems.append(str(exc))
+    if o.fused_backward_pass:
+        if o.optimizer_type.lower() != "adafactor":
+            problems.append("optimizer.fused_backward_pass: works only with optimizer_type = 'Adafactor' (as in sd-scripts)")
+        if profile.training.gradient_accumulation_steps > 1:
+            problems.append("optimizer.fused_backward_pass: cannot be combined with gradient_accumulation_steps > 1")
+    if uses_relative_step(o):
+        group_rates = [k for k in ("unet_lr", "text_encoder_lr", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "llm_adapter_lr")
+                       if getattr(o, k) is not None]
+        if group_rates:
+            problems.append(
+                f"optimizer.{group_rates[0]}: Adafactor with relative_step computes one rate for every parameter, so per-group "
+                "rates cannot apply (sd-scripts drops them); remove them, or set optimizer_args relative_step = false"
+            )
+    if o.ema_decay is not None and is_schedule_free(o):
+        problems.append(
+            f"optimizer.ema_decay: {o.optimizer_type} already averages the weights (its eval weights are what is saved); remove ema_decay"
+        )
+    if not o.ema_decay:
+        for key, default in (("ema_every_n_steps", 1), ("ema_device", "device"), ("ema_save", "lora"),
+                             ("ema_for_previews", False), ("ema_for_validation", False)):
+            if getattr(o, key) != default:
+                problems.append(f"optimizer.{key}: has no effect without ema_decay; set ema_decay or remove it")
+    return problems + schedule_problems(o)
+
+
 def create_optimizer(plugins: Plugins, optimizer_cfg, param_groups: list[dict]) -> torch.optim.Optimizer:
-    name, lr, args = optimizer_cfg.optimizer_type, optimizer_cfg.learning_rate, dict(optimizer_cfg.optimizer_args)
-    registry = plugins.registry("register_optimizers")
-    if name in registry.entries or name in registry.aliases or "." not in name:
-        create = registry.get(name)
-        return create(param_groups, lr, args)
-    return _import_class(name)(param_groups, lr=lr, **args)
+    factory = optimizer_factory(plugins, optimizer_cfg.optimizer_type)
+    optimizer = factory(param_groups, optimizer_cfg.learning_rate, dict(optimizer_cfg.optimizer_args))
+    train_mode(optimizer)
+    return optimizer
+
+
+# ---- schedule-free optimizers: train weights while stepping, eval weights for everything else ---------------
+
+
+def train_mode(optimizer) -> None:
+    """Schedule-free optimizers step only in train mode (sd-scripts switches it on at creation and after each use
+    of the eval weights). Other optimizers have no modes."""
+    switch = getattr(unwrapped(optimizer), "train", None)
+    if callable(switch):
+        switch()
+
+
+@contextmanager
+def eval_weights(optimizer):
+    """The weights to preview, validate and save: a schedule-free optimizer's averaged (eval) weights.
+
+    sd-scripts switches to eval and back after every step (around its preview and save checks); the round
+    trip changes the train weights by rounding, so doing it on the same steps keeps runs identical to its."""
+    inner = unwrapped(optimizer)
+    switch = getattr(inner, "eval", None)
+    if not callable(switch):
+        yield
+        return
+    switch()
+    try:
+        yield
+    finally:
+        inner.train()
+
+
+# ---- the fused backward pass (Adafactor) -----------------------------------------------------------------
 
 
 class FusedBackwardOptimizer(torch.optim.Optimizer):
     """One inner optimizer per parameter, stepped from the parameter's gradient hook during backward.
 
-    Gradients are applied and freed as soon as they exist, so at most one parameter's gradient is alive.
+    Without clipping, gradients are applied and freed as soon as they exist, so at most one parameter's
+    gradient is alive. With ``max_grad_norm`` the update must wait for the whole gradient: sd-scripts' LoRA
+    training clips the norm of all gradients together, which no parameter-by-parameter pass can know early.
     Param-group dicts are shared with the inner optimizers, so schedulers that edit ``lr`` reach them.
     """
 
     def __init__(self, make_inner, param_groups: list[dict], max_grad_norm: float):
         self.inner = []
+        self.max_grad_norm = max_grad_norm
         groups = []
         for group in param_groups:
             for param in group["params"]:
                 inner = make_inner([{**group, "params": [param]}])
                 self.inner.append(inner)
                 groups.extend(inner.param_groups)
-                param.register_post_accumulate_grad_hook(self._make_hook(inner, max_grad_norm))
+                if not max_grad_norm:
+                    param.register_post_accumulate_grad_hook(self._make_hook(inner))
         self.param_groups = groups
         self.defaults = {}
-        self.state = {}
+
+    @property
+    def state(self):
+        """Every inner optimizer's state by parameter (schedulers such as AdafactorSchedule read it)."""
+        return {param: state for inner in self.inner for param, state in inner.state.items()}
 
     @staticmethod
-    def _make_hook(inner, max_grad_norm):
+    def _make_hook(inner):
         def hook(param):
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
             inner.step()
             param.grad = None
 
         return hook
 
     def step(self, closure=None):
-        """Updates already happened in backward; nothing is left to do here."""
+        """Without clipping the updates already happened in backward; with it, clip the whole gradient and apply them."""
+        if not self.max_grad_norm:
+            return
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        for inner in self.inner:
+            inner.step()
 
     def zero_grad(self, set_to_none: bool = True):
         for inner in self.inner:
@@ -78,3 +180,32 @@ def create_fused_backward_optimizer(plugins: Plugins, optimizer_cfg, param_group
     return FusedBackwardOptimizer(
         lambda groups: create_optimizer(plugins, optimizer_cfg, groups), param_groups, optimizer_cfg.max_grad_norm
     )
+
+
+# ---- max-norm regularisation (sd-scripts' scale_weight_norms) ----------------------------------------------
+
+
+@torch.no_grad()
+def apply_max_norm(network, max_norm: float) -> dict:
+    """Scale each LoRA pair whose ΔW = (alpha / rank) · up @ down has a Frobenius norm above ``max_norm`` back
+    to it, up and down by the same √ratio, as sd-scripts' networks do after every optimizer step.
+
+    Returns the keys scaled and the mean and largest ΔW norm after scaling (sd-scripts' step logs)."""
+    own = getattr(network, "apply_max_norm_regularization", None)
+    if callable(own):
+        return own(max_norm)
+    pairs = [m for m in network.modules() if hasattr(m, "lora_up") and hasattr(m, "lora_down") and hasattr(m, "alpha")]
+    if not pairs:
+        raise AnimaError("optimizer.scale_weight_norms: this network has no LoRA up/down pairs to scale; remove scale_weight_norms")
+    scaled, norms = 0, []
+    for module in pairs:
+        up, down = module.lora_up.weight, module.lora_down.weight
+        delta = (up @ down) * (module.alpha.to(up.device) / down.shape[0])
+        norm = delta.norm().clamp(min=max_norm / 2)  # the floor only keeps the ratio finite for a zero ΔW
+        ratio = norm.clamp(max=max_norm).cpu() / norm.cpu()
+        if ratio != 1:
+            scaled += 1
+            up.mul_(ratio**0.5)
+            down.mul_(ratio**0.5)
+        norms.append(float(delta.norm().cpu() * ratio))
+    return {"keys_scaled": scaled, "mean_norm": sum(norms) / len(norms), "max_norm": max(norms)}

@@ -72,7 +72,9 @@ def _write_torch(obj, path: Path) -> None:
     path.write_bytes(buffer.getbuffer())
 
 
-def save_state(state_root: Path, *, progress: Progress, network, optimizer, scheduler, scaler, profile: Profile, keep_last: int) -> Path:
+def save_state(state_root: Path, *, progress: Progress, network, optimizer, scheduler, scaler, profile: Profile, keep_last: int,
+               extra: dict | None = None) -> Path:
+    """``extra``: more trainer state to restore with the rest (the EMA weights)."""
     target = state_root / f"step-{progress.step:08d}"
     with atomic_directory(target) as tmp:
         _write_torch(network.state_dict(), tmp / "network.pt")
@@ -82,6 +84,7 @@ def save_state(state_root: Path, *, progress: Progress, network, optimizer, sche
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(),
+                **(extra or {}),
             },
             tmp / "trainer.pt",
         )

@@ -6,6 +6,7 @@ Order matters for memory: images are checked before any model loads; the VAE and
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
@@ -35,10 +36,11 @@ from anima_core.training.events import EventLog, make_run_dir
 from anima_core.training.flops import matmul_tflops, step_tflop
 from anima_core.training.memory import apply_memory_strategies
 from anima_core.training.metadata import save_metadata, training_metadata
-from anima_core.training.optim import create_fused_backward_optimizer, create_optimizer
+from anima_core.training.ema import build_ema
+from anima_core.training.optim import apply_max_norm, create_fused_backward_optimizer, create_optimizer, eval_weights, train_mode
 from anima_core.training.planner import format_measured, format_plan, plan
 from anima_core.training.progress import ProgressDisplay
-from anima_core.training.schedules import build_scheduler
+from anima_core.training.schedules import build_scheduler, rates_used, rebase_rates
 from anima_core.training.state import Progress, check_profile, find_state, load_state, restore_rng_state, save_state
 from anima_core.training.step import StepInputs, drop_captions, flow_loss
 
@@ -245,8 +247,12 @@ class Trainer:
         self.log(self.network.describe_groups())
         if self.profile.optimizer.fused_backward_pass:
             self.optimizer = create_fused_backward_optimizer(self.plugins, self.profile.optimizer, groups)
+            if self.profile.optimizer.max_grad_norm:
+                self.warn("fused_backward_pass with max_grad_norm: the updates wait for the whole gradient to clip it "
+                          "as sd-scripts does, which saves no memory; set max_grad_norm = 0 to update during backward")
         else:
             self.optimizer = create_optimizer(self.plugins, self.profile.optimizer, groups)
+        self.ema = build_ema(self.profile.optimizer, self.network, self.device)
 
     def _plan_steps(self) -> None:
         t = self.profile.training
@@ -271,11 +277,26 @@ class Trainer:
         return s.output_dir / f"{name}.safetensors"
 
     def save_lora(self, path: Path, progress: Progress) -> None:
+        """The LoRA (with ema_save = "lora" the EMA weights; with "beside" also <name>-ema next to it)."""
+        ema = self.ema is not None and self.profile.optimizer.ema_save
+        with self.ema.applied() if ema == "lora" else contextlib.nullcontext():
+            self._write_lora(path, progress)
+        if ema == "beside":
+            with self.ema.applied():
+                self._write_lora(path.with_name(f"{path.stem}-ema{path.suffix}"), progress)
+        self.last_lora = path
+
+    def _write_lora(self, path: Path, progress: Progress) -> None:
         metadata = save_metadata(self.profile, self.base_metadata, self.network.metadata(), step=progress.step, epoch=epoch_number(progress))
         self.network.save(path, metadata=metadata, dtype=SAVE_DTYPES[self.profile.saving.save_precision])
         self.events.emit("save", kind="lora", path=str(path), step=progress.step, epoch=epoch_number(progress))
-        self.last_lora = path
         self._self_check(path)
+
+    def ema_weights(self, use: str):
+        """The EMA weights in the network for ``use`` ("previews", "validation") when the profile asks for them."""
+        if self.ema is not None and getattr(self.profile.optimizer, f"ema_for_{use}"):
+            return self.ema.applied()
+        return contextlib.nullcontext()
 
     def _self_check(self, path: Path) -> None:
         check = getattr(self.network, "self_check", None)
@@ -293,7 +314,8 @@ class Trainer:
         scaler = getattr(self.accelerator, "scaler", None)
         path = save_state(self.run_dir / "state", progress=progress, network=self.network, optimizer=self.optimizer,
                           scheduler=self.scheduler, scaler=scaler, profile=self.profile,
-                          keep_last=self.profile.saving.keep_last_n_states)
+                          keep_last=self.profile.saving.keep_last_n_states,
+                          extra={"ema": self.ema.state_dict()} if self.ema is not None else None)
         self.last_state, self.saved_progress = path, replace(progress)
         self.events.emit("save", kind="state", path=str(path), step=progress.step, epoch=epoch_number(progress))
 
@@ -374,15 +396,16 @@ class Trainer:
             self.optimizer.step()
         return norm
 
-    def _emit_step(self, progress: Progress, epoch: int, loss: float, started: float, first_step: int, losses: list[float]) -> None:
-        """``epoch``: the 1-based epoch of the batch just trained."""
+    def _emit_step(self, progress: Progress, epoch: int, loss: float, started: float, first_step: int, losses: list[float],
+                   lrs: list[float], weight_norms: dict | None) -> None:
+        """``epoch``: the 1-based epoch of the batch just trained; ``lrs``: the rates that step used."""
         done = progress.step - first_step
         elapsed = time.monotonic() - started
         s_per_it = elapsed / done if done else 0.0
         window = losses[-50:]
         event = self.events.emit(
             "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=loss,
-            loss_avg=sum(window) / len(window), lr=[g["lr"] for g in self.optimizer.param_groups][:4],
+            loss_avg=sum(window) / len(window), lr=lrs[:4], **({"weight_norms": weight_norms} if weight_norms else {}),
             s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
             eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
         self.display.step(event)
@@ -419,7 +442,10 @@ class Trainer:
         progress, network_state, trainer_state = load_state(state_dir, profile=self.profile, allow_lr_change=self.allow_lr_change)
         self.network.load_state_dict(network_state)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
+        train_mode(self.optimizer)  # a schedule-free state is saved with its eval weights
         self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(trainer_state["ema"])
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and trainer_state["scaler"] is not None:
             scaler.load_state_dict(trainer_state["scaler"])
@@ -427,9 +453,7 @@ class Trainer:
         if lr_scale is not None:
             progress.lr_scale = lr_scale
         # The profile's rates (possibly changed with --allow-lr-change) times any NaN-guard reduction.
-        self.scheduler.base_lrs = [lr * progress.lr_scale for lr in self.base_lrs]
-        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * factor(self.scheduler.last_epoch)
+        rebase_rates(self.scheduler, self.optimizer, [lr * progress.lr_scale for lr in self.base_lrs])
         progress.bad_steps = 0
         self.progress = progress
         return progress
@@ -469,18 +493,21 @@ class Trainer:
                         batches = self._batches(progress)
                     continue
                 progress.bad_steps = 0
+                lrs = rates_used(self.optimizer)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 micro_losses, micro, samples = [], 0, []
                 progress.step += 1
+                weight_norms = self._after_update(progress.step)
                 if epoch_done:
                     progress.epoch, progress.batch_in_epoch = epoch + 1, 0
                 losses.append(step_loss)
-                self._emit_step(progress, epoch + 1, step_loss, started, first_step, losses)
+                self._emit_step(progress, epoch + 1, step_loss, started, first_step, losses, lrs, weight_norms)
                 stop_now, save_now = stop.poll()
-                self._scheduled_saves(progress, epoch_done, epoch, save_now)
-                if self.previews is not None:
-                    self.previews.after_step(progress.step, epoch + 1 if epoch_done else None)
+                with eval_weights(self.optimizer):
+                    self._scheduled_saves(progress, epoch_done, epoch, save_now)
+                    if self.previews is not None:
+                        self.previews.after_step(progress.step, epoch + 1 if epoch_done else None)
                 if stop_now:
                     self.stop_reason = stop.stop_reason
                     break
@@ -488,6 +515,15 @@ class Trainer:
         self.train_seconds = max(1e-9, time.monotonic() - started)
         self.throughput = (progress.step - first_step) / self.train_seconds
         return "stopped" if self.stop_reason else "finished"
+
+    def _after_update(self, step: int) -> dict | None:
+        """After each optimizer step, as sd-scripts: max-norm regularisation, then the EMA of the result."""
+        norms = None
+        if self.profile.optimizer.scale_weight_norms:
+            norms = apply_max_norm(self.network, self.profile.optimizer.scale_weight_norms)
+        if self.ema is not None:
+            self.ema.update(step)
+        return norms
 
     def _scheduled_saves(self, progress: Progress, epoch_done: bool, epoch: int, save_now: bool) -> None:
         s = self.profile.saving
@@ -585,17 +621,19 @@ class Trainer:
             progress = self._prepare_training()
             self.previews = self._build_previews()
             if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
-                self.previews.render(step=0, epoch=0)
+                with eval_weights(self.optimizer):
+                    self.previews.render(step=0, epoch=0)
             self.stop_requests.training = True
             status = self._loop(progress)
             progress = self.progress
             final = status == "finished"
             path = self.lora_path() if final else self.lora_path(step=progress.step)
-            self.save_lora(path, progress)
-            if self.profile.saving.save_state:
-                self.save_training_state(progress)
-            if self.previews is not None and final:
-                self.previews.render(step=progress.step, epoch=epoch_number(progress))
+            with eval_weights(self.optimizer):
+                self.save_lora(path, progress)
+                if self.profile.saving.save_state:
+                    self.save_training_state(progress)
+                if self.previews is not None and final:
+                    self.previews.render(step=progress.step, epoch=epoch_number(progress))
             self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
             self._report_speed()
             if self.memory_plan is not None:
