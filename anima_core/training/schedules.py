@@ -169,7 +169,7 @@ def rates_used(optimizer) -> list[float]:
     for group in optimizer.param_groups:
         if group.get("relative_step"):
             state = optimizer.state.get(group["params"][0])
-            rates.append(Adafactor._get_lr(group, state) if state else 0.0)
+            rates.append(float(Adafactor._get_lr(group, state)) if state else 0.0)
         else:
             rates.append(float(group["lr"]))
     return rates
