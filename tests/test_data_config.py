@@ -158,6 +158,10 @@ def test_json_config(tmp_path):
             "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\nface_crop_aug_range=[2.0, 3.0]\n",
             "face_crop_aug_range",
         ),
+        (
+            "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\ncustom_attributes={weight=2}\n",
+            "custom_attributes has no reader",
+        ),
         ("[genral]\n[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n", "did you mean 'general'"),
     ],
 )

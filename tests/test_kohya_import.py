@@ -90,7 +90,6 @@ FLAG_CASES = [
     ("--split_attn", "model", "split_attn", True),
     ("--transformer_dtype bfloat16", "model", "transformer_dtype", "bfloat16"),
     ("--vae_chunk_size 64", "model", "vae_chunk_size", 64),
-    ("--vae_disable_cache", "model", "vae_disable_cache", True),
     ("--timestep_sample_method uniform", "training", "timestep_sampling", "uniform"),
     ("--timestep_sampling shift", "training", "timestep_sampling", "shift"),
     ("--timestep_sampling flux_shift", "training", "timestep_sampling", "flux_shift"),
@@ -353,3 +352,11 @@ def test_toml_has_comments_and_round_trips():
     with_args = imported('--dit_path d --network_args "emb_dims=[8,4,8]" --optimizer_args "betas=0.9,0.99"')
     assert "# emb_dims=[8,4,8]" in with_args.toml()
     assert tomllib.loads(with_args.toml()) == with_args.data
+
+
+def test_vae_disable_cache_is_explained_not_mapped():
+    """sd-scripts' cache carries causal-conv features between video frames; an image has one frame."""
+    result = imported("--pretrained_model_name_or_path d --vae_disable_cache")
+    (note,) = [w for w in result.warnings if w.startswith("--vae_disable_cache")]
+    assert "single image never uses it" in note
+    assert "vae_disable_cache" not in result.data.get("model", {})

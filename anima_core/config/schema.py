@@ -54,7 +54,6 @@ class ModelTable(Table):
         None, description="Dtype of the DiT weights; empty means the mixed-precision dtype."
     )
     vae_chunk_size: Optional[int] = Field(None, ge=2, description="Encode/decode the VAE in chunks of this many rows (less memory).")
-    vae_disable_cache: bool = Field(False, description="Accepted for sd-scripts compatibility: single-frame encodes never use the causal cache.")
     vae_tiled: bool = Field(False, description="Tiled VAE encode/decode so 1024² fits small GPUs.")
     vae_dtype: Dtype = Field("float32", description="Dtype the VAE runs in.")
 

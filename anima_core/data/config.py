@@ -284,6 +284,11 @@ def _check_dataset(spec: DatasetSpec, where: str, problems: list[str]) -> None:
             problems.append(f"{sw}: resize_interpolation '{s.resize_interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
         if s.face_crop_aug_range is not None:
             problems.append(f"{sw}: face_crop_aug_range is not supported by anima-train; remove it.")
+        if s.custom_attributes:
+            problems.append(
+                f"{sw}: custom_attributes has no reader in anima-train (sd-scripts hands them only to training code "
+                "written to use them); remove the table."
+            )
         for rate in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0.0 <= getattr(s, rate) <= 1.0:
                 problems.append(f"{sw}: {rate} must be between 0 and 1, got {getattr(s, rate)}")

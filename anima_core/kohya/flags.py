@@ -87,7 +87,9 @@ _add("--split_attn", "switch", "model.split_attn", generation="current")
 _rule("--xformers", "switch")
 _add("--transformer_dtype", target="model.transformer_dtype", generation="first")
 _add("--vae_chunk_size", target="model.vae_chunk_size", convert=v.as_int, generation="current")
-_add("--vae_disable_cache", "switch", "model.vae_disable_cache", generation="current")
+_add("--vae_disable_cache", "switch", generation="current",
+     ignored="disables the VAE's cache of causal-conv features between video frames; a single image never uses it, "
+     "so it changes nothing here")
 _add("--tokenizer_cache_dir", ignored=HOST)
 _add("--disable_mmap_load_safetensors", "switch", ignored=HOST)
 
