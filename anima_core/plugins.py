@@ -14,6 +14,7 @@ from anima_core import hookspecs
 BUILTIN_PLUGINS = (
     "anima_plugins.anima_loader",
     "anima_plugins.lora",
+    "anima_plugins.lycoris",
     "anima_plugins.memory",
     "anima_plugins.flow",
     "anima_plugins.optimizers",

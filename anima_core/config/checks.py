@@ -78,6 +78,12 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
             plugins.registry(hook).resolve(name)
         except UnknownNameError as exc:
             problems.append(f"{key}: {exc}")
+    try:
+        network = plugins.registry("register_networks").get(profile.network.module)
+    except UnknownNameError:
+        network = None
+    if hasattr(network, "validate"):  # a network plugin may check its own args and requirements
+        problems += network.validate(profile)
     problems += optimizer_problems(profile, plugins)
     for entry in plugins.registry("register_memory_strategies").entries.values():
         strategy = entry.obj

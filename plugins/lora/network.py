@@ -41,7 +41,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[str(dtype).lower()]
 
 
-def _arg_to_string(value: object) -> str:
+def arg_to_string(value: object) -> str:
     """sd-scripts keeps network args as the strings of ``key=value``; lists as Python literals."""
     if isinstance(value, (list, tuple)):
         return repr(list(value))
@@ -139,9 +139,7 @@ class AnimaLoRANetwork(nn.Module):
 
     def param_groups(self, optimizer_cfg) -> list[dict]:
         """Parameter groups {"params", "lr", "name"}; a rate of 0 freezes its modules and drops the group."""
-        base = float(optimizer_cfg.learning_rate)
-        unet_lr = _opt(optimizer_cfg, "unet_lr", base)
-        te_lr = _opt(optimizer_cfg, "text_encoder_lr", base)
+        unet_lr, te_lr = base_rates(optimizer_cfg)
         dit_ratio = self.args.loraplus_unet_lr_ratio or self.args.loraplus_lr_ratio
         te_ratio = self.args.loraplus_text_encoder_lr_ratio or self.args.loraplus_lr_ratio
 
@@ -173,15 +171,7 @@ class AnimaLoRANetwork(nn.Module):
         return [{"params": p.params, "lr": p.lr, "name": p.name} for p in self._last_groups]
 
     def _group_for(self, target: Target, optimizer_cfg, unet_lr: float, te_lr: float) -> tuple[str, float]:
-        for index, (pattern, lr) in enumerate(self.args.reg_lrs):
-            if re.fullmatch(pattern, target.path):
-                return f"network_reg_lrs[{index}] {pattern}", lr
-        if target.part == "te":
-            return "text_encoder", te_lr
-        component = lr_component(target.path)
-        if component == "base":
-            return "unet", unet_lr
-        return component, _opt(optimizer_cfg, OPTIMIZER_LR_FIELDS[component], unet_lr)
+        return learning_rate_group(target, self.args, optimizer_cfg, unet_lr, te_lr)
 
     def describe_groups(self) -> str:
         """The parameter groups with their rates (after ``param_groups``), and with ``verbose`` every module."""
@@ -213,7 +203,7 @@ class AnimaLoRANetwork(nn.Module):
             "ss_network_dim": str(self.network_dim),
             "ss_network_alpha": str(self.network_alpha),  # "1.0" as sd-scripts writes it
             "ss_network_dropout": str(self.dropout),
-            "ss_network_args": metadata_json({k: _arg_to_string(v) for k, v in self.raw_args.items()}),
+            "ss_network_args": metadata_json({k: arg_to_string(v) for k, v in self.raw_args.items()}),
             "ss_base_model_version": "anima",
         }
 
@@ -284,6 +274,25 @@ class AnimaLoRANetwork(nn.Module):
 def _opt(cfg, name: str, default: float) -> float:
     value = getattr(cfg, name, None)
     return default if value is None else float(value)
+
+
+def base_rates(optimizer_cfg) -> tuple[float, float]:
+    """(DiT rate, Qwen3 rate): unet_lr / text_encoder_lr, each defaulting to learning_rate."""
+    base = float(optimizer_cfg.learning_rate)
+    return _opt(optimizer_cfg, "unet_lr", base), _opt(optimizer_cfg, "text_encoder_lr", base)
+
+
+def learning_rate_group(target: Target, args: NetworkArgs, optimizer_cfg, unet_lr: float, te_lr: float) -> tuple[str, float]:
+    """(group name, rate) of one module: network_reg_lrs first, then Qwen3, then the DiT component rates."""
+    for index, (pattern, lr) in enumerate(args.reg_lrs):
+        if re.fullmatch(pattern, target.path):
+            return f"network_reg_lrs[{index}] {pattern}", lr
+    if target.part == "te":
+        return "text_encoder", te_lr
+    component = lr_component(target.path)
+    if component == "base":
+        return "unet", unet_lr
+    return component, _opt(optimizer_cfg, OPTIMIZER_LR_FIELDS[component], unet_lr)
 
 
 def create_network(network_cfg, *, dit: nn.Module, text_encoder, train_text_encoder: bool) -> AnimaLoRANetwork:
