@@ -76,8 +76,10 @@ def cmd_demo(args) -> int:
 
 def cmd_lora_info(args) -> int:
     from anima_plugins.lora import lora_info
+    from anima_plugins.lycoris.info import is_lycoris_file, lycoris_info
 
-    print(lora_info(Path(args.file)))
+    info = lycoris_info if is_lycoris_file(args.file) else lora_info
+    print(info(Path(args.file)))
     return 0
 
 

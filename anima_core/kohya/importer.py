@@ -27,6 +27,7 @@ from anima_core.kohya.flags import (
     Flag,
     Generation,
 )
+from anima_core.kohya.lycoris import LYCORIS_MODULE, lycoris_network_rules
 
 SCRIPT = "anima_train_network.py"
 GENERATION_NAMES = {"first": "first release (the guide)", "current": "current sd-scripts"}
@@ -334,6 +335,8 @@ def _network_rules(b: _Builder, generation: Generation) -> None:
             "(a cached text encoder cannot get a LoRA); imported with network.train_unet_only = true."
         )
         b.set("network", "train_unet_only", True, "implied by caching the text encoder outputs")
+    if b.raw("--network_module") == LYCORIS_MODULE:
+        lycoris_network_rules(b.data, b.comments, b.warn, b.written("--network_module"))
 
 
 def _caching_rules(b: _Builder) -> None:
