@@ -21,7 +21,7 @@ from .formats import FormatError, comfy_bias_difference, comfy_weight, group_mod
 
 PROBE_ROWS = 4
 # Relative tolerance per precision, against the size of the layer's output (rounding of W·x dominates).
-TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 @dataclass
