@@ -153,3 +153,14 @@ def names_for(hook_name: str) -> list[str]:
     """Registered names plus aliases for one hook, for profile validation messages."""
     registry = default_plugins().registry(hook_name)
     return registry.names() + sorted(registry.aliases)
+
+
+def network_arg_help(module: object, args: object) -> dict[str, str]:
+    """Help text per network arg from the network plugin ``module`` names (for the profile editor); empty when
+    the plugin gives none, the name is unknown, or ``args`` is not a table yet."""
+    try:
+        network = default_plugins().registry("register_networks").get(str(module))
+    except UnknownNameError:
+        return {}
+    helper = getattr(network, "arg_help", None)
+    return helper(args) if helper is not None and isinstance(args, dict) else {}

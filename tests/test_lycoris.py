@@ -1,8 +1,9 @@
-"""The lycoris network plugin on the tiny model: LoKr, LoHa, LoCon and LoCon+DoRA train, save files ComfyUI
+"""The lycoris network plugin on the tiny model: LoKr, LoHa, LoCon, LoCon+DoRA and full train, save files ComfyUI
 loads (checked by ComfyUI's key forms and reconstruction rule), continue from a file, resume bit for bit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_resume import StopAtStep, assert_same_lora, losses
+from test_tui_editor import row
+from textual.widgets import Input
 from training_helpers import make_run, read_events, tiny_profile_data
 
 from anima_core.config import profile_from_dict
@@ -21,6 +24,7 @@ from anima_plugins.lora.keymap import comfy_key_map
 from anima_plugins.lycoris.args import parse_lycoris_args
 from anima_plugins.lycoris.formats import SUFFIXES, comfy_weight, group_modules
 from anima_plugins.lycoris.info import is_lycoris_file, lycoris_info
+from anima_tui.app import AnimaApp
 
 pytest.importorskip("lycoris", reason="lycoris-lora is in the test extra")
 
@@ -29,6 +33,7 @@ ALGORITHMS = {
     "loha": {"algo": "loha"},
     "locon": {"algo": "locon"},
     "locon+dora": {"algo": "locon", "dora_wd": True},
+    "full": {"algo": "full"},
 }
 # Every suffix ComfyUI reads for each format (comfy/weight_adapter and comfy/lora.py), alpha and dora_scale included.
 COMFY_SUFFIXES = {algo: {s[1:] for s in suffixes} | {"alpha", "dora_scale"} for algo, suffixes in SUFFIXES.items()}
@@ -37,6 +42,7 @@ EXPECTED_KEYS = {
     "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
     "locon": {"lora_up.weight", "lora_down.weight", "alpha"},
     "locon+dora": {"lora_up.weight", "lora_down.weight", "alpha", "dora_scale"},
+    "full": {"diff"},  # the tiny model's Linears have no bias, so no diff_b
 }
 
 
@@ -75,7 +81,7 @@ def test_every_key_is_a_form_comfyui_maps(trained):
     modules, stray = group_modules(tensors)
     assert stray == []
     key_map = comfy_key_map(trainer.dit, None)
-    algo = "lokr" if name == "lokr" else "loha" if name == "loha" else "locon"
+    algo = "locon" if name.startswith("locon") else name
     for module in modules:
         assert module.algo == algo
         assert key_map[module.key][0] == "dit", module.key
@@ -99,15 +105,16 @@ def test_metadata_names_the_lycoris_network_as_sd_scripts_writes_it(trained):
 def test_self_check_fails_when_comfyui_would_rebuild_another_weight(trained, tmp_path):
     _, _, _, trainer, result = trained
     tensors = load_file(result.lora_path)
-    alpha_key = next(k for k in tensors if k.endswith(".alpha"))
-    tensors[alpha_key] = tensors[alpha_key] * 2
-    save_file(tensors, tmp_path / "doubled_alpha.safetensors")
-    check = trainer.network.self_check(tmp_path / "doubled_alpha.safetensors")
-    assert not check.ok and check.mismatches and alpha_key[: -len(".alpha")] in check.mismatches[0]
-    del tensors[alpha_key]
+    suffix = ".diff" if trained[0] == "full" else ".alpha"  # full has no alpha: double the difference itself
+    doubled = next(k for k in tensors if k.endswith(suffix))
+    tensors[doubled] = tensors[doubled] * 2
+    save_file(tensors, tmp_path / "doubled.safetensors")
+    check = trainer.network.self_check(tmp_path / "doubled.safetensors")
+    assert not check.ok and check.mismatches and doubled[: -len(suffix)] in check.mismatches[0]
+    tensors[doubled] = tensors[doubled] / 2
     tensors["lora_unet_blocks_0_not_a_layer.alpha"] = torch.tensor(1.0)
-    save_file(tensors, tmp_path / "renamed.safetensors")
-    check = trainer.network.self_check(tmp_path / "renamed.safetensors")
+    save_file(tensors, tmp_path / "stray_key.safetensors")
+    check = trainer.network.self_check(tmp_path / "stray_key.safetensors")
     assert not check.ok and "lora_unet_blocks_0_not_a_layer.alpha" in check.unmatched_keys
 
 
@@ -233,3 +240,26 @@ def test_import_kohya_maps_the_lycoris_network():
     assert (parsed.algo, parsed.factor, parsed.selection.include_patterns) == ("lokr", 8, (".*",))
     for text in ("use_tucker", "preset=attn-mlp", "--network_dropout"):
         assert any(text in w for w in result.warnings), text
+
+
+def test_profile_editor_shows_the_algorithms_args_with_help(tmp_path):
+    asyncio.run(_editor_arg_help(tmp_path))
+
+
+async def _editor_arg_help(tmp_path):
+    path = tmp_path / "lokr.toml"
+    path.write_text('[network]\nmodule = "lycoris"\nargs = { algo = "lokr", factor = 8 }\n')
+    app = AnimaApp(path)
+    async with app.run_test(size=(120, 60)) as pilot:
+        await pilot.pause()
+        args_row = await row(pilot, "network", "args")
+        await pilot.pause()
+        shown = args_row.query_one(".field-arg-help")
+        assert shown.display and "factor: LoKr" in str(shown.content) and "dora_wd:" in str(shown.content)
+        args_row.query_one(Input).value = '{ algo = "full" }'
+        await pilot.pause()
+        assert "factor:" not in str(shown.content) and "algo:" in str(shown.content)
+        module_row = await row(pilot, "network", "module")
+        module_row.query_one(Input).value = "lora_anima"
+        await pilot.pause()
+        assert not shown.display  # lora_anima documents its args in the field's own help

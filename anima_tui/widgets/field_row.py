@@ -58,6 +58,7 @@ class FieldRow(Vertical):
                 self._shown_value = shown(value, spec)
                 yield Input(self._shown_value, placeholder=f"default: {default_text(spec)}", compact=True, classes="field-input")
         yield Static(Text(f"{spec.help}  [default: {default_text(spec)}]"), classes="field-help")
+        yield Static(classes="field-help field-arg-help")
         yield Static(classes="field-error")
 
     def on_mount(self) -> None:
@@ -67,6 +68,15 @@ class FieldRow(Vertical):
         if problems != self._problems:
             self._problems = problems
             self._render_problems()
+
+    def show_arg_help(self, texts: dict[str, str]) -> None:
+        """Help per key of a table-valued field (the network plugin's args), shown under its own help."""
+        helps = self.query(".field-arg-help")
+        if not helps:
+            return
+        help_static = helps.first(Static)
+        help_static.update(Text("\n".join(f"  {name}: {text}" for name, text in texts.items())))
+        help_static.display = bool(texts)
 
     def _render_problems(self) -> None:
         errors = self.query(".field-error")

@@ -8,6 +8,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from anima_core.config import Profile
+from anima_core.plugins import network_arg_help
 from anima_tui.profile_draft import ProfileDraft, field_specs
 from anima_tui.widgets import css_beside
 from anima_tui.widgets.field_row import FieldRow
@@ -45,3 +46,6 @@ class TableForm(VerticalScroll):
     def _apply_problems(self) -> None:
         for row in self.query(FieldRow):
             row.show_problems(self._by_field.get(row.spec.dotted, []))
+            if row.spec.dotted == "network.args":  # the args the chosen network plugin (and algorithm) takes
+                row.show_arg_help(network_arg_help(self.draft.value("network", "module") or "lora_anima",
+                                                   self.draft.value("network", "args")))
