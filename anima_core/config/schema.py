@@ -116,7 +116,7 @@ class CachingTable(Table):
 
 
 class NetworkTable(Table):
-    module: str = Field("lora_anima", description="Network plugin (`networks.lora_anima` is accepted).")
+    module: str = Field("lora_anima", description="Network plugin: lora_anima (`networks.lora_anima` is accepted) or lycoris (LoKr/LoHa/LoCon/DoRA, extra anima-train[lycoris]; `lycoris.kohya` is accepted).")
     dim: Optional[int] = Field(None, ge=1, description="LoRA rank (network_dim); empty means 4.")
     alpha: Optional[float] = Field(None, ge=0, description="LoRA alpha (network_alpha); empty means 1 (scale alpha/rank).")
     dropout: Optional[float] = Field(None, ge=0, lt=1, description="Dropout on the rank activations (network_dropout).")
