@@ -66,19 +66,19 @@ class NetworkArgs:
     reg_lrs: tuple[tuple[str, float], ...] = ()
 
 
-def _fail(name: str, value: object, expected: str) -> NetworkArgsError:
+def arg_error(name: str, value: object, expected: str) -> NetworkArgsError:
     return NetworkArgsError(
         f"network arg {name}={value!r} cannot be used: expected {expected}. Fix it in the [network] args "
         f"of the profile (or the --network_args string)."
     )
 
 
-def _as_bool(name: str, value: object) -> bool:
+def as_bool(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise _fail(name, value, "true or false")
+    raise arg_error(name, value, "true or false")
 
 
 def _as_int(name: str, value: object, *, minimum: int = 0) -> int:
@@ -87,7 +87,7 @@ def _as_int(name: str, value: object, *, minimum: int = 0) -> int:
     except (TypeError, ValueError):
         number = None
     if number is None or number < minimum or (isinstance(value, float) and value != number):
-        raise _fail(name, value, f"a whole number >= {minimum}")
+        raise arg_error(name, value, f"a whole number >= {minimum}")
     return number
 
 
@@ -98,7 +98,7 @@ def _as_float(name: str, value: object, *, lo: float = 0.0, hi: float | None = N
         number = None
     if number is None or number < lo or (hi is not None and number >= hi):
         bound = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise _fail(name, value, f"a number {bound}")
+        raise arg_error(name, value, f"a number {bound}")
     return number
 
 
@@ -110,11 +110,11 @@ def _as_list(name: str, value: object) -> list[str]:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
-                raise _fail(name, value, "a list of regular expressions like ['.*mlp.*']") from None
+                raise arg_error(name, value, "a list of regular expressions like ['.*mlp.*']") from None
         else:
             value = [text]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _fail(name, value, "a list of regular expressions")
+        raise arg_error(name, value, "a list of regular expressions")
     for pattern in value:
         _check_regex(name, pattern)
     return list(value)
@@ -124,21 +124,21 @@ def _check_regex(name: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as err:
-        raise _fail(name, pattern, f"a valid regular expression ({err})") from None
+        raise arg_error(name, pattern, f"a valid regular expression ({err})") from None
 
 
 def _as_pairs(name: str, value: object, convert) -> tuple[tuple[str, object], ...]:
     """``regex=value,regex=value`` (sd-scripts form) or a list of ``regex=value`` strings."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise _fail(name, value, "'regex=value,regex=value'")
+        raise arg_error(name, value, "'regex=value,regex=value'")
     pairs = []
     for item in items:
         item = str(item).strip()
         if not item:
             continue
         if "=" not in item:
-            raise _fail(name, item, "'regex=value' (the regex may not contain ',' or '=')")
+            raise arg_error(name, item, "'regex=value' (the regex may not contain ',' or '=')")
         pattern, raw = (part.strip() for part in item.split("=", 1))
         _check_regex(name, pattern)
         pairs.append((pattern, convert(name, raw)))
@@ -156,7 +156,7 @@ def _parse_emb_dims(value: object) -> dict[str, int]:
     else:
         items = []
     if len(items) != 3:
-        raise _fail("emb_dims", value, "exactly 3 ranks for x_embedder, t_embedder, final_layer, e.g. [8,4,8]")
+        raise arg_error("emb_dims", value, "exactly 3 ranks for x_embedder, t_embedder, final_layer, e.g. [8,4,8]")
     return {comp: _as_int("emb_dims", item) for comp, item in zip(EMB_COMPONENTS, items)}
 
 
@@ -170,11 +170,11 @@ def parse_network_args(raw: dict[str, object] | None) -> NetworkArgs:
         )
     preset = str(raw.get("target_preset", "guide"))
     if preset not in PRESETS:
-        raise _fail("target_preset", preset, " or ".join(repr(p) for p in PRESETS))
+        raise arg_error("target_preset", preset, " or ".join(repr(p) for p in PRESETS))
     component_dims = {
         component: _as_int(arg, raw[arg]) for arg, component in COMPONENT_DIM_ARGS.items() if arg in raw
     }
-    train_llm_adapter = _as_bool("train_llm_adapter", raw.get("train_llm_adapter", False))
+    train_llm_adapter = as_bool("train_llm_adapter", raw.get("train_llm_adapter", False))
     if component_dims.get("llm_adapter", 0) > 0 and not train_llm_adapter:
         raise NetworkArgsError(
             f"network arg llm_adapter_dim={component_dims['llm_adapter']} has no effect because the LLM "
@@ -187,7 +187,7 @@ def parse_network_args(raw: dict[str, object] | None) -> NetworkArgs:
         emb_dims=_parse_emb_dims(raw["emb_dims"]) if "emb_dims" in raw else {},
         train_block_indices=None if blocks is None else str(blocks),
         train_llm_adapter=train_llm_adapter,
-        verbose=_as_bool("verbose", raw.get("verbose", False)),
+        verbose=as_bool("verbose", raw.get("verbose", False)),
         **{
             name: _as_float(name, raw[name], hi=1.0 if name.endswith("dropout") else None)
             if name in raw
@@ -221,7 +221,7 @@ def parse_block_indices(text: str, block_count: int) -> set[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
         if not match:
-            raise _fail("train_block_indices", text, "'all', 'none' or indices and ranges like 0-5,10,15-27")
+            raise arg_error("train_block_indices", text, "'all', 'none' or indices and ranges like 0-5,10,15-27")
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
         if start > end or end >= block_count:

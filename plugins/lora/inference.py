@@ -252,11 +252,16 @@ def lora_info(path: str | os.PathLike, dit: nn.Module | None = None, text_encode
             )
     else:
         lines.append("ComfyUI would load every key.")
-    lines.append("")
-    lines.append("metadata:")
-    for key in sorted(lora_file.metadata):
-        value = lora_file.metadata[key]
+    lines += metadata_lines(lora_file.metadata)
+    return "\n".join(lines)
+
+
+def metadata_lines(metadata: dict[str, str]) -> list[str]:
+    """The file's metadata for ``lora-info``, long values cut."""
+    lines = ["", "metadata:"]
+    for key in sorted(metadata):
+        value = metadata[key]
         if len(value) > LONG_METADATA:
             value = value[:LONG_METADATA] + f"... ({len(value)} characters)"
         lines.append(f"  {key} = {value}")
-    return "\n".join(lines)
+    return lines

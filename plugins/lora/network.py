@@ -49,7 +49,7 @@ def arg_to_string(value: object) -> str:
 
 
 @dataclass
-class _Plan:
+class GroupPlan:
     """One parameter group before it becomes an optimizer dict."""
 
     name: str
@@ -96,7 +96,7 @@ class AnimaLoRANetwork(nn.Module):
                 for t in targets
             }
         )
-        self._last_groups: list[_Plan] = []
+        self._last_groups: list[GroupPlan] = []
         self._frozen: list[str] = []
 
     # --- structure -----------------------------------------------------------------------------------
@@ -139,39 +139,8 @@ class AnimaLoRANetwork(nn.Module):
 
     def param_groups(self, optimizer_cfg) -> list[dict]:
         """Parameter groups {"params", "lr", "name"}; a rate of 0 freezes its modules and drops the group."""
-        unet_lr, te_lr = base_rates(optimizer_cfg)
-        dit_ratio = self.args.loraplus_unet_lr_ratio or self.args.loraplus_lr_ratio
-        te_ratio = self.args.loraplus_text_encoder_lr_ratio or self.args.loraplus_lr_ratio
-
-        plans: dict[str, _Plan] = {}
-        frozen: list[str] = []
-        for target in self.targets:
-            lora = self.loras[target.name]
-            group, lr = self._group_for(target, optimizer_cfg, unet_lr, te_lr)
-            ratio = dit_ratio if target.part == "dit" else te_ratio
-            if lr == 0:
-                lora.requires_grad_(False)
-                frozen.append(target.name)
-                continue
-            lora.requires_grad_(True)
-            for param_name, param in lora.named_parameters():
-                name, group_lr = group, lr
-                if ratio is not None and param_name.startswith("lora_up"):
-                    name, group_lr = f"{group} lora_up (LoRA+ x{ratio:g})", lr * ratio
-                plan = plans.setdefault(name, _Plan(name, group_lr, [], 0))
-                plan.params.append(param)
-                plan.modules += param_name.startswith("lora_down")
-        self._last_groups = list(plans.values())
-        self._frozen = frozen
-        if not self._last_groups:
-            raise AnimaError(
-                "every LoRA module has a learning rate of 0, so nothing would train. Give at least one of "
-                "learning_rate / unet_lr / text_encoder_lr / the component rates a value above 0."
-            )
+        self._last_groups, self._frozen = plan_param_groups(self.targets, self.loras, self.args, optimizer_cfg)
         return [{"params": p.params, "lr": p.lr, "name": p.name} for p in self._last_groups]
-
-    def _group_for(self, target: Target, optimizer_cfg, unet_lr: float, te_lr: float) -> tuple[str, float]:
-        return learning_rate_group(target, self.args, optimizer_cfg, unet_lr, te_lr)
 
     def describe_groups(self) -> str:
         """The parameter groups with their rates (after ``param_groups``), and with ``verbose`` every module."""
@@ -182,11 +151,7 @@ class AnimaLoRANetwork(nn.Module):
             f"alpha {self.network_alpha:g}, preset {self.args.target_preset}, "
             f"{sum(p.numel() for p in self.parameters()):,} parameters"
         ]
-        for plan in self._last_groups:
-            count = sum(p.numel() for p in plan.params)
-            lines.append(f"  group {plan.name:<40} lr {plan.lr:<10.3g} {len(plan.params):>5} tensors {count:>12,} params")
-        if self._frozen:
-            lines.append(f"  frozen (lr 0): {len(self._frozen)} modules")
+        lines += group_lines(self._last_groups, self._frozen)
         if self.args.verbose:
             lines.append(f"  {'module':<64} {'rank':>5} {'alpha':>7}")
             for target in self.targets:
@@ -295,22 +260,71 @@ def learning_rate_group(target: Target, args: NetworkArgs, optimizer_cfg, unet_l
     return component, _opt(optimizer_cfg, OPTIMIZER_LR_FIELDS[component], unet_lr)
 
 
+def plan_param_groups(targets: list[Target], modules, args: NetworkArgs, optimizer_cfg) -> tuple[list[GroupPlan], list[str]]:
+    """The groups of a network's modules (``modules[target.name]``) and the names of modules frozen by a rate of 0.
+
+    LoRA+ (``loraplus_*_ratio``) moves each module's ``lora_up`` parameters into a group at ratio x the rate.
+    """
+    unet_lr, te_lr = base_rates(optimizer_cfg)
+    dit_ratio = args.loraplus_unet_lr_ratio or args.loraplus_lr_ratio
+    te_ratio = args.loraplus_text_encoder_lr_ratio or args.loraplus_lr_ratio
+    plans: dict[str, GroupPlan] = {}
+    frozen: list[str] = []
+    for target in targets:
+        module = modules[target.name]
+        group, lr = learning_rate_group(target, args, optimizer_cfg, unet_lr, te_lr)
+        ratio = dit_ratio if target.part == "dit" else te_ratio
+        if lr == 0:
+            module.requires_grad_(False)
+            frozen.append(target.name)
+            continue
+        module.requires_grad_(True)
+        for index, (param_name, param) in enumerate(module.named_parameters()):
+            name, group_lr = group, lr
+            if ratio is not None and param_name.startswith("lora_up"):
+                name, group_lr = f"{group} lora_up (LoRA+ x{ratio:g})", lr * ratio
+            plan = plans.setdefault(name, GroupPlan(name, group_lr, [], 0))
+            plan.params.append(param)
+            plan.modules += index == 0
+    if not plans:
+        raise AnimaError(
+            "every network module has a learning rate of 0, so nothing would train. Give at least one of "
+            "learning_rate / unet_lr / text_encoder_lr / the component rates a value above 0."
+        )
+    return list(plans.values()), frozen
+
+
+def group_lines(plans: list[GroupPlan], frozen: list[str]) -> list[str]:
+    """The parameter groups with their rates, for the start-of-run log."""
+    lines = []
+    for plan in plans:
+        count = sum(p.numel() for p in plan.params)
+        lines.append(f"  group {plan.name:<40} lr {plan.lr:<10.3g} {len(plan.params):>5} tensors {count:>12,} params")
+    if frozen:
+        lines.append(f"  frozen (lr 0): {len(frozen)} modules")
+    return lines
+
+
+def text_encoder_model_for(text_encoder, train_text_encoder: bool) -> nn.Module | None:
+    """The Qwen3 model that gets modules, or None when the text encoder is not trained."""
+    if not train_text_encoder:
+        return None
+    if text_encoder is None:
+        raise AnimaError(
+            "text-encoder training was asked for, but no text encoder was loaded. Set "
+            "network_train_unet_only = true, or load the Qwen3 text encoder."
+        )
+    return getattr(text_encoder, "model", text_encoder)
+
+
 def create_network(network_cfg, *, dit: nn.Module, text_encoder, train_text_encoder: bool) -> AnimaLoRANetwork:
     raw_args = dict(getattr(network_cfg, "args", None) or {})
     args = parse_network_args(raw_args)
     dim = getattr(network_cfg, "dim", None)
     alpha = getattr(network_cfg, "alpha", None)
-    te_model = None
-    if train_text_encoder:
-        if text_encoder is None:
-            raise AnimaError(
-                "text-encoder LoRA training was asked for, but no text encoder was loaded. Set "
-                "network_train_unet_only = true, or load the Qwen3 text encoder."
-            )
-        te_model = getattr(text_encoder, "model", text_encoder)
     network = AnimaLoRANetwork(
         dit=dit,
-        text_encoder_model=te_model,
+        text_encoder_model=text_encoder_model_for(text_encoder, train_text_encoder),
         args=args,
         raw_args=raw_args,
         network_dim=4 if dim is None else int(dim),

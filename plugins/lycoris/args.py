@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from anima_plugins.lora.args import KNOWN_ARGS as SELECTION_ARGS
-from anima_plugins.lora.args import NetworkArgs, NetworkArgsError, parse_network_args
+from anima_plugins.lora.args import NetworkArgs, NetworkArgsError, arg_error, as_bool, parse_network_args
 
 ALGORITHMS = ("lokr", "loha", "locon", "lora", "full")  # lora is LyCORIS's name for LoCon on Linear layers
 DEFAULT_ALGO = "lora"  # LyCORIS's own default
@@ -119,28 +119,13 @@ class LycorisArgs:
         return kwargs
 
 
-def _fail(name: str, value: object, expected: str) -> NetworkArgsError:
-    return NetworkArgsError(
-        f"network arg {name}={value!r} cannot be used: expected {expected}. Fix it in the [network] args "
-        "of the profile (or the --network_args string)."
-    )
-
-
-def _bool(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise _fail(name, value, "true or false")
-
-
 def _int(name: str, value: object) -> int:
     try:
         number = int(str(value).strip()) if not isinstance(value, (bool, float)) else int(value)
     except ValueError:
-        raise _fail(name, value, "a whole number") from None
+        raise arg_error(name, value, "a whole number") from None
     if isinstance(value, bool) or (isinstance(value, float) and value != number) or (number < 1 and number != -1):
-        raise _fail(name, value, "a whole number >= 1, or -1")
+        raise arg_error(name, value, "a whole number >= 1, or -1")
     return number
 
 
@@ -171,8 +156,8 @@ def parse_lycoris_args(raw: dict[str, object] | None) -> LycorisArgs:
             + "; ".join(f"{n}: {', '.join(ALGO_ARGS[n][0])}" for n in sorted(wrong_algo))
             + ". Remove them or change algo."
         )
-    if "wd_on_output" in raw and _bool("wd_on_output", raw.pop("wd_on_output")):
-        raise _fail("wd_on_output", True, f"false. {ALGO_ARGS['wd_on_output'][1]}")
+    if "wd_on_output" in raw and as_bool("wd_on_output", raw.pop("wd_on_output")):
+        raise arg_error("wd_on_output", True, f"false. {ALGO_ARGS['wd_on_output'][1]}")
     loraplus = [n for n in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio") if n in raw]
     if loraplus and algo not in ("locon", "lora"):
         raise NetworkArgsError(
@@ -186,7 +171,7 @@ def parse_lycoris_args(raw: dict[str, object] | None) -> LycorisArgs:
         algo=algo,
         selection=selection,
         factor=_int("factor", own["factor"]) if "factor" in own else -1,
-        **{name: _bool(name, own[name]) for name in (
+        **{name: as_bool(name, own[name]) for name in (
             "decompose_both", "full_matrix", "unbalanced_factorization", "use_scalar", "dora_wd", "rs_lora",
             "rank_dropout_scale") if name in own},
     )

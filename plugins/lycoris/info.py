@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from anima_plugins.lora.files import read_lora_file
-from anima_plugins.lora.inference import LONG_METADATA
+from anima_plugins.lora.inference import metadata_lines
 from anima_plugins.lora.keymap import comfy_key_map, structural_address
 
 from .formats import LYCORIS_ONLY, FormatError, group_modules
@@ -54,11 +54,5 @@ def lycoris_info(path: str | os.PathLike, dit: nn.Module | None = None, text_enc
         lines.append(f"ComfyUI would NOT load {len(not_loaded)} key(s), e.g. {not_loaded[:5]}")
     else:
         lines.append("ComfyUI would load every key.")
-    lines.append("")
-    lines.append("metadata:")
-    for key in sorted(lora_file.metadata):
-        value = lora_file.metadata[key]
-        if len(value) > LONG_METADATA:
-            value = value[:LONG_METADATA] + f"... ({len(value)} characters)"
-        lines.append(f"  {key} = {value}")
+    lines += metadata_lines(lora_file.metadata)
     return "\n".join(lines)

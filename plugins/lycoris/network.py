@@ -6,8 +6,6 @@ selection), patches their forwards, groups learning rates and writes kohya-named
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -15,7 +13,14 @@ from anima_core.errors import AnimaError
 from anima_plugins.lora.files import LoRAFileError, metadata_json, read_lora_file, write_lora_file
 from anima_plugins.lora.keymap import Address, resolver_key_map
 from anima_plugins.lora.names import COMFY_TE_PREFIX
-from anima_plugins.lora.network import arg_to_string, base_rates, learning_rate_group, resolve_dtype
+from anima_plugins.lora.network import (
+    GroupPlan,
+    arg_to_string,
+    group_lines,
+    plan_param_groups,
+    resolve_dtype,
+    text_encoder_model_for,
+)
 from anima_plugins.lora.selection import Skipped, Target, select_targets
 
 from .args import DROPOUT_REFUSED, LycorisArgs, parse_lycoris_args
@@ -25,14 +30,6 @@ from .selfcheck import LycorisSelfCheck, self_check
 
 NETWORK_MODULE = "lycoris.kohya"  # what sd-scripts writes for a LyCORIS network; LyCORIS loaders know it
 FILE_ALGO = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "full": "full"}
-
-
-@dataclass
-class _Plan:
-    name: str
-    lr: float
-    params: list[nn.Parameter]
-    modules: int
 
 
 class AnimaLycorisNetwork(nn.Module):
@@ -68,7 +65,7 @@ class AnimaLycorisNetwork(nn.Module):
             }
         )
         self._saved_forwards: dict[str, tuple[bool, object]] = {}
-        self._last_groups: list[_Plan] = []
+        self._last_groups: list[GroupPlan] = []
         self._frozen: list[str] = []
 
     # --- structure -----------------------------------------------------------------------------------
@@ -135,37 +132,8 @@ class AnimaLycorisNetwork(nn.Module):
 
     def param_groups(self, optimizer_cfg) -> list[dict]:
         """Groups as ``lora_anima`` forms them (component rates, network_reg_lrs, 0 freezes); LoRA+ speeds up
-        LoCon's ``lora_up`` (the other algorithms are refused LoRA+ by the args)."""
-        unet_lr, te_lr = base_rates(optimizer_cfg)
-        selection = self.args.selection
-        dit_ratio = selection.loraplus_unet_lr_ratio or selection.loraplus_lr_ratio
-        te_ratio = selection.loraplus_text_encoder_lr_ratio or selection.loraplus_lr_ratio
-        plans: dict[str, _Plan] = {}
-        frozen: list[str] = []
-        for target in self.targets:
-            module = self.loras[target.name]
-            group, lr = learning_rate_group(target, selection, optimizer_cfg, unet_lr, te_lr)
-            ratio = dit_ratio if target.part == "dit" else te_ratio
-            if lr == 0:
-                module.requires_grad_(False)
-                frozen.append(target.name)
-                continue
-            module.requires_grad_(True)
-            first = True
-            for param_name, param in module.named_parameters():
-                name, group_lr = group, lr
-                if ratio is not None and param_name.startswith("lora_up"):
-                    name, group_lr = f"{group} lora_up (LoRA+ x{ratio:g})", lr * ratio
-                plan = plans.setdefault(name, _Plan(name, group_lr, [], 0))
-                plan.params.append(param)
-                plan.modules += first
-                first = False
-        self._last_groups, self._frozen = list(plans.values()), frozen
-        if not self._last_groups:
-            raise AnimaError(
-                "every LyCORIS module has a learning rate of 0, so nothing would train. Give at least one of "
-                "learning_rate / unet_lr / text_encoder_lr / the component rates a value above 0."
-            )
+        LoCon's ``lora_up`` (the args refuse LoRA+ for the other algorithms)."""
+        self._last_groups, self._frozen = plan_param_groups(self.targets, self.loras, self.args.selection, optimizer_cfg)
         return [{"params": p.params, "lr": p.lr, "name": p.name} for p in self._last_groups]
 
     def describe_groups(self) -> str:
@@ -178,11 +146,7 @@ class AnimaLycorisNetwork(nn.Module):
             f"alpha {self.network_alpha:g}, preset {args.selection.target_preset}, "
             f"{sum(p.numel() for p in self.parameters()):,} parameters"
         ]
-        for plan in self._last_groups:
-            count = sum(p.numel() for p in plan.params)
-            lines.append(f"  group {plan.name:<40} lr {plan.lr:<10.3g} {len(plan.params):>5} tensors {count:>12,} params")
-        if self._frozen:
-            lines.append(f"  frozen (lr 0): {len(self._frozen)} modules")
+        lines += group_lines(self._last_groups, self._frozen)
         if args.selection.verbose:
             lines.append(f"  {'module':<64} {'dim':>5} {'params':>10}")
             for target in self.targets:
@@ -278,17 +242,9 @@ def create_network(network_cfg, *, dit: nn.Module, text_encoder, train_text_enco
     if getattr(network_cfg, "dropout", None):
         raise AnimaError(f"network.dropout: {DROPOUT_REFUSED}")
     dim, alpha = getattr(network_cfg, "dim", None), getattr(network_cfg, "alpha", None)
-    te_model = None
-    if train_text_encoder:
-        if text_encoder is None:
-            raise AnimaError(
-                "text-encoder training was asked for, but no text encoder was loaded. Set "
-                "network_train_unet_only = true, or load the Qwen3 text encoder."
-            )
-        te_model = getattr(text_encoder, "model", text_encoder)
     network = AnimaLycorisNetwork(
         dit=dit,
-        text_encoder_model=te_model,
+        text_encoder_model=text_encoder_model_for(text_encoder, train_text_encoder),
         args=args,
         raw_args=raw_args,
         network_dim=4 if dim is None else int(dim),
