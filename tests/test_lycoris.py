@@ -19,6 +19,7 @@ from anima_core.config import profile_from_dict
 from anima_core.errors import ProfileError
 from anima_core.kohya import import_command_line
 from anima_core.plugins import build_plugins
+from anima_plugins.lora import apply_lora_files
 from anima_plugins.lora.files import LoRAFileError
 from anima_plugins.lora.keymap import comfy_key_map
 from anima_plugins.lycoris.args import parse_lycoris_args
@@ -263,3 +264,27 @@ async def _editor_arg_help(tmp_path):
         module_row.query_one(Input).value = "lora_anima"
         await pilot.pause()
         assert not shown.display  # lora_anima documents its args in the field's own help
+
+
+def test_sampling_merges_the_file_as_comfyui_and_removes_it_exactly(trained):
+    name, _, _, trainer, result = trained
+    dit = trainer.dit
+    trainer.network.remove()  # the plain model, as `anima-train sample` loads it
+    try:
+        before = {k: v.clone() for k, v in dit.state_dict().items()}
+        applied = apply_lora_files(dit, None, [(result.lora_path, 0.5)])
+        assert len(applied.adapters) == len(trainer.network.targets)
+        modules, _ = group_modules(load_file(result.lora_path))
+        key_map = comfy_key_map(dit, None)
+        for module in modules:
+            path = key_map[module.key][1]
+            original = before[path + ".weight"]
+            expected = original + 0.5 * (comfy_weight(module, original) - original)
+            layer, x = dit.get_submodule(path), torch.randn(3, original.shape[1])
+            # plain LoCon files go through the LoRA forward patch, the others are merged: same output either way
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, expected, layer.bias), rtol=1e-5, atol=1e-6)
+        applied.remove()
+        after = dit.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    finally:
+        trainer.network.apply_to()

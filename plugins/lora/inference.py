@@ -22,7 +22,7 @@ def _te_model(text_encoder) -> nn.Module | None:
     return None if text_encoder is None else getattr(text_encoder, "model", text_encoder)
 
 
-def _module_at(address: Address, dit: nn.Module, te_model: nn.Module | None) -> nn.Module | None:
+def module_at(address: Address, dit: nn.Module, te_model: nn.Module | None) -> nn.Module | None:
     part, path = address
     root = dit if part == "dit" else te_model
     if root is None:
@@ -35,9 +35,9 @@ def _module_at(address: Address, dit: nn.Module, te_model: nn.Module | None) -> 
 
 @dataclass
 class AppliedLoRAs:
-    """LoRA files patched into a model; ``remove()`` restores the model's own forwards."""
+    """LoRA files patched into a model; ``remove()`` restores the model's own forwards (and merged weights)."""
 
-    adapters: list[LoRAModule]
+    adapters: list  # LoRAModule, or anima_plugins.lycoris.apply.MergedModule
     files: list[str]
 
     def remove(self) -> None:
@@ -49,16 +49,23 @@ class AppliedLoRAs:
 def apply_lora_files(
     dit: nn.Module, text_encoder, files: Sequence[tuple[str | os.PathLike, float]]
 ) -> AppliedLoRAs:
-    """Apply LoRA files (ours, kohya, ComfyUI/PEFT names) at the given strengths for inference.
+    """Apply LoRA files (ours, kohya, ComfyUI/PEFT names) at the given strengths for inference; LyCORIS files
+    (LoKr, LoHa, DoRA, full) are merged into the weights as ComfyUI merges them.
 
     Every key of every file must land on a Linear of the model with matching shapes, or LoRAFileError
     names the keys (a silently half-applied LoRA would make samples misleading).
     """
+    from anima_plugins.lycoris.apply import merge_lycoris_file  # lycoris builds on this plugin, not the reverse
+    from anima_plugins.lycoris.info import is_lycoris_file
+
     te_model = _te_model(text_encoder)
     key_map = resolver_key_map(dit, te_model)
-    adapters: list[LoRAModule] = []
+    adapters: list = []  # LoRAModule forward patches and merged LyCORIS modules, both with remove()
     try:
         for path, strength in files:
+            if is_lycoris_file(path):
+                adapters += merge_lycoris_file(dit, te_model, path, float(strength))
+                continue
             lora_file = read_lora_file(path)
             plan = _plan(lora_file, key_map, dit, te_model)
             for pair, target in plan:
@@ -81,7 +88,7 @@ def _plan(lora_file: LoRAFile, key_map, dit, te_model) -> list[tuple]:
     plan = []
     for pair in pairs:
         address = key_map.get(pair.key)
-        target = _module_at(address, dit, te_model) if address else None
+        target = module_at(address, dit, te_model) if address else None
         if not isinstance(target, nn.Linear):
             problems.append(f"{pair.key}: no Linear layer of the model has this name")
         elif (target.out_features, target.in_features) != (pair.up.shape[0], pair.down.shape[1]):
@@ -171,7 +178,7 @@ def self_check(
     generator = torch.Generator().manual_seed(0)
     for pair in pairs:
         address = key_map.get(pair.key)
-        target = _module_at(address, dit, te_model) if address else None
+        target = module_at(address, dit, te_model) if address else None
         if not isinstance(target, nn.Linear):
             result.unmatched_keys += pair.tensor_keys
             continue

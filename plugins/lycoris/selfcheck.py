@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from anima_plugins.lora.files import LoRAFileError, read_lora_file
+from anima_plugins.lora.inference import module_at
 from anima_plugins.lora.keymap import Address, comfy_key_map
 
 from .formats import FormatError, comfy_bias_difference, comfy_weight, group_modules
@@ -56,16 +57,6 @@ class LycorisSelfCheck:
             if items:
                 text += f"; {label}: {items[:4]}"
         return text
-
-
-def _module_at(address: Address, dit: nn.Module, te_model: nn.Module | None) -> nn.Module | None:
-    root = dit if address[0] == "dit" else te_model
-    if root is None:
-        return None
-    try:
-        return root.get_submodule(address[1])
-    except AttributeError:
-        return None
 
 
 def _tolerance(*dtypes: torch.dtype) -> float:
@@ -111,7 +102,7 @@ def self_check(
     seen = set()
     for adapter in adapters:
         address = key_map.get(adapter.key)
-        layer = _module_at(address, dit, text_encoder_model) if address else None
+        layer = module_at(address, dit, text_encoder_model) if address else None
         if not isinstance(layer, nn.Linear):
             result.unmatched_keys += adapter.tensor_keys
             continue
