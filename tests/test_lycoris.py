@@ -176,6 +176,18 @@ def test_text_encoder_modules_use_comfyui_names_and_self_check(tmp_path, tiny_mo
     assert check.ok, check.summary
 
 
+@pytest.mark.parametrize("algo", ["lokr", "locon"])
+def test_bypass_mode_with_network_dropout_trains_and_self_checks(tmp_path, tiny_model, algo):
+    trainer, result = lycoris_run(tmp_path, tiny_model, algo, {"algo": algo, "bypass_mode": True},
+                                  network={"dropout": 0.2}, training={"max_train_steps": 2})
+    assert all(m.bypass_mode for m in trainer.network.loras.values())
+    check = trainer.network.self_check(result.lora_path)
+    assert check.ok, check.summary
+    with open(result.lora_path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    assert header["ss_network_dropout"] == "0.2"
+
+
 def test_loraplus_and_component_rates_group_the_parameters(trained, tiny_model):
     name, root, _, trainer, _ = trained
     if name != "locon":
@@ -221,7 +233,9 @@ def test_missing_package_is_a_validate_error_naming_the_extra(tmp_path, tiny_mod
     ({"args": {"algo": "lokr", "factor": "x"}}, "factor='x'"),
     ({"args": {"algo": "lokr", "colour": 1}}, "unknown network arg(s) colour"),
     ({"args": {"algo": "lokr", "target_preset": "all"}}, "target_preset='all'"),
-    ({"args": {"algo": "lokr"}, "dropout": 0.1}, "network.dropout:"),
+    ({"args": {"algo": "lokr"}, "dropout": 0.1}, "network.dropout: LyCORIS modules apply network_dropout only with"),
+    ({"args": {"algo": "locon", "dora_wd": True, "bypass_mode": True}}, "skips the DoRA decomposition"),
+    ({"args": {"algo": "full", "bypass_mode": True}}, "bypass_mode do nothing for algo=full"),
 ])
 def test_args_lycoris_cannot_honour_are_validate_errors(tmp_path, tiny_model, network, expected):
     problems = validate(tmp_path, tiny_model, **network)

@@ -41,5 +41,6 @@ def lycoris_network_rules(data: dict[str, dict[str, Any]], comments: dict, warn,
         args.pop("wd_on_output")
         warn("network arg wd_on_output=True: left out; ComfyUI rebuilds output-axis DoRA with the untrained weight's "
              "norm, so anima-train trains the input-axis form.")
-    if network.pop("dropout", None):
+    if network.get("dropout") and args.get("bypass_mode") not in (True, "true", "True"):
+        network.pop("dropout")
         warn(f"--network_dropout: left out; {DROPOUT_REFUSED}")

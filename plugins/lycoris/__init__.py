@@ -28,10 +28,11 @@ class LycorisNetworkPlugin:
         if missing:
             problems.append(f"network.module: {missing}")
         try:
-            parse_lycoris_args(profile.network.args)
+            args = parse_lycoris_args(profile.network.args)
         except AnimaError as err:
             problems.append(f"network.args: {err}")
-        if profile.network.dropout:
+            args = None
+        if profile.network.dropout and not (args and args.bypass_mode):
             problems.append(f"network.dropout: {DROPOUT_REFUSED}")
         return problems
 

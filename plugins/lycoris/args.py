@@ -33,6 +33,8 @@ ALGO_ARGS: dict[str, tuple[tuple[str, ...], str]] = {
                      "the untrained weight's norm, so such a file would not load as it was trained."),
     "rs_lora": (RANK_ALGORITHMS, "Rank-stabilised scale alpha/sqrt(dim) instead of alpha/dim."),
     "rank_dropout_scale": (RANK_ALGORITHMS + ("full",), "Rescale the rows kept by rank_dropout by their mean."),
+    "bypass_mode": (RANK_ALGORITHMS, "Run x through the factors instead of rebuilding the weight difference every "
+                    "step (less memory and time; not with DoRA). network.dropout then applies to the module output."),
 }
 
 # Selection args shared with lora_anima, with what they do here.
@@ -67,14 +69,13 @@ REFUSED = {
     "disable_conv_cp": "Tucker (CP) decomposition applies to convolution kernels only; Anima's adapted layers are Linear",
     "preset": "anima-train selects layers with target_preset, include_patterns and exclude_patterns (the same "
               "selection as lora_anima); LyCORIS presets name module classes of other models",
-    "bypass_mode": "anima-train runs LyCORIS modules in weight-rebuild mode, where DoRA and every algorithm apply "
-                   "as ComfyUI rebuilds them",
     "train_norm": "norm-layer modules are saved in a form ComfyUI does not load as a LoRA",
-    "dropout": "LyCORIS modules in weight-rebuild mode apply no activation dropout; use rank_dropout or module_dropout",
+    "dropout": "the module-output dropout is network.dropout (network_dropout), with bypass_mode = true",
 }
 DROPOUT_REFUSED = (
-    "LyCORIS modules in weight-rebuild mode apply no dropout to their activations, so network_dropout would do "
-    "nothing; remove it and use the rank_dropout or module_dropout network args."
+    "LyCORIS modules apply network_dropout only with bypass_mode = true (rebuilding the weight difference leaves "
+    "no activation to drop), so here it would do nothing; set bypass_mode = true in the network args, or remove it "
+    "and use rank_dropout / module_dropout."
 )
 
 
@@ -102,6 +103,7 @@ class LycorisArgs:
     dora_wd: bool = False
     rs_lora: bool = False
     rank_dropout_scale: bool = False
+    bypass_mode: bool = False
 
     def module_kwargs(self) -> dict:
         """Keyword args for the LyCORIS module class of ``algo``."""
@@ -112,7 +114,7 @@ class LycorisArgs:
         }
         if self.algo in RANK_ALGORITHMS:
             kwargs.update(use_scalar=self.use_scalar, weight_decompose=self.dora_wd, wd_on_out=False,
-                          rs_lora=self.rs_lora)
+                          rs_lora=self.rs_lora, bypass_mode=self.bypass_mode)
         if self.algo == "lokr":
             kwargs.update(factor=self.factor, decompose_both=self.decompose_both, full_matrix=self.full_matrix,
                           unbalanced_factorization=self.unbalanced_factorization)
@@ -158,6 +160,11 @@ def parse_lycoris_args(raw: dict[str, object] | None) -> LycorisArgs:
         )
     if "wd_on_output" in raw and as_bool("wd_on_output", raw.pop("wd_on_output")):
         raise arg_error("wd_on_output", True, f"false. {ALGO_ARGS['wd_on_output'][1]}")
+    if as_bool("bypass_mode", raw.get("bypass_mode", False)) and as_bool("dora_wd", raw.get("dora_wd", False)):
+        raise NetworkArgsError(
+            "network args bypass_mode=true and dora_wd=true cannot be combined: LyCORIS's bypass forward skips the "
+            "DoRA decomposition, so the run would not train what the file says. Remove bypass_mode."
+        )
     loraplus = [n for n in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio") if n in raw]
     if loraplus and algo not in ("locon", "lora"):
         raise NetworkArgsError(
@@ -173,5 +180,5 @@ def parse_lycoris_args(raw: dict[str, object] | None) -> LycorisArgs:
         factor=_int("factor", own["factor"]) if "factor" in own else -1,
         **{name: as_bool(name, own[name]) for name in (
             "decompose_both", "full_matrix", "unbalanced_factorization", "use_scalar", "dora_wd", "rs_lora",
-            "rank_dropout_scale") if name in own},
+            "rank_dropout_scale", "bypass_mode") if name in own},
     )

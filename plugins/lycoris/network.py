@@ -42,6 +42,7 @@ class AnimaLycorisNetwork(nn.Module):
         raw_args: dict,
         network_dim: int,
         alpha: float,
+        dropout: float = 0.0,
         save_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -49,6 +50,7 @@ class AnimaLycorisNetwork(nn.Module):
         self.raw_args = dict(raw_args)
         self.network_dim = network_dim
         self.network_alpha = alpha
+        self.dropout = dropout
         self.save_dtype = save_dtype
         self._models = (dit, text_encoder_model)  # a tuple, so they are not registered as submodules
         targets, skipped = select_targets(
@@ -59,7 +61,7 @@ class AnimaLycorisNetwork(nn.Module):
         module_class = module_classes()[args.algo]
         self.loras = nn.ModuleDict(
             {
-                t.name: module_class(t.name, t.module, multiplier=1.0, lora_dim=t.rank, alpha=alpha, dropout=0.0,
+                t.name: module_class(t.name, t.module, multiplier=1.0, lora_dim=t.rank, alpha=alpha, dropout=dropout,
                                      **args.module_kwargs())
                 for t in targets
             }
@@ -164,7 +166,7 @@ class AnimaLycorisNetwork(nn.Module):
             "ss_network_module": NETWORK_MODULE,
             "ss_network_dim": str(self.network_dim),
             "ss_network_alpha": str(self.network_alpha),
-            "ss_network_dropout": "None",
+            "ss_network_dropout": str(self.dropout or None),
             "ss_network_args": metadata_json({k: str(v) for k, v in args.items()}),
             "ss_base_model_version": "anima",
         }
@@ -239,7 +241,8 @@ class AnimaLycorisNetwork(nn.Module):
 def create_network(network_cfg, *, dit: nn.Module, text_encoder, train_text_encoder: bool) -> AnimaLycorisNetwork:
     raw_args = dict(getattr(network_cfg, "args", None) or {})
     args = parse_lycoris_args(raw_args)
-    if getattr(network_cfg, "dropout", None):
+    dropout = getattr(network_cfg, "dropout", None) or 0.0
+    if dropout and not args.bypass_mode:
         raise AnimaError(f"network.dropout: {DROPOUT_REFUSED}")
     dim, alpha = getattr(network_cfg, "dim", None), getattr(network_cfg, "alpha", None)
     network = AnimaLycorisNetwork(
@@ -249,6 +252,7 @@ def create_network(network_cfg, *, dit: nn.Module, text_encoder, train_text_enco
         raw_args=raw_args,
         network_dim=4 if dim is None else int(dim),
         alpha=1.0 if alpha is None else float(alpha),
+        dropout=dropout,
         save_dtype=resolve_dtype(getattr(network_cfg, "save_dtype", None)),
     )
     weights = getattr(network_cfg, "weights", None)
