@@ -23,7 +23,7 @@ from anima_plugins.lora import apply_lora_files
 from anima_plugins.lora.files import LoRAFileError
 from anima_plugins.lora.keymap import comfy_key_map
 from anima_plugins.lycoris.args import parse_lycoris_args
-from anima_plugins.lycoris.formats import SUFFIXES, comfy_weight, group_modules
+from anima_plugins.lycoris.formats import SUFFIXES, comfy_difference, comfy_weight, group_modules
 from anima_plugins.lycoris.info import is_lycoris_file, lycoris_info
 from anima_tui.app import AnimaApp
 
@@ -188,6 +188,16 @@ def test_bypass_mode_with_network_dropout_trains_and_self_checks(tmp_path, tiny_
     assert header["ss_network_dropout"] == "0.2"
 
 
+@pytest.mark.parametrize("algo", ["lokr", "loha", "locon"])
+def test_scale_weight_norms_keeps_every_saved_difference_within_the_norm(tmp_path, tiny_model, algo):
+    trainer, result = lycoris_run(tmp_path, tiny_model, algo, {"algo": algo}, training={"max_train_steps": 3},
+                                  optimizer={"learning_rate": 1e-2, "scale_weight_norms": 0.05})
+    modules, _ = group_modules(load_file(result.lora_path))
+    norms = [comfy_difference(m).norm().item() for m in modules]
+    assert max(norms) <= 0.05 * (1 + 1e-4) and sum(n > 0.049 for n in norms) > 0  # some were scaled back
+    assert trainer.network.self_check(result.lora_path).ok
+
+
 def test_loraplus_and_component_rates_group_the_parameters(trained, tiny_model):
     name, root, _, trainer, _ = trained
     if name != "locon":
@@ -206,8 +216,8 @@ def test_loraplus_and_component_rates_group_the_parameters(trained, tiny_model):
     assert "frozen (lr 0)" in network.describe_groups()
 
 
-def validate(tmp_path, tiny_model, **network) -> list[str]:
-    data = tiny_profile_data(tmp_path, tiny_model, network={"module": "lycoris", **network})
+def validate(tmp_path, tiny_model, optimizer=None, **network) -> list[str]:
+    data = tiny_profile_data(tmp_path, tiny_model, network={"module": "lycoris", **network}, optimizer=optimizer or {})
     (tmp_path / "data").mkdir(exist_ok=True)
     try:
         profile_from_dict(data, plugins=build_plugins(entry_points=False))
@@ -236,6 +246,7 @@ def test_missing_package_is_a_validate_error_naming_the_extra(tmp_path, tiny_mod
     ({"args": {"algo": "lokr"}, "dropout": 0.1}, "network.dropout: LyCORIS modules apply network_dropout only with"),
     ({"args": {"algo": "locon", "dora_wd": True, "bypass_mode": True}}, "skips the DoRA decomposition"),
     ({"args": {"algo": "full", "bypass_mode": True}}, "bypass_mode do nothing for algo=full"),
+    ({"args": {"algo": "full"}, "optimizer": {"scale_weight_norms": 1.0}}, "no max-norm for algo=full"),
 ])
 def test_args_lycoris_cannot_honour_are_validate_errors(tmp_path, tiny_model, network, expected):
     problems = validate(tmp_path, tiny_model, **network)

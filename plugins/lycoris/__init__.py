@@ -34,6 +34,9 @@ class LycorisNetworkPlugin:
             args = None
         if profile.network.dropout and not (args and args.bypass_mode):
             problems.append(f"network.dropout: {DROPOUT_REFUSED}")
+        if getattr(profile.optimizer, "scale_weight_norms", None) and args and args.algo == "full":
+            problems.append("optimizer.scale_weight_norms: LyCORIS has no max-norm for algo=full (a full weight "
+                            "difference has no factors to scale); remove scale_weight_norms or use another algo")
         return problems
 
     @staticmethod

@@ -130,6 +130,17 @@ class AnimaLycorisNetwork(nn.Module):
                 tensor.copy_(state_dict[name])
         return None
 
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float) -> dict:
+        """sd-scripts' scale_weight_norms by LyCORIS's own per-module max-norm (as its sd-scripts network does):
+        each module whose ΔW norm exceeds ``max_norm`` is scaled back to it."""
+        scaled, norms = 0, []
+        for module in self.loras.values():
+            was_scaled, norm = module.apply_max_norm(max_norm)
+            scaled += bool(was_scaled)
+            norms.append(float(norm))
+        return {"keys_scaled": scaled, "mean_norm": sum(norms) / len(norms), "max_norm": max(norms)}
+
     # --- learning rates ------------------------------------------------------------------------------
 
     def param_groups(self, optimizer_cfg) -> list[dict]:
