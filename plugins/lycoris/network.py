@@ -98,10 +98,6 @@ class AnimaLycorisNetwork(nn.Module):
             else:
                 del target.module.forward
 
-    def set_multiplier(self, multiplier: float) -> None:
-        for module in self.loras.values():
-            module.multiplier = multiplier
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
