@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from anima_core.errors import TokenizerNotFoundError
 from anima_core.models import load_text_encoder, load_vae, make_tiny_model
 from anima_core.models.checkpoint import read_state_dict
+from anima_core.models.tokenizer_files import PACKAGED_QWEN3_TOKENIZER, PACKAGED_T5_TOKENIZER
 from anima_core.models.vae import diffusers_key_to_wan, to_diffusers_names, wan_key_to_diffusers
 
 
@@ -51,24 +53,29 @@ def test_identity_is_stable_and_names_dtype(tiny_model, text_encoder):
     assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
-def test_generated_tokenizers_work_without_any_tokenizer_files(tmp_path):
-    paths = make_tiny_model(tmp_path, tokenizer_source=tmp_path / "nowhere")
-    te = load_text_encoder(paths.qwen3, t5_tokenizer_path=paths.t5_tokenizer, dtype=torch.float32)
-    states, qwen_mask, t5_ids, t5_mask = te.encode(["tiny", ""], qwen_max_length=8, t5_max_length=8)
-    assert qwen_mask[0].sum() == 4 and (states[1] == 0).all()
-    assert t5_ids[0, 4] == 1 and t5_mask[0].sum() == 5 and t5_ids[1].tolist() == [1] + [0] * 7
-    assert int(t5_ids.max()) < 32128  # fits the adapter's embedding rows
+def test_shipped_tokenizers_are_used_when_none_is_given(tiny_model, tmp_path):
+    """A Qwen3 folder without tokenizer files, and no tokenizer named, loads with the tokenizers inside the package."""
+    bare = tmp_path / "qwen3"
+    bare.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(tiny_model.qwen3 / name, bare / name)
+    te = load_text_encoder(bare, dtype=torch.float32)
+    assert Path(te.qwen_tokenizer.name_or_path) == PACKAGED_QWEN3_TOKENIZER
+    assert Path(te.t5_tokenizer.name_or_path) == PACKAGED_T5_TOKENIZER
+    states, qwen_mask, t5_ids, t5_mask = te.encode(["a cat", ""], qwen_max_length=8, t5_max_length=8)
+    assert qwen_mask[0].sum() == 2 and (states[1] == 0).all()  # "a", " cat"; an empty caption has no tokens
+    assert t5_ids[0].tolist() == [3, 9, 1712, 1, 0, 0, 0, 0] and t5_ids[1].tolist() == [1] + [0] * 7
 
 
-def test_missing_tokenizer_says_what_to_download(tiny_model, tmp_path, monkeypatch):
+def test_a_named_tokenizer_folder_wins_and_a_wrong_one_names_the_key(tiny_model, tmp_path):
     single = tmp_path / "qwen.safetensors"
     shutil.copyfile(tiny_model.qwen3 / "model.safetensors", single)
-    monkeypatch.setattr("anima_core.models.tokenizer_files.QWEN_REPO", "anima-tests/not-in-any-cache")
+    te = load_text_encoder(single, tokenizer_path=tiny_model.qwen_tokenizer, t5_tokenizer_path=tiny_model.t5_tokenizer)
+    assert Path(te.qwen_tokenizer.name_or_path) == tiny_model.qwen_tokenizer
     with pytest.raises(TokenizerNotFoundError) as err:
-        load_text_encoder(single, t5_tokenizer_path=tiny_model.t5_tokenizer)
+        load_text_encoder(single, tokenizer_path=tmp_path)
     message = str(err.value)
-    assert str(single) in message and "huggingface-cli download anima-tests/not-in-any-cache" in message
-    assert "model.qwen3_tokenizer" in message and "\n" not in message
+    assert str(tmp_path) in message and "model.qwen3_tokenizer" in message and "\n" not in message
 
 
 def test_real_2b_vae_names_map_like_diffusers_own_converter():
@@ -114,3 +121,16 @@ def test_chunked_vae_is_exact_and_tiled_vae_keeps_shapes(tiny_model):
     assert decoded.shape == pixels.shape and decoded.abs().max() <= 1
     with pytest.raises(ValueError, match="positive number of rows"):
         load_vae(tiny_model.vae, chunk_size=0)
+
+
+def test_every_shipped_tokenizer_file_is_package_data():
+    """The wheel carries what pyproject's package-data globs match: every file of the tokenizer folder must match."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package_dir = PACKAGED_QWEN3_TOKENIZER.parents[1]  # anima_core/models
+    files = [p.relative_to(package_dir).as_posix() for p in (package_dir / "tokenizers").rglob("*") if p.is_file()]
+    assert len(files) >= 9 and "tokenizers/NOTICE.md" in files and "tokenizers/LICENSE-Apache-2.0.txt" in files
+    unshipped = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs["anima_core.models"])]
+    assert unshipped == []
