@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from anima_core import __version__
 from anima_core.errors import AnimaError
@@ -22,10 +23,14 @@ def _profile(args):
 
 
 def cmd_run(args) -> int:
+    from anima_core.config import load_profile
+    from anima_core.config.preflight import preflight
     from anima_core.plugins import default_plugins
     from anima_core.training.trainer import Trainer
 
-    profile = _profile(args)
+    # Every problem knowable without training, before anything is cached (the run scans the images itself).
+    profile = load_profile(args.profile, args.set, preflight=lambda p, earlier: preflight(
+        p, default_plugins(), scan_images=False, earlier=earlier).problems)
     trainer = Trainer(profile, default_plugins(), resume=args.resume, allow_lr_change=args.allow_lr_change,
                       cache_only=args.cache_only, console=console)
     result = trainer.run()
@@ -36,8 +41,27 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    _profile(args)
-    console.print(f"{args.profile}: valid")
+    from anima_core.config import load_profile
+    from anima_core.config.preflight import preflight
+    from anima_core.errors import ProfileError
+    from anima_core.plugins import default_plugins
+
+    found = []
+
+    def check(profile, earlier):
+        found.append(preflight(profile, default_plugins(), scan_images=not args.no_scan, earlier=earlier))
+        return found[-1].problems
+
+    try:
+        load_profile(args.profile, args.set, preflight=check)
+    finally:
+        for result in found:
+            for note in result.notes:
+                console.print(Text("warning: ", style="yellow") + Text(note), soft_wrap=True)
+    for line in found[0].summary if found else []:
+        console.print(line, markup=False, soft_wrap=True)
+    skipped = "" if not args.no_scan else " (images not scanned: --no-scan)"
+    console.print(f"{args.profile}: valid{skipped}", markup=False, soft_wrap=True)
     return 0
 
 
@@ -63,7 +87,8 @@ def cmd_make_tiny_model(args) -> int:
     from anima_core.models import make_tiny_model
 
     paths = make_tiny_model(Path(args.dir))
-    print(f"DiT:  {paths.dit}\nQwen3: {paths.qwen3}\nVAE:  {paths.vae}")
+    print(f"DiT:             {paths.dit}\nQwen3:           {paths.qwen3}\nVAE:             {paths.vae}\n"
+          f"Qwen3 tokenizer: {paths.qwen_tokenizer}\nT5 tokenizer:    {paths.t5_tokenizer}")
     return 0
 
 
@@ -90,7 +115,7 @@ def cmd_import_kohya(args) -> int:
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     result = import_command_line(text)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
     if args.output:
         atomic_write_text(args.output, result.toml())
         console.print(f"wrote {args.output}; check it with `anima-train validate {args.output}`")
@@ -159,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-only", action="store_true", help="build the latent and text caches, then exit")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="check a profile and report every problem at once")
+    p = sub.add_parser("validate", help="check a profile, its files, this device and the dataset; every problem at once")
     _add_profile_args(p)
+    p.add_argument("--no-scan", action="store_true", help="do not read the dataset's images and captions (faster)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("show-config", help="print the resolved profile with every default filled in")
@@ -225,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AnimaError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        # Plain text: messages name keys in brackets ([network], [general]) that markup would swallow.
+        console.print(Text("error: ", style="red") + Text(str(exc)), soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -37,7 +37,9 @@ def _option_problems(profile: Profile) -> list[str]:
     sides = [resolution] if isinstance(resolution, int) else list(resolution or [])
     if len(sides) not in (0, 1, 2):
         problems.append("dataset.resolution: give one int or [width, height]")
-    if any(side % 16 for side in sides):
+    if any(side < 16 for side in sides):
+        problems.append(f"dataset.resolution: {resolution} must be at least 16 on each side (a multiple of 16, like 1024)")
+    elif any(side % 16 for side in sides):
         problems.append(f"dataset.resolution: {resolution} must be multiples of 16 (the DiT patches 2×2 latents of an 8× VAE)")
     if data.min_bucket_reso > data.max_bucket_reso:
         problems.append("dataset.min_bucket_reso: larger than max_bucket_reso")

@@ -99,8 +99,10 @@ def _without(data: dict, locations: list[tuple]) -> dict:
     return pruned
 
 
-def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path | None = None, plugins=None) -> Profile:
-    """Validate ``data``; raise one ProfileError listing every problem (schema and cross-field)."""
+def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path | None = None, plugins=None,
+                      preflight=None) -> Profile:
+    """Validate ``data``; raise one ProfileError listing every problem (schema and cross-field, then what
+    ``preflight(profile, problems so far)`` returns: checks of files, device and dataset)."""
     problems: list[str] = []
     try:
         profile = Profile.model_validate(data)
@@ -113,6 +115,8 @@ def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path |
     if base_dir is not None:
         _resolve_paths(profile, base_dir)
     problems += cross_field_problems(profile, plugins)
+    if preflight is not None:
+        problems += preflight(profile, list(problems))
     if problems:
         raise ProfileError(source, problems)
     return profile
@@ -129,14 +133,14 @@ def read_profile_data(path: Path) -> dict:
         raise ProfileError(path, [f"not valid TOML: {exc}"]) from None
 
 
-def load_profile(path: str | Path, overrides: list[str] = ()) -> Profile:
+def load_profile(path: str | Path, overrides: list[str] = (), *, preflight=None) -> Profile:
     path = Path(path)
     data = read_profile_data(path)
     try:
         apply_overrides(data, list(overrides))
     except ValueError as exc:
         raise ProfileError(path, [str(exc)]) from None
-    return profile_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+    return profile_from_dict(data, source=str(path), base_dir=path.resolve().parent, preflight=preflight)
 
 
 def profile_to_dict(profile: Profile) -> dict:

@@ -259,6 +259,10 @@ def _make_dataset(
 def _check_dataset(spec: DatasetSpec, where: str, problems: list[str]) -> None:
     if spec.batch_size < 1:
         problems.append(f"{where}: batch_size must be at least 1, got {spec.batch_size}")
+    if min(spec.resolution) < 16:
+        problems.append(f"{where}: resolution {spec.resolution} must be at least 16 on each side (a multiple of 16, like 1024).")
+    if spec.enable_bucket and spec.min_bucket_reso > spec.max_bucket_reso:
+        problems.append(f"{where}: min_bucket_reso {spec.min_bucket_reso} is larger than max_bucket_reso {spec.max_bucket_reso}.")
     if spec.enable_bucket:
         if spec.bucket_reso_steps <= 0 or spec.bucket_reso_steps % 16 != 0:
             problems.append(

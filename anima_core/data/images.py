@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from anima_core.data.buckets import Placement
 
@@ -62,6 +62,8 @@ def check_image(path: Path, alpha_mask: bool) -> ImageFacts:
             width, height = image.size
     except BadImage:
         raise
+    except UnidentifiedImageError as e:  # its text names the in-memory buffer, which means nothing to a person
+        raise BadImage("not an image any decoder recognises (wrong extension, or not an image at all)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"cannot be decoded (truncated or corrupt): {e}") from e
     return ImageFacts(width, height, has_alpha, hashlib.sha256(data).hexdigest())

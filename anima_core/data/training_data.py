@@ -255,9 +255,11 @@ class TrainingData:
     # ---- warnings ----------------------------------------------------------------------------
 
     def _warn(self, message: str) -> None:
-        log.warning(message)
+        # One place reports each warning: the caller's callback (the run prints it), else the log.
         if self.on_warning is not None:
             self.on_warning(message)
+        else:
+            log.warning(message)
 
     def __getstate__(self) -> dict:
         # loader workers get the data, never the callbacks or the loader itself

@@ -15,23 +15,50 @@ from anima_core.errors import ModelFileError
 
 STRIPPED_PREFIXES = ("model.diffusion_model.", "net.")
 MAX_LISTED_KEYS = 12
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
-def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file (or, for other suffixes, a ``torch.load``-able weights file) on CPU."""
+def is_meta(device: torch.device | str) -> bool:
+    """Loading "onto the meta device" reads only file headers: how `validate` checks model files without weights."""
+    return torch.device(device).type == "meta"
+
+
+def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {
+            k: torch.empty(f.get_slice(k).get_shape(), dtype=SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32),
+                           device="meta")
+            for k in f.keys()
+        }
+
+
+def read_state_dict(path: str | os.PathLike, what: str, *, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file (or, for other suffixes, a ``torch.load``-able weights file) on CPU.
+
+    ``header_only``: meta tensors with the file's names, shapes and dtypes, and no weights read.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: the {what} file does not exist. Check the path in the profile.")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
+            return _safetensors_header(path) if header_only else load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise ModelFileError(
                 f"{path}: cannot read this {what} file as safetensors ({exc}). The file is probably truncated or "
                 f"not a safetensors file; download it again and compare its size with the published one."
             ) from exc
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        if header_only:
+            data = torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many unrelated types for a bad file
         raise ModelFileError(
             f"{path}: cannot read this {what} file with torch.load ({exc}). The file is probably truncated or not a "
@@ -59,6 +86,8 @@ def guess_file_kind(keys: set[str]) -> str | None:
         return "a VAE (pass it as the VAE instead)"
     if any(k.startswith(("layers.", "model.layers.")) for k in keys) and any("embed_tokens" in k for k in keys):
         return "a Qwen3 text encoder (pass it as the text encoder instead)"
+    if any(k.endswith("x_embedder.proj.1.weight") for k in keys):
+        return "an Anima DiT (pass it as model.dit instead)"
     if any(k.startswith(("lora_unet_", "lora_te", "diffusion_model.")) and "lora" in k for k in keys):
         return "a LoRA (pass it as a network weight, not as the base model)"
     return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from anima_core.errors import ModelFileError
-from anima_core.models.checkpoint import guess_file_kind, load_strict, read_state_dict, strip_prefixes
+from anima_core.models.checkpoint import guess_file_kind, is_meta, load_strict, read_state_dict, strip_prefixes
 from anima_core.models.dit import AnimaDiT, DiTConfig
 from anima_core.models.llm_adapter import LLMAdapterConfig
 
@@ -139,8 +139,8 @@ def detect_dit_config(state_dict: dict[str, torch.Tensor], path: str | os.PathLi
     )
 
 
-def _read_adapter(path) -> dict[str, torch.Tensor]:
-    state_dict = strip_prefixes(read_state_dict(path, "LLM adapter"))
+def read_adapter(path, *, header_only: bool = False) -> dict[str, torch.Tensor]:
+    state_dict = strip_prefixes(read_state_dict(path, "LLM adapter", header_only=header_only))
     if not all(k.startswith(ADAPTER_PREFIX) for k in state_dict):
         state_dict = {ADAPTER_PREFIX + k: v for k, v in state_dict.items()}
     if ADAPTER_KEY not in state_dict:
@@ -161,11 +161,13 @@ def load_dit(
     """The Anima DiT from a released single file (``net.`` or ``model.diffusion_model.`` keys), strictly matched.
 
     The LLM adapter comes from the same file, or from ``llm_adapter_path`` (whose weights then replace it).
+    ``device="meta"`` reads only the files' headers (every check, no weights).
     """
-    state_dict = drop_derived_buffers(strip_prefixes(read_state_dict(path, "DiT")))
+    header_only = is_meta(device)
+    state_dict = drop_derived_buffers(strip_prefixes(read_state_dict(path, "DiT", header_only=header_only)))
     if llm_adapter_path is not None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ADAPTER_PREFIX)}
-        state_dict.update(_read_adapter(llm_adapter_path))
+        state_dict.update(read_adapter(llm_adapter_path, header_only=header_only))
     config = detect_dit_config(state_dict, path)
     with torch.device("meta"):
         model = AnimaDiT(config)

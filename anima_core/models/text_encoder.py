@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from anima_core.errors import ModelFileError
-from anima_core.models.checkpoint import load_strict, read_state_dict
+from anima_core.models.checkpoint import is_meta, load_strict, read_state_dict
 from anima_core.models.tokenizer_files import load_qwen_tokenizer, load_t5_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,10 @@ def _qwen3_config(model_path: Path, tokenizer_path: Path | None):
     return Qwen3Config(**QWEN3_06B_CONFIG)
 
 
-def _qwen3_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+def _qwen3_state_dict(files: list[Path], header_only: bool) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
-        state_dict.update(read_state_dict(file, "Qwen3 text encoder"))
+        state_dict.update(read_state_dict(file, "Qwen3 text encoder", header_only=header_only))
     state_dict.pop("lm_head.weight", None)  # tied to the embeddings; the encoder has no LM head
     if state_dict and all(k.startswith("model.") for k in state_dict):
         state_dict = {k[len("model.") :]: v for k, v in state_dict.items()}
@@ -80,7 +80,7 @@ def load_qwen3_model(path: Path, tokenizer_path: Path | None, dtype: torch.dtype
     from transformers import Qwen3Model
 
     files = _weight_files(path)
-    state_dict = _qwen3_state_dict(files)
+    state_dict = _qwen3_state_dict(files, header_only=is_meta(device))
     if "embed_tokens.weight" not in state_dict:
         raise ModelFileError(
             f"{files[0]}: this is not a Qwen3 text encoder (no embed_tokens.weight). Pass the Qwen3-0.6B file "

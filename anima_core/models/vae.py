@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from anima_core.errors import ModelFileError
-from anima_core.models.checkpoint import guess_file_kind, load_strict, read_state_dict
+from anima_core.models.checkpoint import guess_file_kind, is_meta, load_strict, read_state_dict
 
 LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -203,7 +203,7 @@ def load_vae(
     from diffusers import AutoencoderKLQwenImage
 
     path = Path(path)
-    state_dict = to_diffusers_names(read_state_dict(path, "VAE"))
+    state_dict = to_diffusers_names(read_state_dict(path, "VAE", header_only=is_meta(device)))
     base_dim = _base_dim(state_dict, path)
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage(base_dim=base_dim, latents_mean=list(LATENT_MEAN), latents_std=list(LATENT_STD))

@@ -39,6 +39,7 @@ from anima_core.training.metadata import save_metadata, training_metadata
 from anima_core.training.ema import build_ema
 from anima_core.training.optim import apply_max_norm, create_fused_backward_optimizer, create_optimizer, eval_weights, train_mode
 from anima_core.training.planner import format_measured, format_plan, plan
+from anima_core.training.precision import choose_precision
 from anima_core.training.progress import ProgressDisplay
 from anima_core.training.schedules import build_scheduler, rates_used, rebase_rates
 from anima_core.training.state import Progress, check_profile, find_state, load_state, restore_rng_state, save_state
@@ -120,12 +121,9 @@ class Trainer:
         self.cache_only = cache_only
         self.console = console
         self.device = resolve_device(profile.training.device)
-        precision = profile.training.mixed_precision
-        if self.device.type == "cpu" and precision == "fp16":
-            precision = "no"  # CPU autocast has no fp16 path; fall back to float32 and say so below
-        self.precision = precision
+        self.precision, self.precision_note = choose_precision(profile.training, self.device)
         tdtype = profile.model.transformer_dtype
-        self.dit_dtype = DTYPES[tdtype] if tdtype else PRECISION_DTYPES[precision]
+        self.dit_dtype = DTYPES[tdtype] if tdtype else PRECISION_DTYPES[self.precision]
         self.models = plugins.registry("register_model_loaders").get(profile.model.loader)
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -164,8 +162,6 @@ class Trainer:
             self.warn(message)
         for line in self.data.bucket_report():
             self.log(line)
-        if self.data.skipped:
-            self.warn(f"{len(self.data.skipped)} image(s) skipped: " + "; ".join(f"{p}: {why}" for p, why in self.data.skipped[:20]))
 
     def _cache(self) -> None:
         caching = self.profile.caching
@@ -602,8 +598,8 @@ class Trainer:
                 total_steps=self.total_steps, total_epochs=self.num_epochs, profile=str(self.run_dir / "profile.toml"),
                 versions={"anima_train": __version__, "torch": torch.__version__, "python": platform.python_version()})
             self._report_startup()
-            if self.profile.training.mixed_precision == "fp16" and self.precision == "no":
-                self.warn("fp16 mixed precision needs a GPU; training in float32 on the CPU")
+            if self.precision_note:
+                self.warn(self.precision_note)
             if self.resume:  # refuse a changed profile before minutes of caching and loading
                 self.resume_state = find_state(self.resume, self.profile.saving.output_dir)
                 check_profile(self.resume_state, self.profile, allow_lr_change=self.allow_lr_change)

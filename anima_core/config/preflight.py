@@ -1,0 +1,171 @@
+"""What a run would find wrong that the profile alone cannot tell: the model files (read from their headers, no
+weights), the tokenizers, what this device and the installed packages can do, the dataset config, and the images.
+
+`validate` runs all of it; `run` runs it (without the image scan, which it does itself) before it caches anything,
+so a profile `validate` calls valid does not fail later on anything knowable in advance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from anima_core.config.schema import Profile
+from anima_core.errors import AnimaError, DatasetError, TokenizerNotFoundError
+from anima_core.models.tokenizer_files import tokenizer_problems
+from anima_core.plugins import Plugins, UnknownNameError
+
+
+@dataclass
+class Preflight:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the run will do differently or skip; not errors
+    summary: list[str] = field(default_factory=list)  # what the run will train on
+
+
+def _loader(profile: Profile, plugins: Plugins):
+    try:
+        return plugins.registry("register_model_loaders").get(profile.model.loader)
+    except UnknownNameError:
+        return None  # already reported by the profile checks
+
+
+def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: bool) -> list[str]:
+    """Each model file loaded onto the meta device: names, shapes and dtypes from the header, strictly matched."""
+    model = profile.model
+    loader = _loader(profile, plugins)
+    if loader is None or None in (model.dit, model.qwen3, model.vae):
+        return []
+    problems = []
+    if model.llm_adapter is not None:
+        from anima_core.models.dit_loading import read_adapter
+
+        try:
+            read_adapter(model.llm_adapter, header_only=True)
+        except AnimaError as exc:
+            problems.append(f"model.llm_adapter: {exc}")
+            model = model.model_copy(update={"llm_adapter": None})  # still check the DiT file on its own
+    checks = [("model.dit", lambda: loader.load_dit(model, dtype=torch.bfloat16, device="meta")),
+              ("model.vae", lambda: loader.load_vae(model, dtype=torch.float32, device="meta"))]
+    if not skip_tokenizers:  # the text encoder loader reads the tokenizers first
+        checks.append(("model.qwen3", lambda: loader.load_text_encoder(model, dtype=torch.bfloat16, device="meta")))
+    for key, load in checks:
+        try:
+            loaded = load()
+        except TokenizerNotFoundError:
+            continue  # reported by tokenizer_problems
+        except AnimaError as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        if key == "model.dit":
+            problems += _dit_problems(profile, loaded, adapter_given=model.llm_adapter is not None or
+                                      profile.model.llm_adapter is not None)
+    return problems
+
+
+def _dit_problems(profile: Profile, dit, adapter_given: bool) -> list[str]:
+    from anima_plugins.memory.block_swap import check_swap_count
+
+    problems = []
+    if dit.config.llm_adapter is None and not adapter_given:
+        problems.append(
+            f"model.llm_adapter: {profile.model.dit} holds no LLM adapter (no llm_adapter.* weights); set "
+            "model.llm_adapter to the adapter file (sd-scripts --llm_adapter_path)"
+        )
+    swap = profile.memory.blocks_to_swap
+    if swap:
+        try:
+            check_swap_count(swap, dit.config.num_blocks)
+        except AnimaError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def device_problems(profile: Profile, device: torch.device) -> list[str]:
+    """Choices this device or the installed packages cannot honour, each with the fix."""
+    problems = []
+    name = profile.training.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        problems.append(f"training.device: {name!r} but this machine has no CUDA GPU; set it to \"auto\" or \"cpu\"")
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        problems.append(f"training.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    optimizer = profile.optimizer.optimizer_type
+    if optimizer.lower() in ("adamw8bit", "bitsandbytes.optim.adamw8bit"):
+        if device.type != "cuda":
+            problems.append(
+                f"optimizer.optimizer_type: {optimizer!r} needs a CUDA GPU (bitsandbytes' 8-bit optimizers run on the "
+                "GPU); on this machine set optimizer.optimizer_type = \"AdamW\""
+            )
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(
+                f"optimizer.optimizer_type: {optimizer!r} needs bitsandbytes: `pip install 'anima-train[cuda]'`, or set "
+                "optimizer.optimizer_type = \"AdamW\""
+            )
+    elif "." in optimizer and importlib.util.find_spec(optimizer.split(".")[0]) is None:
+        problems.append(f"optimizer.optimizer_type: {optimizer!r}: the module {optimizer.split('.')[0]!r} is not installed")
+    if profile.model.compile_blocks:
+        if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            problems.append("model.compile_blocks: torch.compile on a GPU needs triton (`pip install triton`); or set it to false")
+        if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            problems.append("model.compile_blocks: torch.compile on the CPU needs a C++ compiler (none found); or set it to false")
+    if profile.memory.fp8_base or profile.memory.fp8_base_unet:
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+            problems.append("memory.fp8_base: computes in bf16, which this GPU (before Ampere) lacks; turn fp8_base off")
+    return problems
+
+
+def dataset_findings(profile: Profile, result: Preflight, scan_images: bool) -> None:
+    """The dataset config (or folder form) resolved with the profile's values, and with ``scan_images`` every image
+    and caption read and checked as `run` does, its skips reported once."""
+    from anima_core.data import build_training_data
+    from anima_core.data.config import resolve_datasets
+    from anima_core.training.trainer import data_options
+
+    opts = data_options(profile)
+    try:
+        if not scan_images:
+            resolve_datasets(opts, Path.cwd())
+            return
+        data = build_training_data(opts, base_dir=Path.cwd(), on_warning=result.notes.append)
+    except DatasetError as exc:
+        result.problems.append("dataset: " + str(exc).replace("\n", "\n    "))  # its own list, nested
+        return
+    per_epoch = -(-data.num_batches_per_epoch // profile.training.gradient_accumulation_steps)
+    training = profile.training
+    total = training.max_train_epochs * per_epoch if training.max_train_epochs else training.max_train_steps
+    result.summary.append(
+        f"dataset: {data.num_train_images} training image(s) per epoch with repeats"
+        + (f", {data.num_reg_images} regularisation" if data.num_reg_images else "")
+        + f", {per_epoch} step(s) per epoch, {total} step(s) in all"
+    )
+
+
+def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier: list[str] = ()) -> Preflight:
+    """Every problem knowable without training. ``earlier``: problems the profile checks found (their keys are
+    not checked again, so one mistake is reported once)."""
+    from anima_core.training.precision import choose_precision
+    from anima_core.training.trainer import resolve_device
+
+    result = Preflight()
+    model = profile.model
+    tokenizers = tokenizer_problems(model.qwen3_tokenizer, model.t5_tokenizer, model.qwen3)
+    reported = {p.split(":", 1)[0] for p in earlier}
+    if not any(key.startswith("model.") for key in reported):
+        result.problems += model_file_problems(profile, plugins, skip_tokenizers=bool(tokenizers))
+    result.problems += [p for p in tokenizers if p.split(":", 1)[0] not in reported]
+    try:
+        device = resolve_device(profile.training.device)
+    except RuntimeError as exc:
+        result.problems.append(f"training.device: {exc}")
+        device = torch.device("cpu")
+    result.problems += device_problems(profile, device)
+    note = choose_precision(profile.training, device)[1]
+    if note:
+        result.notes.append(note)
+    if not any(key.startswith("dataset") for key in reported):
+        dataset_findings(profile, result, scan_images)
+    return result
