@@ -45,8 +45,12 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: str | Path):
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically."""
+def atomic_path(target: str | Path, *, sync_folder: bool = True):
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
+
+    ``sync_folder=False`` leaves the folder's fsync to the caller (``fsync_folders`` once for many files):
+    the file's own data is still fsynced before the rename, so it is complete or absent, never torn.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
@@ -56,7 +60,8 @@ def atomic_path(target: str | Path):
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if sync_folder:
+            _fsync_dir(target.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DiskWriteError(
@@ -66,6 +71,12 @@ def atomic_path(target: str | Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_folders(folders) -> None:
+    """Make the renames of earlier ``atomic_path(..., sync_folder=False)`` writes durable: one fsync per folder."""
+    for folder in set(folders):
+        _fsync_dir(Path(folder))
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from anima_core.hookspecs import hookimpl
 from anima_core.models import load_dit, load_text_encoder, load_vae
+from anima_core.models.vae import vae_identity
 
 
 class AnimaLoader:
@@ -19,6 +20,11 @@ class AnimaLoader:
         return load_vae(
             model_cfg.vae, dtype=dtype, device=device, chunk_size=model_cfg.vae_chunk_size, tiled=model_cfg.vae_tiled
         )
+
+    def vae_identity(self, model_cfg, *, dtype):
+        """The cache identity of the VAE load_vae would return; optional for loaders (without it the VAE is
+        loaded before the latent caches are checked)."""
+        return vae_identity(model_cfg.vae, dtype=dtype, chunk_size=model_cfg.vae_chunk_size, tiled=model_cfg.vae_tiled)
 
     def load_text_encoder(self, model_cfg, *, dtype, device):
         return load_text_encoder(

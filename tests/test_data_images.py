@@ -311,9 +311,9 @@ def test_cached_latents_match_encoding_the_batch_pixels(tmp_path):
     cached = build_training_data(opts, base_dir=tmp_path)
     vae = FakeVAE()
     progress = []
-    cached.cache_latents(vae, to_disk=False, batch_size=4, device="cpu", progress=lambda *a: progress.append(a))
+    cached.cache_latents(vae, to_disk=False, batch_size=4, device="cpu", progress=progress.append)
     assert vae.images_encoded == 4  # 2 images, each plain and mirrored
-    assert progress[-1][:2] == (2, 2)
+    assert (progress[-1].phase, progress[-1].done, progress[-1].total, progress[-1].finished) == ("latents", 2, 2, True)
     for a, b in zip(plain.epoch_batches(0), cached.epoch_batches(0)):
         assert b.pixels is None and a.paths == b.paths
         assert torch.allclose(FakeVAE().encode(a.pixels), b.latents, atol=1e-6)

@@ -44,8 +44,8 @@ def stale_reason(stored: dict | None, wanted: dict) -> str | None:
     return "; ".join(_KEY_MEANING.get(k, f"{k} changed") for k in changed)
 
 
-def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp:
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], *, sync_folder: bool = True) -> None:
+    with atomic_path(path, sync_folder=sync_folder) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -61,17 +61,24 @@ def read_npz(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _key_array(key: dict) -> np.ndarray:
-    return np.array(json.dumps(key, sort_keys=True))
+def read_stored_key(path: Path, key_name: str, required: tuple[str, ...]) -> dict | None:
+    """The JSON key of a cache file, reading only the zip directory and the key itself, never the tensors.
 
-
-def _key_from(arrays: dict[str, np.ndarray] | None, name: str) -> dict | None:
-    if arrays is None or name not in arrays:
+    None when the file is missing or unreadable, lacks one of ``required``, or its key is not JSON.
+    """
+    if not path.is_file():
         return None
     try:
-        return json.loads(str(arrays[name]))
-    except json.JSONDecodeError:
+        with np.load(path, allow_pickle=False) as data:  # lazy: members are read on access
+            if key_name not in data.files or any(name not in data.files for name in required):
+                return None
+            return json.loads(str(data[key_name]))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
         return None
+
+
+def _key_array(key: dict) -> np.ndarray:
+    return np.array(json.dumps(key, sort_keys=True))
 
 
 # ---- latents -------------------------------------------------------------------------------------
@@ -86,11 +93,10 @@ def latent_suffix(bucket: tuple[int, int]) -> str:
     return f"{bucket[1] // VAE_SCALE}x{bucket[0] // VAE_SCALE}"
 
 
-def stored_latent_key(arrays: dict[str, np.ndarray] | None, bucket: tuple[int, int], flip: bool) -> dict | None:
+def stored_latent_key(path: Path, bucket: tuple[int, int], flip: bool) -> dict | None:
     suffix = latent_suffix(bucket)
-    if arrays is None or f"latents_{suffix}" not in arrays or (flip and f"latents_flipped_{suffix}" not in arrays):
-        return None
-    return _key_from(arrays, f"anima_key_{suffix}")
+    required = (f"latents_{suffix}",) + ((f"latents_flipped_{suffix}",) if flip else ())
+    return read_stored_key(path, f"anima_key_{suffix}", required)
 
 
 def store_latents(
@@ -102,6 +108,8 @@ def store_latents(
     alpha: torch.Tensor | None,
     original_size: tuple[int, int],
     crop: tuple[int, int, int, int],
+    *,
+    sync_folder: bool = True,
 ) -> None:
     """Add or replace one bucket resolution in the image's npz, keeping the other resolutions it holds."""
     suffix = latent_suffix(bucket)
@@ -116,7 +124,7 @@ def store_latents(
     if alpha is not None:
         arrays[f"alpha_mask_{suffix}"] = alpha.float().cpu().numpy()
     arrays[f"anima_key_{suffix}"] = _key_array(key)
-    write_npz_atomic(path, arrays)
+    write_npz_atomic(path, arrays, sync_folder=sync_folder)
 
 
 def load_latents(path: Path, bucket: tuple[int, int], flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,13 +148,13 @@ def text_cache_path(image: Path) -> Path:
 TEXT_KEYS = ("prompt_embeds", "attn_mask", "t5_input_ids", "t5_attn_mask", "caption_dropout_rate")
 
 
-def stored_text_key(arrays: dict[str, np.ndarray] | None) -> dict | None:
-    if arrays is None or any(k not in arrays for k in TEXT_KEYS):
-        return None
-    return _key_from(arrays, "anima_key")
+def stored_text_key(path: Path) -> dict | None:
+    return read_stored_key(path, "anima_key", TEXT_KEYS)
 
 
-def store_text(path: Path, key: dict, outputs: tuple[torch.Tensor, ...], caption_dropout_rate: float) -> None:
+def store_text(
+    path: Path, key: dict, outputs: tuple[torch.Tensor, ...], caption_dropout_rate: float, *, sync_folder: bool = True
+) -> None:
     states, mask, t5_ids, t5_mask = outputs
     write_npz_atomic(
         path,
@@ -158,6 +166,7 @@ def store_text(path: Path, key: dict, outputs: tuple[torch.Tensor, ...], caption
             "caption_dropout_rate": np.array(caption_dropout_rate, dtype=np.float32),
             "anima_key": _key_array(key),
         },
+        sync_folder=sync_folder,
     )
 
 

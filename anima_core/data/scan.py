@@ -15,6 +15,7 @@ from anima_core.data.buckets import Bucketer, Placement
 from anima_core.data.captions import add_prefix_suffix
 from anima_core.data.config import DatasetSpec, SubsetSpec
 from anima_core.data.images import IMAGE_EXTENSIONS, BadImage, ImageFacts, check_image
+from anima_core.data.progress import PhaseReporter, ProgressSink
 from anima_core.errors import DatasetError
 
 
@@ -167,6 +168,7 @@ def scan_dataset(
     problems: list[tuple[Path, str]],
     warn: Callable[[str], None],
     workers: int,
+    progress: ProgressSink | None = None,
 ) -> ScannedDataset:
     bucketer = Bucketer(spec)
     min_area = bucketer.smallest_area()
@@ -207,8 +209,14 @@ def scan_dataset(
         except OSError as e:
             return f"cannot be read: {e}"
 
+    # decoding and hashing release the GIL, so threads scale with the cores
+    reporter = PhaseReporter(progress, "scan", len(candidates))
+    results = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(check, candidates))
+        for facts in pool.map(check, candidates):
+            results.append(facts)
+            reporter.advance()
+    reporter.finish()
 
     entries: list[ImageEntry] = []
     missing_captions: list[Path] = []

@@ -15,22 +15,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anima_core.data import cache as caches
-from anima_core.data.buckets import crop_ltrb
-from anima_core.data.captions import (
-    CaptionStep,
-    fixed_caption,
-    process_caption,
-    tag_frequency,
-)
+from anima_core.data import caching
+from anima_core.data.caching import Share
+from anima_core.data.captions import CaptionStep, process_caption, tag_frequency
+from anima_core.data.compact import CachedText
 from anima_core.data.config import resolve_datasets
 from anima_core.data.images import centre_framing, load_image, random_framing
+from anima_core.data.progress import ProgressSink
 from anima_core.data.options import DataOptions
 from anima_core.data.scan import ImageEntry, ScannedDataset, TokenCheck, scan_dataset
 from anima_core.errors import DatasetError
@@ -38,10 +36,6 @@ from anima_core.errors import DatasetError
 log = logging.getLogger(__name__)
 
 WarningCallback = Callable[[str], None]
-
-
-class Progress(Protocol):
-    def __call__(self, done: int, total: int, label: str) -> None: ...
 
 
 @dataclass
@@ -67,13 +61,6 @@ class _PlannedBatch:
     samples: list[SampleId]
 
 
-@dataclass
-class _CachedText:
-    caption: str
-    outputs: tuple[torch.Tensor, ...] | None  # None: read from `path` when needed
-    path: Path | None
-
-
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
@@ -92,7 +79,7 @@ class TrainingData:
     validation: TrainingData | None = None
     on_warning: WarningCallback | None = None
     _latents: dict[tuple[int, int], Any] = field(default_factory=dict)  # (dataset, entry) -> (latents, flipped, alpha) or Path
-    _text: dict[tuple[int, int], _CachedText] = field(default_factory=dict)
+    _text: dict[tuple[int, int], CachedText] = field(default_factory=dict)
     _broken: set[tuple[int, int]] = field(default_factory=set)
     _plan_cache: tuple[int, list[_PlannedBatch]] | None = None
     _loader: DataLoader | None = None
@@ -276,180 +263,49 @@ class TrainingData:
             part._loader = None
         return parts
 
-    def cache_latents(self, vae: Any, *, to_disk: bool, batch_size: int, device: Any, progress: Progress | None = None) -> None:
-        """Encode every image (and its mirror with flip_aug) once per bucket, batched by bucket size."""
-        refused = [
-            f"{s.image_dir or s.metadata_file}: {opt}"
-            for part in self._all_parts()
-            for ds in part.datasets
-            for s in ds.spec.subsets
-            for opt in ("random_crop", "color_aug")
-            if getattr(s, opt)
-        ]
-        if refused:
-            raise DatasetError(
-                "Latents cannot be cached while random_crop or color_aug change every sample (" + "; ".join(refused) + "). "
-                "Turn off latent caching or those options."
-            )
-        vae_dtype = str(getattr(vae, "dtype", ""))
-        identity = vae.identity()
-        todo: dict[tuple[int, int], list[tuple[TrainingData, int, int, dict]]] = {}
-        for part in self._all_parts():
-            for d, ds in enumerate(part.datasets):
-                for i, e in enumerate(ds.entries):
-                    s = ds.spec.subsets[e.subset_index]
-                    key = {
-                        "image_sha256": e.facts.sha256,
-                        "bucket": list(e.placement.bucket),
-                        "resized": list(e.placement.resized),
-                        "crop_ltrb": list(crop_ltrb(e.placement.bucket, (e.facts.width, e.facts.height))),
-                        "flip": s.flip_aug,
-                        "alpha_mask": s.alpha_mask,
-                        "interpolation": s.resize_interpolation or ds.spec.resize_interpolation,
-                        "vae": identity,
-                        "dtype": vae_dtype,
-                    }
-                    if to_disk:
-                        path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height))
-                        stored = caches.stored_latent_key(caches.read_npz(path), e.placement.bucket, s.flip_aug)
-                        reason = caches.stale_reason(stored, key)
-                        if reason is None:
-                            part._latents[(d, i)] = path
-                            continue
-                        if stored is not None:
-                            log.info("rebuilding latent cache %s: %s", path, reason)
-                    todo.setdefault(e.placement.bucket, []).append((part, d, i, key))
-        total = sum(len(v) for v in todo.values())
-        done = 0
-        if progress:
-            progress(0, total, "caching latents")
-        with torch.no_grad():
-            for bucket, items in todo.items():
-                for start in range(0, len(items), batch_size):
-                    chunk = items[start : start + batch_size]
-                    self._encode_latent_chunk(vae, chunk, to_disk, device)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total, f"caching latents {bucket[0]}x{bucket[1]}")
+    def cache_latents(
+        self,
+        vae: Any,
+        *,
+        to_disk: bool,
+        batch_size: int,
+        device: Any,
+        workers: int | None = None,
+        share: Share = (0, 1),
+        progress: ProgressSink | None = None,
+    ) -> None:
+        """Encode every image (and its mirror with flip_aug) once per bucket, `batch_size` images per VAE call.
 
-    def _encode_latent_chunk(self, vae: Any, chunk: list, to_disk: bool, device: Any) -> None:
-        loaded, kept = [], []
-        for part, d, i, key in chunk:
-            e = part.datasets[d].entries[i]
-            s = part.datasets[d].spec.subsets[e.subset_index]
-            interp = key["interpolation"]
-            try:
-                plain = load_image(
-                    e.path, e.placement, centre_framing(e.placement), interpolation=interp, alpha_mask=s.alpha_mask
-                )
-                mirror = (
-                    load_image(e.path, e.placement, centre_framing(e.placement, True), interpolation=interp, alpha_mask=False)
-                    if s.flip_aug
-                    else None
-                )
-            except Exception as exc:  # noqa: BLE001 - a file changed or broke after the scan: drop it, keep caching
-                part._broken.add((d, i))
-                part._warn(f"{e.path}: skipped, cannot be loaded for latent caching ({exc})")
-                continue
-            loaded.append((plain, mirror))
-            kept.append((part, d, i, key))
-        if not loaded:
-            return
-        dtype = getattr(vae, "dtype", torch.float32)
-        pixels = torch.stack([p.pixels for p, _ in loaded]).to(device=device, dtype=dtype)
-        latents = vae.encode(pixels).float().cpu()
-        mirrors = [m for _, m in loaded if m is not None]
-        flipped = (
-            iter(vae.encode(torch.stack([m.pixels for m in mirrors]).to(device=device, dtype=dtype)).float().cpu())
-            if mirrors
-            else iter(())
+        `vae`: the model, or a `caching.ModelSource` that loads it only if something is left to encode.
+        `workers`: threads decoding images and checking disk caches (default: the CPUs; 0 or 1: none).
+        `share`: (rank, world_size), this process's part of the work (see `caching`).
+        """
+        parts = self._all_parts()
+        caching.refuse_uncacheable_latents(parts)
+        caching.cache_latents(
+            parts, vae, to_disk=to_disk, batch_size=batch_size, device=device,
+            workers=caching.default_workers() if workers is None else workers, share=share, progress=progress,
         )
-        for n, ((plain, mirror), (part, d, i, key)) in enumerate(zip(loaded, kept)):
-            e = part.datasets[d].entries[i]
-            flip = next(flipped) if mirror is not None else None
-            if to_disk:
-                path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height))
-                caches.store_latents(
-                    path,
-                    e.placement.bucket,
-                    key,
-                    latents[n],
-                    flip,
-                    plain.alpha,
-                    (e.facts.width, e.facts.height),
-                    tuple(key["crop_ltrb"]),
-                )
-                part._latents[(d, i)] = path
-            else:
-                part._latents[(d, i)] = (latents[n].clone(), None if flip is None else flip.clone(), plain.alpha)
 
-    def cache_text(self, text_encoder: Any, *, to_disk: bool, batch_size: int, progress: Progress | None = None) -> None:
-        """Encode every caption once; caption dropout then swaps in the empty-caption outputs per sample."""
-        refused = []
-        for part in self._all_parts():
-            for ds in part.datasets:
-                for s in ds.spec.subsets:
-                    opts = [
-                        name
-                        for name, on in (
-                            ("shuffle_caption", s.shuffle_caption),
-                            ("token_warmup_step", s.token_warmup_step > 0),
-                            ("caption_tag_dropout_rate", s.caption_tag_dropout_rate > 0),
-                            ("caption_dropout_every_n_epochs", s.caption_dropout_every_n_epochs > 0),
-                            ("enable_wildcard", s.enable_wildcard),
-                        )
-                        if on
-                    ]
-                    if opts:
-                        refused.append(f"{s.image_dir or s.metadata_file}: {', '.join(opts)}")
-        if refused:
-            raise DatasetError(
-                "Text-encoder outputs cannot be cached while captions change from sample to sample (" + "; ".join(refused) + "). "
-                "Turn off text-encoder caching or those options (caption_dropout_rate alone works with caching)."
-            )
-        o = self.opts
-        identity = text_encoder.identity()
-        todo: list[tuple[TrainingData, int, int, dict, float]] = []
-        for part in self._all_parts():
-            for d, ds in enumerate(part.datasets):
-                for i, e in enumerate(ds.entries):
-                    s = ds.spec.subsets[e.subset_index]
-                    caption = fixed_caption(s, e.caption)
-                    key = {
-                        "caption": caption,
-                        "qwen3_max_token_length": o.qwen3_max_token_length,
-                        "t5_max_token_length": o.t5_max_token_length,
-                        "encoder": identity,
-                    }
-                    if to_disk:
-                        path = caches.text_cache_path(e.path)
-                        stored = caches.stored_text_key(caches.read_npz(path))
-                        reason = caches.stale_reason(stored, key)
-                        if reason is None:
-                            part._text[(d, i)] = _CachedText(caption, None, path)
-                            continue
-                        if stored is not None:
-                            log.info("rebuilding text-encoder cache %s: %s", path, reason)
-                    todo.append((part, d, i, key, s.caption_dropout_rate))
-        if progress:
-            progress(0, len(todo), "caching text-encoder outputs")
-        with torch.no_grad():
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                outputs = text_encoder.encode(
-                    [key["caption"] for _, _, _, key, _ in chunk], o.qwen3_max_token_length, o.t5_max_token_length
-                )
-                outputs = tuple(t.detach().cpu() for t in outputs)
-                for n, (part, d, i, key, rate) in enumerate(chunk):
-                    row = caches.text_row(*(t[n] for t in outputs))
-                    if to_disk:
-                        path = caches.text_cache_path(part.datasets[d].entries[i].path)
-                        caches.store_text(path, key, row, rate)
-                        part._text[(d, i)] = _CachedText(key["caption"], None, path)
-                    else:
-                        part._text[(d, i)] = _CachedText(key["caption"], tuple(t.clone() for t in row), None)
-                if progress:
-                    progress(min(start + batch_size, len(todo)), len(todo), "caching text-encoder outputs")
+    def cache_text(
+        self,
+        text_encoder: Any,
+        *,
+        to_disk: bool,
+        batch_size: int,
+        workers: int | None = None,
+        share: Share = (0, 1),
+        progress: ProgressSink | None = None,
+    ) -> None:
+        """Encode every caption once; caption dropout then swaps in the empty-caption outputs per sample.
+
+        In memory, each caption's outputs are kept compact (`compact.CompactText`); batches get them padded."""
+        parts = self._all_parts()
+        caching.refuse_uncacheable_text(parts)
+        caching.cache_text(
+            parts, text_encoder, to_disk=to_disk, batch_size=batch_size,
+            workers=caching.default_workers() if workers is None else workers, share=share, progress=progress,
+        )
 
     # ---- epochs and batches ------------------------------------------------------------------
 
@@ -472,14 +328,14 @@ class TrainingData:
 
     def _text_for(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         cached = self._text[key]
-        return cached.outputs if cached.outputs is not None else caches.load_text(cached.path)
+        return cached.outputs.expand() if cached.outputs is not None else caches.load_text(cached.path)
 
     def _latents_for(self, key: tuple[int, int], entry: ImageEntry, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         cached = self._latents[key]
         if isinstance(cached, Path):
             return caches.load_latents(cached, entry.placement.bucket, flip)
-        latents, flipped, alpha = cached
-        return (flipped if flip else latents), alpha
+        latents, flipped, alpha = cached  # alpha: uint8 in memory, as images.load_image reads it
+        return (flipped if flip else latents), None if alpha is None else alpha.float().div_(255.0)
 
     def load_batch(self, epoch: int, k: int) -> tuple[Batch | None, list[tuple[tuple[int, int], str]]]:
         """Batch k of an epoch (0-based epoch), and the samples that had to be dropped with the reason."""
@@ -610,6 +466,7 @@ def build_training_data(
     tokenizer: Any = None,
     t5_tokenizer: Any = None,
     on_warning: WarningCallback | None = None,
+    progress: ProgressSink | None = None,
 ) -> TrainingData:
     """Resolve the datasets, then read and check every image and caption (before any model loads).
 
@@ -624,14 +481,16 @@ def build_training_data(
     tokens = TokenCheck(tokenizer, opts.qwen3_max_token_length, t5_tokenizer, opts.t5_max_token_length)
     problems: list[tuple[Path, str]] = []
     warnings: list[str] = []
-    workers = max(1, opts.max_data_loader_n_workers)
+    workers = caching.default_workers()
 
     def warn(message: str) -> None:
         warnings.append(message)
 
     def scan(training: bool) -> list[ScannedDataset]:
         return [
-            scan_dataset(s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers)
+            scan_dataset(
+                s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers, progress=progress
+            )
             for s in specs
         ]
 

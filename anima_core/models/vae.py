@@ -123,7 +123,7 @@ class AnimaVAE:
 
     def identity(self) -> str:
         """A stable string naming the file, dtype and memory options (for cache keys)."""
-        return f"{self._identity};dtype={self.dtype}"
+        return _with_dtype(self._identity, self.dtype)
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, LATENT_CHANNELS, 1, 1)
@@ -186,6 +186,21 @@ def enable_height_chunking(vae: torch.nn.Module, rows: int) -> None:
             module._conv_forward = _height_chunked_conv_forward(module, rows)
 
 
+def _file_identity(path: Path, chunk_size: int | None, tiled: bool) -> str:
+    stat = path.stat()
+    return f"vae={path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};chunk={chunk_size};tiled={tiled}"
+
+
+def _with_dtype(identity: str, dtype: torch.dtype) -> str:
+    return f"{identity};dtype={dtype}"
+
+
+def vae_identity(path: str | os.PathLike, *, dtype: torch.dtype, chunk_size: int | None = None, tiled: bool = False) -> str:
+    """What ``load_vae(...).identity()`` would return, without reading the weights (so cached latents can be
+    checked before deciding whether the VAE is needed at all)."""
+    return _with_dtype(_file_identity(Path(path), chunk_size, tiled), dtype)
+
+
 def load_vae(
     path: str | os.PathLike,
     *,
@@ -216,6 +231,4 @@ def load_vae(
         enable_height_chunking(vae, chunk_size)
     if tiled:
         vae.enable_tiling()
-    stat = path.stat()
-    options = f"chunk={chunk_size};tiled={tiled}"
-    return AnimaVAE(vae, f"vae={path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};{options}")
+    return AnimaVAE(vae, _file_identity(path, chunk_size, tiled))

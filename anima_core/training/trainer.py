@@ -27,7 +27,9 @@ from anima_core import __version__
 from anima_core.atomic import atomic_write_text, clean_leftovers
 from anima_core.config.load import profile_to_toml
 from anima_core.config.schema import Profile
-from anima_core.data import DataOptions, build_training_data
+from anima_core.data import DataOptions, PhaseProgress, build_training_data
+from anima_core.data.caching import ModelSource
+from anima_core.data.memory import place_profile_caches
 from anima_core.errors import AnimaError
 from anima_core.models.dit_loading import describe_dit
 from anima_core.plugins import Plugins
@@ -154,48 +156,60 @@ class Trainer:
 
     def _build_data(self) -> None:
         """Check every image and caption before any model loads."""
+        def show(progress: PhaseProgress) -> None:  # on the console now; as events once run_start is written
+            self.display.message(progress.describe())
+            if progress.finished:
+                self.scan_progress.append(progress)
+
+        self.scan_progress: list[PhaseProgress] = []
         self.data = build_training_data(data_options(self.profile), base_dir=Path.cwd(),
-                                        on_warning=self.startup_warnings.append)
+                                        on_warning=self.startup_warnings.append, progress=show)
 
     def _report_startup(self) -> None:
+        for progress in self.scan_progress:
+            self.events.emit("cache", **progress.fields())
         for message in self.startup_warnings:
             self.warn(message)
         for line in self.data.bucket_report():
             self.log(line)
 
     def _cache(self) -> None:
-        caching = self.profile.caching
+        caching, model = self.profile.caching, self.profile.model
+        vae_dtype = DTYPES[model.vae_dtype]
+        te_dtype = self.dit_dtype if self.device.type == "cuda" else torch.float32
+        placement = place_profile_caches(self.data, self.profile, text_dtype=te_dtype)
+        for line in placement.lines:
+            self.log(line)
+        if placement.switched:
+            self.warn(placement.switched)
         if caching.cache_latents or caching.cache_latents_to_disk:
-            vae = self.models.load_vae(self.profile.model, dtype=DTYPES[self.profile.model.vae_dtype], device=self.device)
+            def load_vae():
+                return self.models.load_vae(model, dtype=vae_dtype, device=self.device)
+
+            identity = getattr(self.models, "vae_identity", None)  # without it, load first to learn the identity
+            vae = ModelSource(identity(model, dtype=vae_dtype), str(vae_dtype), load_vae) if identity else load_vae()
             self.log("caching latents")
-            self.data.cache_latents(vae, to_disk=caching.cache_latents_to_disk, batch_size=caching.vae_batch_size,
-                                    device=self.device, progress=self._cache_progress("latents"))
+            self.data.cache_latents(vae, to_disk=placement.latents_to_disk, batch_size=caching.vae_batch_size,
+                                    device=self.device, progress=self._cache_progress)
             del vae
             self._free()
             self.vae = None
         else:
-            self.vae = self.models.load_vae(self.profile.model, dtype=DTYPES[self.profile.model.vae_dtype], device=self.device)
+            self.vae = self.models.load_vae(model, dtype=vae_dtype, device=self.device)
         train_te = not self.profile.network.train_unet_only
-        te_dtype = self.dit_dtype if self.device.type == "cuda" else torch.float32
-        self.text_encoder = self.models.load_text_encoder(self.profile.model, dtype=te_dtype, device=self.device)
+        self.text_encoder = self.models.load_text_encoder(model, dtype=te_dtype, device=self.device)
         if caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk:
             self.log("caching text-encoder outputs")
-            self.data.cache_text(self.text_encoder, to_disk=caching.cache_text_encoder_outputs_to_disk,
-                                 batch_size=caching.text_encoder_batch_size, progress=self._cache_progress("text"))
+            self.data.cache_text(self.text_encoder, to_disk=placement.text_to_disk,
+                                 batch_size=caching.text_encoder_batch_size, progress=self._cache_progress)
             if not train_te:
                 self.text_encoder.model.to("cpu")
                 self._free()
 
-    def _cache_progress(self, label):
-        last = {"t": 0.0}
-
-        def report(done: int, total: int, what: str = label):
-            now = time.monotonic()
-            if done == total or now - last["t"] > 2:
-                last["t"] = now
-                self.display.message(f"{what}: {done}/{total}")
-
-        return report
+    def _cache_progress(self, progress: PhaseProgress) -> None:
+        """Data phases (scan, cache checks, encoding) as `cache` events and console lines."""
+        self.events.emit("cache", **progress.fields())
+        self.display.message(progress.describe())
 
     def _free(self) -> None:
         gc.collect()
