@@ -64,6 +64,8 @@ def as_source(model: Any) -> ModelSource:
 
 
 def _in_share(paths: list[Path], share: Share) -> set[Path]:
+    """This process's cache files: every world-th of all of them (not only the stale ones, which other
+    processes may be writing meanwhile), so the division is the same in every process."""
     rank, world = share
     return {p for n, p in enumerate(sorted(set(paths))) if n % world == rank}
 
@@ -175,7 +177,7 @@ def cache_latents(
     todo = items
     if to_disk:
         todo = _reuse_checked(items, workers, progress, "check latents", _latent_stale)
-        mine = _in_share([it.path for it in todo], share)
+        mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:
         todo = [it for n, it in enumerate(items) if n % share[1] == share[0]]
@@ -374,7 +376,7 @@ def cache_text(
     todo = items
     if to_disk:
         todo = _reuse_checked(items, workers, progress, "check text", _text_stale)
-        mine = _in_share([it.path for it in todo], share)
+        mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:
         todo = [it for n, it in enumerate(items) if n % share[1] == share[0]]

@@ -1,0 +1,240 @@
+"""Caching large datasets: compact exact in-memory caches, the memory plan, parallel = serial, progress, lazy models."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_data_images import FakeTextEncoder, FakeVAE, _folder, _opts
+from training_helpers import make_run, read_events
+
+from anima_core.data import build_training_data
+from anima_core.data import memory as cache_memory
+from anima_core.data.caching import ModelSource
+from anima_core.data.compact import OVERHEAD_BYTES
+from anima_core.models import load_text_encoder
+
+
+def _batches_text(data, epoch=0):
+    return {tuple(b.paths): b.text for b in data.epoch_batches(epoch)}
+
+
+def _same_text(a, b) -> bool:
+    return a.keys() == b.keys() and all(all(torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in a)
+
+
+# ---- compact in-memory caches -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compact_text_cache_gives_the_encoders_padded_outputs_exactly(tmp_path, tiny_model, dtype):
+    """Trimmed to the real tokens and kept in the encoder's dtype, yet every batch is bit-equal to the padded
+    float32 outputs (what the disk cache stores and what training used before)."""
+    captions = {0: "1girl", 1: "1girl, long hair, smile, looking at viewer, outdoors", 2: "1girl, smile"}
+    _folder(tmp_path, [(64, 64)] * 3, caption=lambda i: captions[i])
+    opts = _opts(tmp_path, train_batch_size=3, qwen3_max_token_length=96, t5_max_token_length=20)
+    te = load_text_encoder(tiny_model.qwen3, tokenizer_path=tiny_model.qwen_tokenizer,
+                           t5_tokenizer_path=tiny_model.t5_tokenizer, dtype=dtype)
+    memory = build_training_data(opts, base_dir=tmp_path)
+    memory.cache_text(te, to_disk=False, batch_size=2)
+    disk = build_training_data(opts, base_dir=tmp_path)
+    disk.cache_text(te, to_disk=True, batch_size=3)
+    assert _same_text(_batches_text(memory), _batches_text(disk))
+
+    stored = list(memory._text.values())
+    assert all(c.outputs.states.dtype == dtype for c in stored)
+    lengths = sorted(c.outputs.states.shape[0] for c in stored)
+    counts = sorted(cache_memory.qwen_token_counter(te.qwen_tokenizer)(list(captions.values())))
+    assert lengths == counts and lengths[-1] < 96  # the real tokens are kept, the padding is not
+    # The estimate from the tokenizer's counts is what the cache holds.
+    width, itemsize = stored[0].outputs.states.shape[1], torch.empty((), dtype=dtype).element_size()
+    estimate, exact = cache_memory.text_cache_bytes(
+        memory, width=width, itemsize=itemsize, count_tokens=cache_memory.qwen_token_counter(te.qwen_tokenizer)
+    )
+    held = sum(
+        c.outputs.states.numel() * itemsize + c.outputs.mask.numel() + 5 * 20 + OVERHEAD_BYTES for c in stored
+    )
+    assert exact and estimate == held
+
+
+def test_in_memory_latents_share_one_buffer_per_bucket_and_match_the_estimate(tmp_path):
+    _folder(tmp_path, [(64, 64), (64, 64), (80, 48)], repeats=1)
+    data = build_training_data(_opts(tmp_path, flip_aug=True, alpha_mask=True), base_dir=tmp_path)
+    plain = build_training_data(_opts(tmp_path, flip_aug=True, alpha_mask=True), base_dir=tmp_path)
+    data.cache_latents(FakeVAE(), to_disk=False, batch_size=2, device="cpu", workers=2)
+    entries = list(data._latents.values())
+    storages = {t.untyped_storage().data_ptr() for lat, flip, _ in entries for t in (lat, flip)}
+    assert len(storages) == 2  # one buffer per bucket holds every image and mirror
+    held = sum(lat.nbytes + flip.nbytes + alpha.nbytes + OVERHEAD_BYTES for lat, flip, alpha in entries)
+    assert cache_memory.latent_cache_bytes(data) == held
+    # alpha masks kept as uint8 come back as the float32 values the uncached path computes
+    for a, b in zip(plain.epoch_batches(0), data.epoch_batches(0)):
+        assert a.paths == b.paths and torch.equal(a.alpha_masks, b.alpha_masks)
+        assert torch.allclose(FakeVAE().encode(a.pixels), b.latents, atol=1e-6)
+
+
+# ---- the memory plan ----------------------------------------------------------------------------
+
+
+def test_caches_that_would_not_fit_go_to_disk_and_say_so(tmp_path):
+    _folder(tmp_path, [(64, 64)] * 4)
+    data = build_training_data(_opts(tmp_path, qwen3_max_token_length=16, t5_max_token_length=16), base_dir=tmp_path)
+    per_image = cache_memory.latent_cache_bytes(data) // 4
+    text_bound, exact = cache_memory.text_cache_bytes(data, width=32, itemsize=2, count_tokens=None)
+    assert not exact and text_bound == 4 * (16 * (32 * 2 + 1) + 16 * 5 + OVERHEAD_BYTES)
+    common = dict(latents=True, latents_to_disk=False, text=True, text_to_disk=False, text_width=32, text_itemsize=2)
+
+    roomy = cache_memory.place_caches(data, available=10**9, **common)
+    assert not roomy.latents_to_disk and not roomy.text_to_disk and roomy.switched is None
+    assert "in-memory cache for 4 images" in roomy.lines[0] and "upper bound" in roomy.lines[0]
+
+    # room for the latents (half the memory may hold caches) but not for the text outputs as well
+    tight = cache_memory.place_caches(data, available=2 * (4 * per_image + text_bound // 2), **common)
+    assert not tight.latents_to_disk and tight.text_to_disk
+    assert tight.switched.startswith("text-encoder outputs would not fit in memory: caching them on disk")
+
+    none = cache_memory.place_caches(data, available=per_image, **common)
+    assert none.latents_to_disk and none.text_to_disk and "latents and text-encoder outputs" in none.switched
+
+
+def test_run_moves_caches_to_disk_when_memory_is_short(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(cache_memory, "available_memory", lambda: 1000)
+    result = make_run(tmp_path, tiny_model).run()
+    assert result.status == "finished"
+    assert sorted(p.name for p in (tmp_path / "data" / "2_tiny").glob("*.npz")) == [
+        "img0_0064x0064_anima.npz", "img0_anima_te.npz", "img1_0064x0064_anima.npz", "img1_anima_te.npz"]
+    events = read_events(result.run_dir)
+    assert any(e["type"] == "log" and e["message"].startswith("in-memory cache for 2 images") for e in events)
+    assert any(e["type"] == "warning" and "would not fit in memory" in e["message"] for e in events)
+
+
+# ---- parallel caching ---------------------------------------------------------------------------
+
+
+def test_parallel_caching_writes_the_same_files_as_serial(tmp_path):
+    sizes = [(64, 64), (80, 48), (96, 64), (64, 64), (48, 80), (64, 96), (64, 64)]
+    serial_root, parallel_root = tmp_path / "serial", tmp_path / "parallel"
+    _folder(serial_root, sizes)
+    shutil.copytree(serial_root, parallel_root)
+    for root, workers in ((serial_root, 0), (parallel_root, 4)):
+        data = build_training_data(_opts(root, flip_aug=True), base_dir=root)
+        data.cache_latents(FakeVAE(), to_disk=True, batch_size=3, device="cpu", workers=workers)
+        data.cache_text(FakeTextEncoder(), to_disk=True, batch_size=3, workers=workers)
+    serial = sorted(p.relative_to(serial_root) for p in serial_root.rglob("*.npz"))
+    assert len(serial) == 2 * len(sizes)
+    assert serial == sorted(p.relative_to(parallel_root) for p in parallel_root.rglob("*.npz"))
+    for rel in serial:
+        with np.load(serial_root / rel) as a, np.load(parallel_root / rel) as b:
+            assert a.files == b.files
+            for name in a.files:
+                assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), (rel, name)
+    assert not list(tmp_path.rglob(".anima-tmp-*"))
+
+
+def test_parallel_in_memory_caching_gives_the_same_batches_as_serial(tmp_path):
+    _folder(tmp_path, [(64, 64), (80, 48), (96, 64), (64, 64), (48, 80)], repeats=2)
+    opts = _opts(tmp_path, train_batch_size=2, flip_aug=True, qwen3_max_token_length=8, t5_max_token_length=6)
+    results = []
+    for workers in (0, 3):
+        data = build_training_data(opts, base_dir=tmp_path)
+        data.cache_latents(FakeVAE(), to_disk=False, batch_size=2, device="cpu", workers=workers)
+        data.cache_text(FakeTextEncoder(), to_disk=False, batch_size=2, workers=workers)
+        results.append(list(data.epoch_batches(1)))
+    serial, parallel = results
+    assert len(serial) == len(parallel) > 0
+    for a, b in zip(serial, parallel):
+        assert a.paths == b.paths and torch.equal(a.latents, b.latents)
+        assert all(torch.equal(x, y) for x, y in zip(a.text, b.text))
+
+
+def test_shares_divide_the_files_between_processes_without_overlap(tmp_path):
+    _folder(tmp_path, [(64, 64), (80, 48), (96, 64), (64, 64), (48, 80)])
+    opts = _opts(tmp_path)
+    encoded = []
+    for rank in range(2):
+        vae = FakeVAE()
+        build_training_data(opts, base_dir=tmp_path).cache_latents(vae, to_disk=True, batch_size=2, device="cpu",
+                                                                   share=(rank, 2))
+        encoded.append(vae.images_encoded)
+    assert encoded == [3, 2]
+    again = FakeVAE()
+    build_training_data(opts, base_dir=tmp_path).cache_latents(again, to_disk=True, batch_size=2, device="cpu")
+    assert again.images_encoded == 0
+
+
+# ---- progress, lazy models, cheap reuse checks --------------------------------------------------
+
+
+def test_every_phase_reports_counts_rate_and_eta(tmp_path):
+    _folder(tmp_path, [(64, 64), (80, 48), (64, 64)])
+    opts = _opts(tmp_path)
+    seen = []
+    data = build_training_data(opts, base_dir=tmp_path, progress=seen.append)
+    data.cache_latents(FakeVAE(), to_disk=True, batch_size=2, device="cpu", progress=seen.append)
+    first = [(p.phase, p.done, p.total, p.reused, p.finished) for p in seen]
+    assert first == [("scan", 0, 3, 0, False), ("scan", 3, 3, 0, True),
+                     ("check latents", 0, 3, 0, False), ("check latents", 3, 3, 0, True),
+                     ("latents", 0, 3, 0, False), ("latents", 3, 3, 0, True)]
+    assert seen[-1].rate > 0 and seen[-1].eta_s == 0 and seen[-1].new == 3
+
+    seen.clear()
+    build_training_data(opts, base_dir=tmp_path).cache_latents(FakeVAE(), to_disk=True, batch_size=2, device="cpu",
+                                                               progress=seen.append)
+    end = seen[-1]
+    assert (end.phase, end.done, end.total, end.reused, end.new) == ("latents", 3, 3, 3, 0)
+    assert "3 reused, 0 new" in end.describe() and end.fields()["rate"] >= 0
+
+
+def test_vae_is_not_loaded_when_every_latent_is_cached(tmp_path):
+    _folder(tmp_path, [(64, 64), (80, 48)])
+    opts = _opts(tmp_path)
+    loads = []
+
+    def source():
+        def load():
+            loads.append(1)
+            return FakeVAE()
+        return ModelSource("vae-a", "torch.float32", load)
+
+    build_training_data(opts, base_dir=tmp_path).cache_latents(source(), to_disk=True, batch_size=2, device="cpu")
+    assert loads == [1]
+    data = build_training_data(opts, base_dir=tmp_path)
+    data.cache_latents(source(), to_disk=True, batch_size=2, device="cpu")
+    assert loads == [1] and all(b.latents is not None for b in data.epoch_batches(0))
+
+
+def test_run_with_cached_latents_does_not_load_the_vae(tmp_path, tiny_model, monkeypatch):
+    from anima_plugins.anima_loader import AnimaLoader
+
+    loads = []
+    real = AnimaLoader.load_vae
+    monkeypatch.setattr(AnimaLoader, "load_vae", lambda self, *a, **kw: loads.append(1) or real(self, *a, **kw))
+    caching = {"cache_latents_to_disk": True, "cache_text_encoder_outputs_to_disk": True}
+    assert make_run(tmp_path / "a", tiny_model, caching=caching).run().status == "finished"
+    assert loads == [1]
+    shutil.copytree(tmp_path / "a" / "data", tmp_path / "b" / "data")
+    result = make_run(tmp_path / "b", tiny_model, caching=caching).run()
+    assert result.status == "finished" and loads == [1]
+    cache_events = [e for e in read_events(result.run_dir) if e["type"] == "cache"]
+    phases = {e["phase"]: e for e in cache_events if e["finished"]}
+    assert set(phases) == {"scan", "check latents", "latents", "check text", "text"}
+    assert phases["latents"]["reused"] == 2 and phases["latents"]["new"] == 0
+    assert all({"done", "total", "rate", "eta_s"} <= set(e) for e in cache_events)
+
+
+def test_reuse_check_reads_only_the_keys(tmp_path, monkeypatch):
+    _folder(tmp_path, [(64, 64), (80, 48)])
+    opts = _opts(tmp_path, flip_aug=True, qwen3_max_token_length=8, t5_max_token_length=6)
+    data = build_training_data(opts, base_dir=tmp_path)
+    data.cache_latents(FakeVAE(), to_disk=True, batch_size=2, device="cpu")
+    data.cache_text(FakeTextEncoder(), to_disk=True, batch_size=2)
+
+    read = []
+    real = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **kw: read.append(real(*a, **kw)) or read[-1])
+    vae, te = FakeVAE(), FakeTextEncoder()
+    again = build_training_data(opts, base_dir=tmp_path)
+    again.cache_latents(vae, to_disk=True, batch_size=2, device="cpu")
+    again.cache_text(te, to_disk=True, batch_size=2)
+    assert vae.images_encoded == 0 and te.captions_encoded == []
+    assert len(read) == 4 and all(a.dtype.kind == "U" for a in read)  # the 4 JSON keys, no tensor
