@@ -151,11 +151,14 @@ def cmd_ctl(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from anima_core.training.cache_report import cache_memory_report
     from anima_core.training.planner import dit_config_from_file, format_plan, plan
 
     profile = _profile(args)
     config = dit_config_from_file(profile.model.dit, llm_adapter_path=profile.model.llm_adapter)
     print(format_plan(plan(profile, config, vram_gib=args.vram)))
+    for line in cache_memory_report(profile):
+        print(line)
     return 0
 
 

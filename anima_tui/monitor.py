@@ -78,6 +78,7 @@ class MonitorScreen(Screen):
         state = self.state
         step = state.last_step
         progress = f"step {of_total(step.get('step'), state.total_steps)} · epoch {of_total(step.get('epoch'), state.total_epochs)}"
+        progress = state.cache_progress or progress  # before the first step: the data phase and its ETA
         device = f" · {state.device}" if state.device else ""
         self.query_one("#title", Static).update(f"[b]{state.run_id}[/b] · {self.run_status()} · {progress}{device}")
         self.query_one("#loss", LinePlot).plot(

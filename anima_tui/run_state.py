@@ -48,6 +48,7 @@ class RunState:
     total_epochs: int | None = None
     pid: int | None = None
     last_step: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # the latest `cache` event: scan / cache checks / encoding progress
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
@@ -87,6 +88,26 @@ class RunState:
         lr = learning_rate(event.get("lr"))
         if lr is not None:
             self.lrs.append(lr)
+
+    def _on_cache(self, event: dict) -> None:
+        self.cache = event
+
+    @property
+    def cache_progress(self) -> str:
+        """The data phase in progress ('latents 1200/20000 · 85.3/s · ETA 3m40s'), '' once training steps arrive."""
+        event = self.cache
+        if not event or self.last_step:
+            return ""
+        line = f"{text(event.get('phase'), 'caching')} {integer(event.get('done'))}/{integer(event.get('total'))}"
+        reused = integer(event.get("reused"))
+        if reused:
+            line += f" ({reused} reused)"
+        rate, eta = number(event.get("rate")), number(event.get("eta_s"))
+        if rate is not None:
+            line += f" · {rate:.1f}/s"
+        if eta is not None and not event.get("finished"):
+            line += f" · ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        return line
 
     def _on_save(self, event: dict) -> None:
         kind = text(event.get("kind"), "save")

@@ -238,3 +238,31 @@ def test_reuse_check_reads_only_the_keys(tmp_path, monkeypatch):
     again.cache_text(te, to_disk=True, batch_size=2)
     assert vae.images_encoded == 0 and te.captions_encoded == []
     assert len(read) == 4 and all(a.dtype.kind == "U" for a in read)  # the 4 JSON keys, no tensor
+
+
+def test_validate_and_plan_print_the_cache_memory(tmp_path, tiny_model, capsys):
+    import tomli_w
+
+    from anima_core.cli import main
+    from training_helpers import tiny_profile_data, write_images
+
+    write_images(tmp_path / "data", count=3)
+    path = tmp_path / "profile.toml"
+    path.write_text(tomli_w.dumps(tiny_profile_data(tmp_path, tiny_model)))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "in-memory cache for 3 images: latents" in out.out + out.err
+    assert "text-encoder outputs" in out.out + out.err
+    assert main(["plan", str(path), "--vram", "24"]) == 0
+    assert "in-memory cache for 3 images" in capsys.readouterr().out
+
+
+def test_monitor_shows_the_data_phase_until_training_starts():
+    from anima_tui.run_state import RunState
+
+    state = RunState()
+    state.add([{"type": "cache", "phase": "latents", "done": 1200, "total": 20000, "reused": 200, "rate": 85.25,
+                "eta_s": 220.4, "finished": False}])
+    assert state.cache_progress == "latents 1200/20000 (200 reused) · 85.2/s · ETA 3m40s"
+    state.add([{"type": "step", "step": 1, "loss": 0.1}])
+    assert state.cache_progress == ""

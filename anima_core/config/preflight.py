@@ -142,6 +142,9 @@ def dataset_findings(profile: Profile, result: Preflight, scan_images: bool) -> 
         + (f", {data.num_reg_images} regularisation" if data.num_reg_images else "")
         + f", {per_epoch} step(s) per epoch, {total} step(s) in all"
     )
+    from anima_core.training.cache_report import cache_memory_report
+
+    result.summary += cache_memory_report(profile, data)
 
 
 def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier: list[str] = ()) -> Preflight:

@@ -47,17 +47,22 @@ def _mode_problem(image: Image.Image, alpha_mask: bool) -> str | None:
     return None
 
 
-def check_image(path: Path, alpha_mask: bool) -> ImageFacts:
-    """Read and fully decode one image. Raises BadImage naming what is wrong."""
-    data = path.read_bytes()
-    if not data:
+def check_image(path: Path, alpha_mask: bool, *, decode: bool = True) -> ImageFacts:
+    """Read and fully decode one image. Raises BadImage naming what is wrong.
+
+    ``decode=False`` reads only the header (size and mode, no content hash): enough to plan buckets and cache
+    memory, not to train.
+    """
+    data = path.read_bytes() if decode else b""
+    if decode and not data:
         raise BadImage("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data) if decode else path) as image:
             problem = _mode_problem(image, alpha_mask)
             if problem:
                 raise BadImage(problem)
-            image.load()
+            if decode:
+                image.load()
             has_alpha = image.mode in ("LA", "La", "RGBA", "RGBa") or (image.mode == "P" and "transparency" in image.info)
             width, height = image.size
     except BadImage:
@@ -66,7 +71,7 @@ def check_image(path: Path, alpha_mask: bool) -> ImageFacts:
         raise BadImage("not an image any decoder recognises (wrong extension, or not an image at all)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"cannot be decoded (truncated or corrupt): {e}") from e
-    return ImageFacts(width, height, has_alpha, hashlib.sha256(data).hexdigest())
+    return ImageFacts(width, height, has_alpha, hashlib.sha256(data).hexdigest() if decode else "")
 
 
 def _resample(name: str | None, downscale: bool) -> Image.Resampling:

@@ -39,7 +39,11 @@ def available_memory() -> int:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes in the unit that reads best: KiB, MiB or GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _entries(data: Any):

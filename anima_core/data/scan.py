@@ -169,6 +169,7 @@ def scan_dataset(
     warn: Callable[[str], None],
     workers: int,
     progress: ProgressSink | None = None,
+    decode: bool = True,
 ) -> ScannedDataset:
     bucketer = Bucketer(spec)
     min_area = bucketer.smallest_area()
@@ -203,7 +204,7 @@ def scan_dataset(
         if not c.path.is_file():
             return "image file not found"
         try:
-            return check_image(c.path, spec.subsets[c.subset_index].alpha_mask)
+            return check_image(c.path, spec.subsets[c.subset_index].alpha_mask, decode=decode)
         except BadImage as e:
             return str(e)
         except OSError as e:

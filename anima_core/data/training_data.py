@@ -467,11 +467,13 @@ def build_training_data(
     t5_tokenizer: Any = None,
     on_warning: WarningCallback | None = None,
     progress: ProgressSink | None = None,
+    decode: bool = True,
 ) -> TrainingData:
     """Resolve the datasets, then read and check every image and caption (before any model loads).
 
     `tokenizer` (Qwen3) and `t5_tokenizer` are optional; with them, captions longer than the token limits are
     reported. Bad images are skipped with a summary (bad_image_policy "skip") or all listed in one DatasetError.
+    `decode=False` reads only image headers (for estimates: the data cannot be cached or trained on).
     """
     base_dir = Path(base_dir)
     specs, from_config = resolve_datasets(opts, base_dir)
@@ -489,7 +491,8 @@ def build_training_data(
     def scan(training: bool) -> list[ScannedDataset]:
         return [
             scan_dataset(
-                s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers, progress=progress
+                s, training=training, seed=seed, tokens=tokens, problems=problems, warn=warn, workers=workers, progress=progress,
+                decode=decode,
             )
             for s in specs
         ]

@@ -126,6 +126,7 @@ class Trainer:
         self.precision, self.precision_note = choose_precision(profile.training, self.device)
         tdtype = profile.model.transformer_dtype
         self.dit_dtype = DTYPES[tdtype] if tdtype else PRECISION_DTYPES[self.precision]
+        self.text_encoder_dtype = self.dit_dtype if self.device.type == "cuda" else torch.float32
         self.models = plugins.registry("register_model_loaders").get(profile.model.loader)
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ class Trainer:
     def _cache(self) -> None:
         caching, model = self.profile.caching, self.profile.model
         vae_dtype = DTYPES[model.vae_dtype]
-        te_dtype = self.dit_dtype if self.device.type == "cuda" else torch.float32
+        te_dtype = self.text_encoder_dtype
         placement = place_profile_caches(self.data, self.profile, text_dtype=te_dtype)
         for line in placement.lines:
             self.log(line)
