@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
+
+
+def _say(text: str) -> None:
+    """Straight to stderr: safe inside a signal handler, even while a live progress bar owns the terminal."""
+    try:
+        os.write(2, ("\n" + text + "\n").encode())
+    except OSError:
+        pass
 
 
 class StopDuringSetup(Exception):
@@ -22,6 +31,8 @@ class StopRequests:
         self.control_dir = control_dir
         self.stop_reason: str | None = None
         self.training = False
+        # What is complete on disk, said when a second signal quits at once (set by the trainer).
+        self.on_disk: Callable[[], str] = lambda: "no LoRA or state was saved by this run yet"
         self._previous = {}
 
     def install(self) -> None:
@@ -35,10 +46,14 @@ class StopRequests:
 
     def _on_signal(self, signum, frame):
         if self.stop_reason is not None:
+            _say(f"quitting now. {self.on_disk()} Every file is written whole or not at all, so nothing "
+                 "half-written is left.")
             os._exit(128 + signum)
         self.stop_reason = f"signal {signal.Signals(signum).name}"
         if not self.training:
+            _say("stopping now: nothing has been trained yet.")
             raise StopDuringSetup(self.stop_reason)
+        _say("stopping after this step (the LoRA and a state are saved); Ctrl+C again to quit at once.")
 
     def _take(self, name: str) -> bool:
         path = self.control_dir / name

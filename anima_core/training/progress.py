@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.text import Text
 
 
 def format_rate(s_per_it: float) -> str:
@@ -26,19 +27,41 @@ def step_summary(event: dict) -> str:
     return " | ".join(parts)
 
 
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 class ProgressDisplay:
+    """A live bar (step N/total, epoch, loss, lr, rate, ETA) on a terminal; every ``every`` steps a plain line
+    otherwise. Messages are printed as text, never as markup (they name keys in brackets)."""
+
     def __init__(self, mode: str, total_steps: int, every: int, console: Console | None = None):
         self.console = console or Console(stderr=True)
         interactive = mode == "rich" or (mode == "auto" and sys.stderr.isatty())
         self.every = every
-        self.total = total_steps
+        self._total = total_steps
         self._progress = None
         if interactive:
             self._progress = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[summary]}"), console=self.console,
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[summary]}", markup=False), console=self.console,
             )
             self._task = self._progress.add_task("train", total=total_steps, summary="")
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    @total.setter
+    def total(self, steps: int) -> None:
+        """Known once the dataset is scanned, after the display exists."""
+        self._total = steps
+        if self._progress:
+            self._progress.update(self._task, total=steps)
 
     def __enter__(self):
         if self._progress:
@@ -50,12 +73,14 @@ class ProgressDisplay:
             self._progress.stop()
 
     def step(self, event: dict) -> None:
+        line = f"epoch {event['epoch']} | {step_summary(event)} | ETA {format_eta(event.get('eta_s'))}"
         if self._progress:
-            self._progress.update(self._task, completed=event["step"], summary=step_summary(event))
+            self._progress.update(self._task, completed=event["step"], summary=line)
         elif event["step"] % self.every == 0 or event["step"] == self.total:
-            eta = event.get("eta_s")
-            eta_text = f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else ""
-            self.console.print(f"step {event['step']}/{self.total} epoch {event['epoch']} | {step_summary(event)}{eta_text}", highlight=False, soft_wrap=True)
+            self.console.print(f"step {event['step']}/{self.total} {line}", markup=False, highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def warning(self, text: str) -> None:
+        self.console.print(Text("warning: ", style="yellow") + Text(text), highlight=False, soft_wrap=True)

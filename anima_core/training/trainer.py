@@ -149,7 +149,7 @@ class Trainer:
 
     def warn(self, message: str, **detail) -> None:
         self.events.emit("warning", message=message, **({"detail": detail} if detail else {}))
-        self.display.message(f"[yellow]warning:[/yellow] {message}")
+        self.display.warning(message)
 
     def log(self, message: str) -> None:
         self.events.emit("log", message=message)
@@ -318,6 +318,13 @@ class Trainer:
             self.events.emit("log", message=f"self-check of {path.name}: {result.summary}")
         else:
             self.warn(f"self-check of {path.name} failed: {result.summary}")
+
+    def _on_disk(self) -> str:
+        """What an interrupted run leaves, for the message of a second Ctrl+C."""
+        lora = f"the last LoRA saved is {self.last_lora}" if self.last_lora else "no LoRA was saved by this run"
+        state = (f"the last state is {self.last_state} (continue with --resume {self.run_dir})" if self.last_state
+                 else "no resumable state was saved")
+        return f"On disk: {lora}; {state}."
 
     def save_training_state(self, progress: Progress) -> None:
         if progress == self.saved_progress:  # a stop right after a scheduled save: that state is this one
@@ -603,6 +610,7 @@ class Trainer:
         self.tflop_done, self.speed = 0.0, {}
         # Installed until the final saves are written: a second signal during them exits at once.
         self.stop_requests = StopRequests(self.run_dir / "control")
+        self.stop_requests.on_disk = self._on_disk
         self.stop_requests.install()
         try:
             self._build_data()
