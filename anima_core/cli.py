@@ -14,6 +14,7 @@ from anima_core import __version__
 from anima_core.errors import AnimaError
 
 console = Console(stderr=True, highlight=False)
+DEMO_DIR = "anima-demo"
 
 
 def _profile(args):
@@ -66,9 +67,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-    from anima_core.config import profile_to_toml
+    from anima_core.config.show import profile_to_commented_toml
 
-    print(profile_to_toml(_profile(args)), end="")
+    print(profile_to_commented_toml(_profile(args)), end="")
     return 0
 
 
@@ -93,9 +94,14 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    folder = Path(args.dir).resolve()
+    # Said before the heavy imports, so the command talks from its first second.
+    where = "" if args.dir != DEMO_DIR else " (the default: give a folder to put it elsewhere)"
+    console.print(f"anima-train demo: a tiny random model and dataset, trained on the CPU, in {folder}{where}",
+                  markup=False, highlight=False, soft_wrap=True)
     from anima_core.demo import run_demo
 
-    run_demo(Path(args.dir), steps=args.steps, console=console)
+    run_demo(folder, steps=args.steps, console=console)
     return 0
 
 
@@ -111,9 +117,11 @@ def cmd_lora_info(args) -> int:
 def cmd_import_kohya(args) -> int:
     from anima_core.atomic import atomic_write_text
     from anima_core.kohya import import_command_line
+    from anima_core.kohya.paths import rebase_paths
 
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     result = import_command_line(text)
+    rebase_paths(result, Path.cwd(), args.output.parent if args.output else None)
     for warning in result.warnings:
         console.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
     if args.output:
@@ -139,11 +147,15 @@ def cmd_watch(args) -> int:
 
 
 def cmd_ctl(args) -> int:
-    from anima_core.runctl import request, run_info
+    from anima_core.runctl import is_run_dir, request, run_info
 
+    if not is_run_dir(Path(args.run_dir)):
+        console.print(f"{args.run_dir} is not a run directory (it has no events.jsonl); give a folder under "
+                      "OUTPUT_DIR/runs/", markup=False, soft_wrap=True)
+        return 1
     status = run_info(Path(args.run_dir)).status
     if status not in ("starting", "running"):
-        console.print(f"[yellow]warning:[/yellow] the run is {status}; nothing will act on the request")
+        console.print(Text("warning: ", style="yellow") + Text(f"the run is {status}; nothing will act on the request"))
         return 1
     request(Path(args.run_dir), args.action)
     console.print(f"{args.action} requested; the run acts on it after its current step")
@@ -200,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("demo", help="make a tiny model and dataset and train a LoRA on the CPU")
-    p.add_argument("dir", nargs="?", default="anima-demo", help="folder for the demo (default: ./anima-demo)")
+    p.add_argument("dir", nargs="?", default=DEMO_DIR, help=f"folder for the demo (default: ./{DEMO_DIR})")
     p.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     p.set_defaults(func=cmd_demo)
 
@@ -236,15 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="render images with the preview sampler, optionally with LoRAs")
-    p.add_argument("--dit", required=True)
-    p.add_argument("--qwen3", required=True)
-    p.add_argument("--vae", required=True)
-    p.add_argument("--qwen3-tokenizer")
-    p.add_argument("--t5-tokenizer")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]")
+    p.add_argument("--dit", required=True, help="the DiT file (anima-*.safetensors)")
+    p.add_argument("--qwen3", required=True, help="the Qwen3 text encoder: a .safetensors file or a Hugging Face folder")
+    p.add_argument("--vae", required=True, help="the Qwen-Image VAE file (.safetensors or .pth)")
+    p.add_argument("--qwen3-tokenizer", help="Qwen3 tokenizer folder (default: next to --qwen3, else the shipped one)")
+    p.add_argument("--t5-tokenizer", help="T5 tokenizer folder (default: the shipped one)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA to apply, at STRENGTH (default 1.0); repeatable")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (sd-scripts options like --n --w --h --d --s --l --fs allowed)")
-    p.add_argument("-o", "--output", required=True, type=Path)
-    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="image file (.png/.jpg/.webp) for one prompt; otherwise a folder for sample_NN_SEED.png files")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_sample)
     return parser
 

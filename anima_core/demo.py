@@ -58,11 +58,17 @@ def demo_profile(root: Path, model, steps: int) -> dict:
 
 
 def run_demo(root: Path, *, steps: int = 30, console=None):
+    def say(text: str) -> None:
+        if console is not None:  # plain text, never wrapped: the paths must survive a pipe or a narrow terminal
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     # The demo model is tiny: one thread beats several, whose start-up costs more than the work they share.
     torch.set_num_threads(1)
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    say(f"building the tiny random model in {root / 'tiny-model'}")
     model = make_tiny_model(root / "tiny-model")
+    say(f"drawing the {len(DEMO_IMAGES)}-image captioned dataset in {root / 'dataset'}")
     write_demo_dataset(root / "dataset")
     profile_path = root / "demo.toml"
     profile_path.write_text(
@@ -70,8 +76,8 @@ def run_demo(root: Path, *, steps: int = 30, console=None):
         + tomli_w.dumps(demo_profile(root, model, steps)),
         encoding="utf-8",
     )
+    say(f"training a LoRA for {steps} steps on the CPU with {profile_path}")
     result = Trainer(load_profile(profile_path), default_plugins(), console=console).run()
-    if console is not None:
-        console.print(f"\nprofile: {profile_path}\nLoRA:    {result.lora_path}\nlog:     {result.run_dir / 'train.log'}\n"
-                      f"events:  {result.run_dir / 'events.jsonl'}\nwatch it: anima-train watch {result.run_dir}")
+    say(f"\nprofile: {profile_path}\nLoRA:    {result.lora_path}\nlog:     {result.run_dir / 'train.log'}\n"
+        f"events:  {result.run_dir / 'events.jsonl'}\nwatch it: anima-train watch {result.run_dir}")
     return result

@@ -33,10 +33,10 @@ class ModelTable(Table):
         None, description="Separate LLM adapter weights; when empty the adapter is read from the DiT file."
     )
     qwen3_tokenizer: Optional[Path] = Field(
-        None, description="Folder with the Qwen3 tokenizer and config, needed when `qwen3` is a single file and the HF cache has none."
+        None, description="Folder with the Qwen3 tokenizer (and config); empty: next to `qwen3`, else the one shipped with anima-train."
     )
     t5_tokenizer: Optional[Path] = Field(
-        None, description="Folder with the T5 tokenizer (google/t5-v1_1-xxl vocabulary) used for the adapter's ids. sd-scripts: --t5_tokenizer_path."
+        None, description="Folder with the T5 tokenizer (google/t5-v1_1-xxl vocabulary) for the adapter's ids; empty: the one shipped with anima-train. sd-scripts: --t5_tokenizer_path."
     )
     qwen3_max_token_length: int = Field(512, ge=1, le=4096, description="Qwen3 tokens kept per caption (truncate + pad).")
     t5_max_token_length: int = Field(512, ge=1, le=4096, description="T5 tokens kept per caption (truncate + pad).")

@@ -40,6 +40,16 @@ def _prompts(texts: list[str], console) -> list[SamplePrompt]:
     return prompts
 
 
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def output_path(output: Path, count: int, index: int, seed: int) -> Path:
+    """``-o x.png`` with one prompt is that file; a folder (or several prompts) gets sample_NN_SEED.png inside."""
+    if count == 1 and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
+        return output
+    return output / f"sample_{index:02d}_{seed}.png"
+
+
 def run_sample_command(args, console) -> list[Path]:
     """Load the model set, apply the LoRAs, render each ``--prompt`` into ``args.output``; returns the paths."""
     from anima_core.models import load_dit, load_text_encoder, load_vae
@@ -75,9 +85,9 @@ def run_sample_command(args, console) -> list[Path]:
     for prompt in prompts:
         seed = prompt.seed_or(DEFAULT_SEED)
         image = render_prompt(dit, vae, encode, prompt, seed=seed, device=device)
-        path = Path(args.output) / f"sample_{prompt.index:02d}_{seed}.png"
+        path = output_path(Path(args.output), len(prompts), prompt.index, seed)
         with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
+            image.save(tmp, format=IMAGE_SUFFIXES.get(path.suffix.lower(), "PNG"))
         print(path)
         written.append(path)
     free_memory(device)

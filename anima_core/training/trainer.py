@@ -319,6 +319,24 @@ class Trainer:
         else:
             self.warn(f"self-check of {path.name} failed: {result.summary}")
 
+    def _keep_earlier_final_lora(self, progress: Progress) -> None:
+        """Extending a finished run would overwrite its final LoRA at the end: keep that file under the name of
+        its epoch (when it ended on an epoch boundary of an epoch-counted run) or of its step."""
+        final = self.lora_path()
+        if progress.step >= self.total_steps or not final.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(final), framework="pt") as f:
+            meta = f.metadata() or {}
+        step = int(meta.get("ss_steps", progress.step))
+        epoch_end = progress.batch_in_epoch == 0 and self.profile.training.max_train_epochs
+        kept = self.lora_path(epoch=int(meta.get("ss_epoch", progress.epoch))) if epoch_end else self.lora_path(step=step)
+        if kept.exists():
+            return
+        os.replace(final, kept)
+        self.log(f"kept the earlier final LoRA as {kept.name} (this run writes a new {final.name} when it ends)")
+
     def _on_disk(self) -> str:
         """What an interrupted run leaves, for the message of a second Ctrl+C."""
         lora = f"the last LoRA saved is {self.last_lora}" if self.last_lora else "no LoRA was saved by this run"
@@ -580,6 +598,7 @@ class Trainer:
             state = self.last_state = self.resume_state
             progress = self._restore(state)
             self.log(f"resumed from {state} at step {progress.step}, epoch {progress.epoch + 1}")
+            self._keep_earlier_final_lora(progress)
         return progress
 
     def _report_speed(self) -> None:
