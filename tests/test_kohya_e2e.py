@@ -1,8 +1,10 @@
-"""The guide's example command line, pointed at tiny files, trains through import-kohya and run."""
+"""The guide's example command line, pointed at tiny files: import-kohya, one validate naming every problem, run."""
 
 import re
 import tomllib
+from pathlib import Path
 
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_kohya_import import GUIDE_COMMAND
@@ -30,38 +32,58 @@ bucket_reso_steps = 16
 """
 
 
-def test_guide_example_imports_and_trains(tmp_path, tiny_model, capsys):
+def _problems(err: str) -> list[str]:
+    return [line.strip()[2:] for line in err.splitlines() if line.strip().startswith("- ")]
+
+
+def test_guide_example_reports_every_problem_in_one_validate_then_trains_on_the_first_run(
+        tmp_path, tiny_model, capsys, monkeypatch):
+    """The guide's command, run from the dataset's folder, pointed at the tiny model and a dataset with one problem
+    of each kind: one `validate` names them all; fixed, the first `run` trains."""
+    monkeypatch.chdir(tmp_path)
     images = write_images(tmp_path / "data", count=1) / "2_tiny"
-    (tmp_path / "my_anima_dataset_config.toml").write_text(DATASET_CONFIG.format(images=images))
+    (images / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8)).save(images / "small.png")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(images / "latin1.png")
+    (images / "latin1.txt").write_bytes("caf\xe9, 1girl".encode("latin-1"))
+    Path("my_anima_dataset_config.toml").write_text(DATASET_CONFIG.format(images="data/2_tiny"))
     adapter = tmp_path / "llm_adapter.safetensors"
     dit_weights = load_file(tiny_model.dit)
     save_file({k.removeprefix("net."): v for k, v in dit_weights.items() if k.startswith("net.llm_adapter.")}, adapter)
-    command = tmp_path / "command.sh"
     paths = {"<path to Anima DiT model>": tiny_model.dit, "<path to Qwen3-0.6B model or directory>": tiny_model.qwen3,
-             "<path to WanVAE model>": tiny_model.vae, "<path to LLM adapter model>": adapter,
-             "<output directory>": tmp_path / "out"}
+             "<path to WanVAE model>": tiny_model.vae, "<path to LLM adapter model>": tiny_model.vae,  # wrong kind
+             "<output directory>": "out"}
     text = GUIDE_COMMAND
     for placeholder, path in paths.items():
         text = text.replace(placeholder, str(path))
-    command.write_text(text)
-    profile = tmp_path / "profile.toml"
-    assert main(["import-kohya", str(command), "-o", str(profile)]) == 0
-    data = tomllib.loads(profile.read_text())
-    assert data["dataset"]["dataset_config"] == "my_anima_dataset_config.toml"
+    Path("command.sh").write_text(text)
+    assert main(["import-kohya", "command.sh", "-o", "profiles/guide.toml"]) == 0
+    profile = "profiles/guide.toml"
+    data = tomllib.loads(Path(profile).read_text())
+    assert data["dataset"]["dataset_config"] == "../my_anima_dataset_config.toml"
     assert data["training"]["timestep_sampling"] == "logit_normal" and data["training"]["discrete_flow_shift"] == 3.0
     assert data["memory"]["blocks_to_swap"] == 18 and data["network"]["dim"] == 8
+    capsys.readouterr()
 
-    # The guide's 18-block swap is for the 28-block release: on the 4-block tiny model it is refused, clearly...
-    base = ["--set", f"model.t5_tokenizer='{tiny_model.t5_tokenizer}'", "--set", "training.device='cpu'"]
-    assert main(["run", str(profile), *base]) == 2
+    # One validate: the adapter file is a VAE, 18 of 4 blocks swapped, an 8-bit optimizer without a GPU, and the
+    # dataset's undecodable, too small and non-UTF-8-captioned images.
+    assert main(["validate", profile]) == 2
     err = capsys.readouterr().err
-    assert "blocks_to_swap" in err and "Traceback" not in err
-    # ...and trains with the overrides a CPU user would give.
-    overrides = ["--set", "memory.blocks_to_swap=2", "--set", "optimizer.optimizer_type='AdamW'",
-                 "--set", f"model.t5_tokenizer='{tiny_model.t5_tokenizer}'", "--set", "model.qwen3_max_token_length=16",
-                 "--set", "model.t5_max_token_length=16", "--set", "training.device='cpu'",
-                 "--set", "logging.run_name='guide'", "--set", "training.max_train_epochs=3"]
-    assert main(["run", str(profile), *overrides]) == 0
+    problems = _problems(err)
+    assert any(p.startswith("model.llm_adapter:") and "not an Anima LLM adapter" in p for p in problems)
+    assert any(p.startswith("memory.blocks_to_swap = 18") for p in problems)
+    assert any(p.startswith("optimizer.optimizer_type:") and "CUDA" in p for p in problems)
+    for image in ("broken.png", "small.png", "latin1.png"):
+        assert err.count(image) == 1, image
+    assert "bf16 on the CPU" in err  # what the run will do differently, said up front
+
+    # Fixed the way a CPU user would, it validates and trains on the first run.
+    fixes = ["--set", f"model.llm_adapter='{adapter}'", "--set", "memory.blocks_to_swap=2",
+             "--set", "optimizer.optimizer_type='AdamW'", "--set", "model.qwen3_max_token_length=16",
+             "--set", "model.t5_max_token_length=16", "--set", "logging.run_name='guide'",
+             "--set", "training.max_train_epochs=3"]
+    assert main(["validate", profile, *fixes]) == 0
+    assert main(["run", profile, *fixes]) == 0
     lora = tmp_path / "out" / "my_anima_lora.safetensors"
     with safe_open(lora, "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
