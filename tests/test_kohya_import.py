@@ -122,9 +122,18 @@ FLAG_CASES = [
     ("--lr_scheduler constant_with_warmup", "optimizer", "lr_scheduler", "constant_with_warmup"),
     ("--lr_warmup_steps 100", "optimizer", "lr_warmup_steps", 100),
     ("--lr_warmup_steps 0.1", "optimizer", "lr_warmup_steps", 0.1),
-    ("--lr_scheduler_num_cycles 3", "optimizer", "lr_scheduler_num_cycles", 3),
-    ("--lr_scheduler_power 2", "optimizer", "lr_scheduler_power", 2.0),
-    ("--lr_scheduler_min_lr_ratio 0.1", "optimizer", "lr_scheduler_min_lr_ratio", 0.1),
+    ("--lr_scheduler_num_cycles 3 --lr_scheduler cosine_with_restarts", "optimizer", "lr_scheduler_num_cycles", 3),
+    ("--lr_scheduler_power 2 --lr_scheduler polynomial", "optimizer", "lr_scheduler_power", 2.0),
+    ("--lr_scheduler_min_lr_ratio 0.1 --lr_scheduler cosine_with_min_lr", "optimizer", "lr_scheduler_min_lr_ratio", 0.1),
+    ("--lr_decay_steps 0.2 --lr_scheduler warmup_stable_decay", "optimizer", "lr_decay_steps", 0.2),
+    ("--lr_scheduler_timescale 50 --lr_scheduler inverse_sqrt", "optimizer", "lr_scheduler_timescale", 50),
+    ("--lr_scheduler_type CosineAnnealingLR", "optimizer", "lr_scheduler_type", "CosineAnnealingLR"),
+    ('--lr_scheduler_args "T_max=100" "eta_min=1e-6"', "optimizer", "lr_scheduler_args", {"T_max": 100, "eta_min": 1e-6}),
+    ("--scale_weight_norms 1.0", "optimizer", "scale_weight_norms", 1.0),
+    ("--optimizer_type prodigy", "optimizer", "optimizer_type", "Prodigy"),
+    ("--optimizer_type pagedadamw8bit", "optimizer", "optimizer_type", "PagedAdamW8bit"),
+    ("--use_lion_optimizer", "optimizer", "optimizer_type", "Lion"),
+    ("--optimizer_type came_pytorch.CAME", "optimizer", "optimizer_type", "came_pytorch.CAME"),
     ("--max_train_epochs 10", "training", "max_train_epochs", 10),
     ("--max_train_steps 500", "training", "max_train_steps", 500),
     ("--gradient_accumulation_steps 4", "training", "gradient_accumulation_steps", 4),
@@ -360,3 +369,26 @@ def test_vae_disable_cache_is_explained_not_mapped():
     (note,) = [w for w in result.warnings if w.startswith("--vae_disable_cache")]
     assert "single image never uses it" in note
     assert "vae_disable_cache" not in result.data.get("model", {})
+
+
+@pytest.mark.parametrize(("line", "expected", "note"), [
+    # sd-scripts' Adafactor default (relative_step) replaces the schedule and ignores group rates and warmup.
+    ("--optimizer_type AdaFactor --lr_scheduler cosine --lr_warmup_steps 10 --unet_lr 1e-4",
+     {"optimizer_type": "Adafactor", "lr_scheduler": "adafactor"}, "relative_step"),
+    # Schedule-free optimizers get no schedule in sd-scripts.
+    ("--optimizer_type adamwschedulefree --lr_scheduler linear --lr_warmup_steps 5",
+     {"optimizer_type": "AdamWScheduleFree"}, "no schedule"),
+    # A knob the chosen schedule does not read is dropped, as sd-scripts ignores it.
+    ("--lr_scheduler cosine --lr_scheduler_min_lr_ratio 0.1 --lr_scheduler_num_cycles 2",
+     {"lr_scheduler": "cosine"}, "sd-scripts ignores it for 'cosine'"),
+    ("--lr_scheduler_type StepLR --lr_scheduler cosine", {"lr_scheduler_type": "StepLR"}, "replaces it"),
+])
+def test_run_time_rules_of_sd_scripts_are_written_into_the_profile(line, expected, note):
+    from anima_core.config.schema import OptimizerTable
+    from anima_core.training.schedules import schedule_problems
+
+    result = imported(line)
+    optimizer = {k: v for k, v in result.data["optimizer"].items() if k != "learning_rate"}
+    assert optimizer == expected
+    assert any(note in w for w in result.warnings), result.warnings
+    assert schedule_problems(OptimizerTable(**result.data["optimizer"])) == []

@@ -127,10 +127,10 @@ _add("--lr_warmup_steps", target="optimizer.lr_warmup_steps", convert=v.as_int_o
 _add("--lr_scheduler_num_cycles", target="optimizer.lr_scheduler_num_cycles", convert=v.as_int)
 _add("--lr_scheduler_power", target="optimizer.lr_scheduler_power", convert=v.as_float)
 _add("--lr_scheduler_min_lr_ratio", target="optimizer.lr_scheduler_min_lr_ratio", convert=v.as_float)
-_add("--lr_scheduler_type", ignored=UNSUPPORTED + " (custom scheduler classes); use lr_scheduler")
-_add("--lr_scheduler_args", "values", ignored=UNSUPPORTED + " (custom scheduler arguments)")
-_add("--lr_decay_steps", ignored=UNSUPPORTED + " (warmup-stable-decay schedules)")
-_add("--lr_scheduler_timescale", ignored=UNSUPPORTED + " (inverse_sqrt / rex schedules)")
+_add("--lr_scheduler_type", target="optimizer.lr_scheduler_type")
+_add("--lr_scheduler_args", "values", "optimizer.lr_scheduler_args", v.lr_scheduler_args)
+_add("--lr_decay_steps", target="optimizer.lr_decay_steps", convert=v.as_int_or_float)
+_add("--lr_scheduler_timescale", target="optimizer.lr_scheduler_timescale", convert=v.as_int)
 
 # --- training length, precision, randomness -----------------------------------------------------------
 _add("--max_train_steps", target="training.max_train_steps", convert=v.as_int)
@@ -151,7 +151,7 @@ _add("--network_weights", target="network.weights")
 _rule("--network_train_unet_only", "switch")
 _add("--network_train_text_encoder_only", "switch", ignored=UNSUPPORTED + " (a Qwen3-only LoRA)")
 _add("--dim_from_weights", "switch", ignored=UNSUPPORTED + "; set network.dim to the rank of network.weights")
-_add("--scale_weight_norms", ignored=UNSUPPORTED + " (max-norm regularisation)")
+_add("--scale_weight_norms", target="optimizer.scale_weight_norms", convert=v.as_float)
 _add("--base_weights", "values", ignored=UNSUPPORTED + " (LoRAs merged into the base before training)")
 _add("--base_weights_multiplier", "values", ignored=UNSUPPORTED + " (LoRAs merged into the base before training)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import tomlkit
@@ -17,6 +18,8 @@ from pydantic import ValidationError
 
 from anima_core.config.schema import TABLES, Profile
 from anima_core.errors import AnimaError
+from anima_core.plugins import default_plugins
+from anima_core.training.schedules import KNOBS, USES_WARMUP, is_schedule_free, uses_relative_step
 from anima_core.kohya import values as v
 from anima_core.kohya.command_line import split_command_line
 from anima_core.kohya.flags import (
@@ -31,7 +34,6 @@ from anima_core.kohya.lycoris import LYCORIS_MODULE, lycoris_network_rules
 
 SCRIPT = "anima_train_network.py"
 GENERATION_NAMES = {"first": "first release (the guide)", "current": "current sd-scripts"}
-OUR_OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
 
 
 class UnknownFlagError(AnimaError):
@@ -297,7 +299,8 @@ def _optimizer_rules(b: _Builder, generation: Generation) -> None:
         optimizer, comment = "Lion", b.written("--use_lion_optimizer")
     if optimizer:
         # sd-scripts compares optimizer names without case ("AdaFactor", "adamw8bit").
-        optimizer = next((ours for ours in OUR_OPTIMIZERS if ours.lower() == optimizer.lower()), optimizer)
+        ours = default_plugins().registry("register_optimizers").names()
+        optimizer = next((name for name in ours if name.lower() == optimizer.lower()), optimizer)
         b.set("optimizer", "optimizer_type", optimizer, comment)
     components = [f"--{c}_lr" for c in ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")]
     given = [name for name in components if b.has(name)]
@@ -309,6 +312,41 @@ def _optimizer_rules(b: _Builder, generation: Generation) -> None:
             "ignores them (both generations; they act only in full fine-tuning). anima-train applies them to "
             "the LoRA parameter groups; remove them from [optimizer] to train exactly what sd-scripts trained."
         )
+
+
+def _schedule_rules(b: _Builder) -> None:
+    """What sd-scripts does at run time with the optimizer and schedule flags, written into the profile."""
+    data = b.data.setdefault("optimizer", {})
+    cfg = SimpleNamespace(optimizer_type=data.get("optimizer_type", "AdamW"), optimizer_args=data.get("optimizer_args", {}))
+    kind = data.get("lr_scheduler", "constant")
+
+    def drop(key: str, why: str) -> None:
+        if key in data:
+            b.warn(f"{b.comments[('optimizer', key)]}: left out, {why}.")
+            del data[key]
+
+    if uses_relative_step(cfg):
+        why = "sd-scripts' Adafactor uses relative_step (its default), with its own rate for every parameter"
+        for key in ("unet_lr", "text_encoder_lr"):
+            drop(key, why + " (sd-scripts ignores it)")
+        drop("lr_warmup_steps", why + " and the adafactor schedule, which takes no warmup (sd-scripts stops with an error)")
+        if kind != "adafactor":
+            b.set("optimizer", "lr_scheduler", "adafactor", f"sd-scripts replaces lr_scheduler {kind!r} with its adafactor schedule")
+        kind = None
+    elif is_schedule_free(cfg) and not data.get("lr_scheduler_type"):
+        why = f"sd-scripts gives {cfg.optimizer_type} no schedule (it brings its own)"
+        drop("lr_scheduler", why)
+        drop("lr_warmup_steps", why)
+        kind = None
+    elif data.get("lr_scheduler_type"):
+        drop("lr_scheduler", "lr_scheduler_type replaces it in sd-scripts")
+        kind = None
+    elif data.get("lr_warmup_steps") and kind not in USES_WARMUP:
+        b.warn(f"{b.comments[('optimizer', 'lr_warmup_steps')]}: sd-scripts stops with an error for warmup with {kind!r}; "
+               "use lr_scheduler = 'constant_with_warmup' or remove the warmup.")
+    for key, _default, readers in KNOBS:
+        if kind not in readers:
+            drop(key, f"sd-scripts ignores it for {kind or 'this optimizer'!r} (only {', '.join(sorted(readers))} read it)")
 
 
 def _network_rules(b: _Builder, generation: Generation) -> None:
@@ -414,6 +452,7 @@ def import_command_line(text: str) -> ImportResult:
     _model_rules(b, generation)
     _timestep_rules(b, generation)
     _optimizer_rules(b, generation)
+    _schedule_rules(b)
     _network_rules(b, generation)
     _caching_rules(b)
     _precision_rules(b, generation)

@@ -95,9 +95,14 @@ def network_args(items: list[str]) -> dict[str, Any]:
     return result
 
 
-def optimizer_args(items: list[str]) -> dict[str, Any]:
+def _literal_args(items: list[str], flag: str) -> dict[str, Any]:
     """sd-scripts reads each value as a Python literal, a comma list as a tuple (`betas=0.9,0.999`)."""
-    result: dict[str, Any] = {}
-    for key, raw in _split_pairs(items, "--optimizer_args"):
-        result[key] = literal(raw)
-    return result
+    return {key: literal(raw) for key, raw in _split_pairs(items, flag)}
+
+
+def optimizer_args(items: list[str]) -> dict[str, Any]:
+    return _literal_args(items, "--optimizer_args")
+
+
+def lr_scheduler_args(items: list[str]) -> dict[str, Any]:
+    return _literal_args(items, "--lr_scheduler_args")
