@@ -134,6 +134,9 @@ def cmd_import_kohya(args) -> int:
 
 def cmd_tui(args) -> int:
     from anima_tui.app import run_tui
+    from anima_tui.widgets.preview_image import renderer_name
+
+    renderer_name()  # refuse an unknown ANIMA_TRAIN_IMAGES before the screen is taken over
 
     run_tui(Path(args.target) if args.target else None)
     return 0
@@ -141,6 +144,9 @@ def cmd_tui(args) -> int:
 
 def cmd_watch(args) -> int:
     from anima_tui.app import run_watch
+    from anima_tui.widgets.preview_image import renderer_name
+
+    renderer_name()  # refuse an unknown ANIMA_TRAIN_IMAGES before the screen is taken over
 
     run_watch(Path(args.run_dir))
     return 0
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path,
                    help="image file (.png/.jpg/.webp) for one prompt; otherwise a folder for sample_NN_SEED.png files")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--show", action="store_true", help="also draw the images in the terminal (as the TUI does)")
     p.set_defaults(func=cmd_sample)
     return parser
 

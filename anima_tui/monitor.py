@@ -13,11 +13,13 @@ from textual.widgets import Footer, Static
 
 from anima_core import runctl
 from anima_tui.dialogs import ConfirmScreen
+from anima_tui.gallery import GalleryScreen
 from anima_tui.run_state import RunState
 from anima_tui.system_stats import SystemReading, probe_system
 from anima_tui.widgets.line_plot import LinePlot, Series
 from anima_tui.widgets.log_tail import LogTail
 from anima_tui.widgets.notes_list import NotesList
+from anima_tui.widgets.preview_pane import PreviewPane
 from anima_tui.widgets.run_stats import RunStats, of_total
 
 POLL_SECONDS = 0.5
@@ -25,9 +27,11 @@ POLL_SECONDS = 0.5
 
 class MonitorScreen(Screen):
     CSS_PATH = "monitor.tcss"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # below 100 columns the previews pane folds away
     BINDINGS = [
         Binding("s", "save_now", "Save now"),
         Binding("x", "stop", "Stop"),
+        Binding("g", "gallery", "Previews"),
         Binding("escape", "back", "Back"),
         Binding("q", "app.quit", "Quit"),
     ]
@@ -50,6 +54,7 @@ class MonitorScreen(Screen):
         with Horizontal(id="bottom"):
             yield LogTail(self.run_dir / "train.log", self.run_dir / runctl.LAUNCH_LOG, id="log")
             yield NotesList(id="notes")
+            yield PreviewPane(self.run_dir, id="previews")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -87,6 +92,7 @@ class MonitorScreen(Screen):
         self.query_one("#lr", LinePlot).plot([Series(state.lrs, "magenta")])
         self.query_one(RunStats).show(state, self._probe())
         self.query_one(NotesList).show(state.notes)
+        self.query_one(PreviewPane).show(state.previews)
 
     def action_save_now(self) -> None:
         self._request("save", "save requested; the trainer saves at the end of the current step")
@@ -109,6 +115,9 @@ class MonitorScreen(Screen):
             self.notify(str(exc), severity="error")
         else:
             self.notify(message)
+
+    def action_gallery(self) -> None:
+        self.app.push_screen(GalleryScreen(self.run_dir, self.state.previews))
 
     def action_back(self) -> None:
         if len(self.app.screen_stack) > 2:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from anima_tui.preview_index import Preview, PreviewIndex
+
 EMA_WEIGHT = 0.9  # TensorBoard's default smoothing: readable trend without hiding a divergence for long
 
 
@@ -54,6 +56,7 @@ class RunState:
     smoothed: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    previews: PreviewIndex = field(default_factory=PreviewIndex)
     end: dict | None = None
     events_seen: int = 0
     bad_lines: int = 0
@@ -116,6 +119,8 @@ class RunState:
     def _on_sample(self, event: dict) -> None:
         prompt = text(event.get("prompt"))
         self.notes.append(Note("sample", integer(event.get("step")), f"{_file_name(event.get('path'))}  {prompt}"))
+        if isinstance(event.get("path"), str):
+            self.previews.add(Preview(event["path"], prompt, integer(event.get("step")), integer(event.get("epoch"))))
 
     def _on_warning(self, event: dict) -> None:
         self.notes.append(Note("warning", integer(event.get("step")), text(event.get("message"), "(no message)")))

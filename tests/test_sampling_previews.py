@@ -142,21 +142,26 @@ def test_lora_argument_parsing():
     assert parse_lora_argument("C:/x/b.safetensors") == (Path("C:/x/b.safetensors"), 1.0)
 
 
-def test_sample_command_with_and_without_lora(tiny_model, tmp_path):
+def test_sample_command_with_and_without_lora(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANIMA_TRAIN_IMAGES", "halfblock")
     lora_path = tmp_path / "random.safetensors"
     random_lora(load_dit(tiny_model.dit, dtype=torch.float32), seed=2).save(lora_path)
 
-    def sample(out, loras):
+    def sample(out, loras, show=False):
         args = argparse.Namespace(
             dit=str(tiny_model.dit), qwen3=str(tiny_model.qwen3), vae=str(tiny_model.vae),
             qwen3_tokenizer=str(tiny_model.qwen_tokenizer), t5_tokenizer=str(tiny_model.t5_tokenizer),
-            lora=loras, prompt=[f"a cat {FAST} --d 3 --n dog --l 4"], output=tmp_path / out, device="cpu",
+            lora=loras, prompt=[f"a cat {FAST} --d 3 --n dog --l 4"], output=tmp_path / out, device="cpu", show=show,
         )  # fmt: skip
-        (path,) = run_sample_command(args, Console(file=io.StringIO()))
+        console = Console(file=io.StringIO(), width=40, height=12)
+        (path,) = run_sample_command(args, console)
         assert path == tmp_path / out / "sample_00_3.png"
-        return pixels(path)
+        return pixels(path), console.file.getvalue()
 
-    plain = sample("plain", [])
-    with_lora = sample("lora", [f"{lora_path}:1.0"])
+    plain, quiet = sample("plain", [])
+    with_lora, shown = sample("lora", [f"{lora_path}:1.0"], show=True)
+    assert "▀" not in quiet
+    # --show draws the image under its name (half blocks where the console is no graphics terminal).
+    assert "sample_00_3.png" in shown and shown.count("▀") >= 10 * 10
     assert plain.shape == (64, 64, 3)
     assert not np.array_equal(plain, with_lora)

@@ -55,6 +55,10 @@ def run_sample_command(args, console) -> list[Path]:
     from anima_core.models import load_dit, load_text_encoder, load_vae
     from anima_plugins.lora import apply_lora_files
 
+    if args.show:  # a renderer setting that cannot be honoured fails before minutes of loading and rendering
+        from anima_tui.widgets.preview_image import renderer_name
+
+        renderer_name()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts = _prompts(args.prompt, console)
@@ -91,4 +95,8 @@ def run_sample_command(args, console) -> list[Path]:
         print(path)
         written.append(path)
     free_memory(device)
+    if args.show:
+        from anima_tui.widgets.preview_image import print_images
+
+        print_images(written, console)
     return written
