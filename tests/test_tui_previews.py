@@ -61,16 +61,17 @@ def halfblock(monkeypatch):
 
 
 async def settle(pilot):
+    """Until the decode workers are done and their images are on screen."""
     for _ in range(3):
         await pilot.pause()
+        await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
 
 
 async def open_gallery(pilot):
     await settle(pilot)
     await pilot.press("g")
     await settle(pilot)
-        await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 def tiles(app):
