@@ -16,6 +16,11 @@ def format_event(event: dict) -> str:
     if kind == "step":
         parts = [f"{k}={event[k]:.4g}" if isinstance(event[k], float) else f"{k}={event[k]}" for k in _FIELDS if event.get(k) is not None]
         body = " ".join(parts)
+    elif kind == "validation":
+        by_sigma = " ".join(f"σ{s}={v:.4g}" for s, v in (event.get("by_sigma") or {}).items() if isinstance(v, float))
+        loss = event.get("loss")
+        loss = f"{loss:.4g}" if isinstance(loss, float) else loss
+        body = f"step={event.get('step')} epoch={event.get('epoch')} loss={loss} {by_sigma} images={event.get('images')}"
     else:
         body = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("v", "type", "time"))
     return f"{stamp} {kind:9s} {body}"

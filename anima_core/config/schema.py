@@ -266,6 +266,31 @@ class LoggingTable(Table):
     log_every_n_steps: int = Field(10, ge=1, description="Plain log line every N steps when not on a terminal.")
     progress: Literal["auto", "rich", "plain"] = Field("auto", description="Progress display: rich bar on a terminal, plain lines otherwise.")
     run_name: Optional[str] = Field(None, description="Run directory name (default: time stamp and output_name).")
+    log_with: list[str] = Field(
+        default_factory=list,
+        description='Training-curve loggers: "tensorboard" and/or "wandb" (extras anima-train[tensorboard] / [wandb]). sd-scripts: --log_with ("all" = both).',
+    )
+    logging_dir: Optional[Path] = Field(
+        None, description="Folder for TensorBoard and W&B files (default: logs/ in the run directory); each run writes to <log_prefix><run name> in it."
+    )
+    log_prefix: Optional[str] = Field(None, description="Text put before the run name in the log folder name.")
+    log_tracker_name: Optional[str] = Field(
+        None, description="W&B project and TensorBoard subfolder (default: network_train, as in sd-scripts)."
+    )
+    wandb_run_name: Optional[str] = Field(None, description="Name of the W&B run (default: the run name). The API key comes from `wandb login` or WANDB_API_KEY, never from a profile.")
+    log_tracker_config: Optional[Path] = Field(
+        None, description="TOML with a [wandb] table of wandb.init arguments (entity, tags, group, notes ...) and/or a [tensorboard] table of SummaryWriter arguments."
+    )
+    log_config: bool = Field(False, description="Send the resolved profile to TensorBoard / W&B as the run config.")
+    validate_every_n_steps: Optional[int] = Field(
+        None, ge=1, description="Validation loss on the held-out split (dataset.validation_split) every N steps."
+    )
+    validate_every_n_epochs: Optional[int] = Field(
+        None, ge=1, description="Validation loss every N epochs (default: every epoch when there is a validation split, as in sd-scripts)."
+    )
+    max_validation_steps: Optional[int] = Field(
+        None, ge=1, description="Validation batches per evaluation (default: the whole split)."
+    )
 
 
 class Profile(Table):

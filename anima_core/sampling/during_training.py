@@ -1,24 +1,22 @@
 """Preview images during training: when to render, and rendering without disturbing the run.
 
-Sampling must not change training: the CPU and CUDA random states are saved and restored, the DiT and the
-LoRA go back to train mode, memory strategies switch back, and a model loaded only for previews (the VAE
-when latents are cached) is freed. A failing preview is a warning event, never the end of the run.
+Sampling must not change training (see training/forward_only.py), and a model loaded only for previews (the
+VAE when latents are cached) is freed. A failing preview is a warning event, never the end of the run.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import nn
 
 from anima_core.atomic import atomic_path
 from anima_core.errors import AnimaError
 from anima_core.sampling.prompts import SamplePrompt, load_prompt_file
 from anima_core.sampling.sampler import TextConditioning, free_memory, render_prompt
 from anima_core.sampling.sheet import contact_sheet
+from anima_core.training.forward_only import forward_only_mode, preserved_rng
 from anima_core.training.trainer import DTYPES
 
 
@@ -30,19 +28,6 @@ def image_name(output_name: str, label: str, prompt: SamplePrompt, seed: int) ->
 
 def sheet_name(output_name: str, label: str) -> str:
     return f"{output_name}_{label}_sheet.png"
-
-
-@contextmanager
-def preserved_rng():
-    """Training's random streams are exactly where they were after the block, whatever it drew."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 class TrainingPreviews:
@@ -87,7 +72,7 @@ class TrainingPreviews:
         if not prompt_file.prompts:
             return []
         label = f"e{epoch:06d}" if by_epoch else f"{step:06d}"
-        with preserved_rng(), self._sampling_mode(), trainer.ema_weights("previews"):
+        with preserved_rng(), forward_only_mode(trainer), trainer.ema_weights("previews"):
             try:
                 encode = self._encoder(prompt_file.prompts)
                 vae, loaded_here = self._vae()
@@ -132,24 +117,6 @@ class TrainingPreviews:
             return None
         trainer.events.emit("sample", path=str(path), prompt=prompt.prompt, step=step, epoch=epoch)
         return path
-
-    @contextmanager
-    def _sampling_mode(self):
-        """Eval mode for the DiT and the LoRA (no dropout), memory strategies in forward-only mode; undone after."""
-        trainer = self.trainer
-        network = trainer.network if isinstance(trainer.network, nn.Module) else None
-        modes = [(module, module.training) for module in (trainer.dit, network) if module is not None]
-        for module, _ in modes:
-            module.eval()
-        for strategy in trainer.strategies:
-            strategy.prepare_for_sampling(trainer.dit)
-        try:
-            yield
-        finally:
-            for strategy in reversed(trainer.strategies):
-                strategy.prepare_for_training(trainer.dit)
-            for module, training in modes:
-                module.train(training)
 
     def _encoder(self, prompts: list[SamplePrompt]):
         """Encode what the prompts need once, on the training device, then serve it from the CPU cache.

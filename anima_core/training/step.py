@@ -59,9 +59,18 @@ def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generator):
     batch, _, h, w = latents.shape
     sigmas = sampler(batch, cfg, generator, (h, w)).float()
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    return noised_loss(dit, inputs, sigmas, noise, weighting=weighting, cfg=cfg), sigmas
+
+
+def noised_loss(dit, inputs: StepInputs, sigmas, noise, *, weighting, cfg, input_perturbation: bool = True):
+    """Loss of one batch noised at the given σ with the given noise (validation passes fixed ones, and no
+    input perturbation, which is a training-time regulariser drawing from the global generator)."""
+    latents = inputs.latents
+    _, _, h, w = latents.shape
     device = latents.device
     noise, sigmas_dev = noise.to(device), sigmas.to(device)
-    noisy = noisy_latents(latents, noise, sigmas_dev, ip_noise_gamma=cfg.ip_noise_gamma,
+    gamma = cfg.ip_noise_gamma if input_perturbation else None
+    noisy = noisy_latents(latents, noise, sigmas_dev, ip_noise_gamma=gamma,
                           random_strength=cfg.ip_noise_gamma_random_strength, generator=None)
     dtype = next(dit.parameters()).dtype
     pred = dit(
@@ -73,10 +82,9 @@ def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generator):
         source_attention_mask=inputs.qwen_mask,
     ).squeeze(2)
     target = noise - latents
-    loss = reduce_loss(
+    return reduce_loss(
         elementwise_loss(pred.float(), target, sigmas_dev, cfg),
         weighting(sigmas_dev),
         inputs.loss_weights.to(device),
         latent_mask(inputs.alpha_masks, (h, w)) if inputs.alpha_masks is not None else None,
     )
-    return loss, sigmas

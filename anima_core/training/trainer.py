@@ -46,6 +46,7 @@ from anima_core.training.progress import ProgressDisplay
 from anima_core.training.schedules import build_scheduler, rates_used, rebase_rates
 from anima_core.training.state import Progress, check_profile, find_state, load_state, restore_rng_state, save_state
 from anima_core.training.step import StepInputs, drop_captions, flow_loss
+from anima_core.training.validation import build_validation
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
@@ -381,7 +382,9 @@ class Trainer:
         if batch.text is not None:
             qwen_states, qwen_mask, t5_ids, t5_mask = (t.to(device) for t in batch.text)
         else:
-            grad = torch.enable_grad() if self.network.trains_text_encoder else torch.no_grad()
+            # Validation calls this without grad; the text-encoder LoRA then needs none either.
+            needs_grad = self.network.trains_text_encoder and torch.is_grad_enabled()
+            grad = torch.enable_grad() if needs_grad else torch.no_grad()
             with grad:
                 qwen_states, qwen_mask, t5_ids, t5_mask = self.text_encoder.encode(
                     batch.captions, self.profile.model.qwen3_max_token_length, self.profile.model.t5_max_token_length)
@@ -544,6 +547,8 @@ class Trainer:
                     self._scheduled_saves(progress, epoch_done, epoch, save_now)
                     if self.previews is not None:
                         self.previews.after_step(progress.step, epoch + 1 if epoch_done else None)
+                    if self.validation is not None:
+                        self.validation.after_step(progress.step, epoch + 1, epoch + 1 if epoch_done else None)
                 if stop_now:
                     self.stop_reason = stop.stop_reason
                     break
@@ -658,6 +663,7 @@ class Trainer:
                 num_epochs=self.num_epochs, started_at=time.time(), dit_config=self.dit.config)
             progress = self._prepare_training()
             self.previews = self._build_previews()
+            self.validation = build_validation(self)
             if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
                 with eval_weights(self.optimizer):
                     self.previews.render(step=0, epoch=0)
