@@ -47,4 +47,6 @@ def register_optimizers(register):
 @hookspec
 def register_event_sinks(register):
     """Event sinks: factories ``make_sink(run_dir: Path, profile) -> callable(event: dict)``; every event
-    of the run goes to every sink."""
+    of the run goes to every sink. A factory returns None to stay off for a run (TensorBoard and W&B do unless
+    ``logging.log_with`` names them); a factory with ``validate(profile) -> list[str]`` reports problems at
+    ``validate`` time (a missing package, a bad tracker config). A sink closes its files at ``run_end``."""

@@ -19,6 +19,7 @@ BUILTIN_PLUGINS = (
     "anima_plugins.flow",
     "anima_plugins.optimizers",
     "anima_plugins.event_sinks",
+    "anima_plugins.trackers",
 )
 
 # hook name -> the kind of thing it registers, as shown by `anima-train plugins` and in errors.

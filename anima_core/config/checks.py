@@ -91,7 +91,23 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
         strategy = entry.obj
         if strategy.enabled(profile) or entry.name in profile.memory.extra_strategies:
             problems += [f"memory: {p}" for p in strategy.validate(profile)]
-    return problems
+    return problems + _logging_problems(profile, plugins)
+
+
+def _logging_problems(profile: Profile, plugins: Plugins) -> list[str]:
+    sinks = plugins.registry("register_event_sinks")
+    problems = [f"logging.log_with: {name!r} is not an event sink; known: {', '.join(sinks.names())}"
+                for name in profile.logging.log_with if name not in sinks.entries]
+    for entry in sinks.entries.values():
+        validate = getattr(entry.obj, "validate", None)
+        if validate is not None:
+            problems += validate(profile)
+    logging, data = profile.logging, profile.dataset
+    asked = [k for k in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps") if getattr(logging, k)]
+    if asked and data.dataset_config is None and not data.validation_split:
+        problems.append(f"logging.{asked[0]}: validation loss needs held-out images; set dataset.validation_split "
+                        "(for example 0.1)")
+    return list(dict.fromkeys(problems))  # trackers sharing one config file report its problems once
 
 
 def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:

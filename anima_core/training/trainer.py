@@ -137,8 +137,8 @@ class Trainer:
         name = self.profile.logging.run_name or time.strftime("%Y%m%d-%H%M%S-") + saving.output_name
         self.run_dir = make_run_dir(saving.output_dir, name)
         atomic_write_text(self.run_dir / "profile.toml", profile_to_toml(self.profile))
-        sinks = [make(self.run_dir, self.profile) for make in
-                 (e.obj for e in self.plugins.registry("register_event_sinks").entries.values())]
+        made = (e.obj(self.run_dir, self.profile) for e in self.plugins.registry("register_event_sinks").entries.values())
+        sinks = [sink for sink in made if sink is not None]  # None: a sink this profile does not select
         self.events = EventLog(self.run_dir, sinks)
         self.display = ProgressDisplay(self.profile.logging.progress, 1, self.profile.logging.log_every_n_steps, self.console)
         # Reported once run_start is written, so every event of the run follows it.
@@ -436,7 +436,7 @@ class Trainer:
         return norm
 
     def _emit_step(self, progress: Progress, epoch: int, loss: float, started: float, first_step: int, losses: list[float],
-                   lrs: list[float], weight_norms: dict | None) -> None:
+                   lrs: list[float], weight_norms: dict | None, grad_norm: float) -> None:
         """``epoch``: the 1-based epoch of the batch just trained; ``lrs``: the rates that step used."""
         done = progress.step - first_step
         elapsed = time.monotonic() - started
@@ -444,7 +444,9 @@ class Trainer:
         window = losses[-50:]
         event = self.events.emit(
             "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=loss,
-            loss_avg=sum(window) / len(window), lr=lrs[:4], **({"weight_norms": weight_norms} if weight_norms else {}),
+            loss_avg=sum(window) / len(window), lr=lrs, **({"weight_norms": weight_norms} if weight_norms else {}),
+            lr_groups=[g.get("name", f"group{i}") for i, g in enumerate(self.optimizer.param_groups)],
+            grad_norm=None if self.profile.optimizer.fused_backward_pass else grad_norm,  # fused: never whole
             s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
             eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
         self.display.step(event)
@@ -541,7 +543,7 @@ class Trainer:
                 if epoch_done:
                     progress.epoch, progress.batch_in_epoch = epoch + 1, 0
                 losses.append(step_loss)
-                self._emit_step(progress, epoch + 1, step_loss, started, first_step, losses, lrs, weight_norms)
+                self._emit_step(progress, epoch + 1, step_loss, started, first_step, losses, lrs, weight_norms, norm)
                 stop_now, save_now = stop.poll()
                 with eval_weights(self.optimizer):
                     self._scheduled_saves(progress, epoch_done, epoch, save_now)
