@@ -72,8 +72,9 @@ def test_validation_changes_nothing_in_training(tmp_path, tiny_model):
     assert losses[0] == losses[1]
 
 
-def test_a_cadence_without_a_split_is_a_warning(tmp_path, tiny_model):
-    result = make_run(tmp_path, tiny_model, training={"max_train_steps": 1}, logging={"validate_every_n_steps": 1}).run()
+def test_a_split_too_small_for_one_image_is_a_warning(tmp_path, tiny_model):
+    result = make_run(tmp_path, tiny_model, training={"max_train_steps": 1}, dataset={"validation_split": 0.01},
+                      logging={"validate_every_n_steps": 1}).run()
     warnings = [e["message"] for e in read_events(result.run_dir) if e["type"] == "warning"]
-    assert any("no validation loss" in w for w in warnings)
+    assert "no validation loss: the validation split holds no image" in warnings
     assert _validations(result.run_dir) == []
