@@ -115,3 +115,27 @@ def test_demo_talks_from_the_start_and_names_its_folder(tmp_path, capsys, monkey
     assert f"building the tiny random model in {folder / 'tiny-model'}" in err
     lora = next(line for line in lines if line.startswith("LoRA:")).split(":", 1)[1].strip()
     assert Path(lora).is_file() and Path(lora).is_relative_to(folder)  # whole on one line although piped
+
+
+def test_plan_uses_the_named_files_and_the_dataset_configs_resolution_and_batch(tmp_path, tiny_model, capsys):
+    from safetensors.torch import load_file
+
+    from anima_core.config import load_profile
+    from anima_core.training.planner import dit_config_from_file, plan
+
+    write_images(tmp_path / "data")
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'[[datasets]]\nresolution = 128\nbatch_size = 3\n[[datasets.subsets]]\nimage_dir = "{tmp_path}"\n')
+    data = tiny_profile_data(tmp_path, tiny_model, caching={"cache_latents": True, "cache_text_encoder_outputs": True})
+    data["dataset"] = {"dataset_config": str(config), "resolution": 64, "train_batch_size": 1}
+    (tmp_path / "p.toml").write_text(tomli_w.dumps(data))
+    profile = load_profile(tmp_path / "p.toml")
+    result = plan(profile, dit_config_from_file(profile.model.dit))
+    assert "128×128 × batch 3" in result.summary
+    vae_params = sum(t.numel() for t in load_file(tiny_model.vae).values())
+    qwen_params = sum(t.numel() for t in load_file(tiny_model.qwen3 / "model.safetensors").values())
+    phases = {p.name: p.parts for p in result.phases}
+    assert phases["caching latents"]["VAE weights"] == vae_params * 4  # float32 VAE, the file's size
+    assert phases["caching text"]["Qwen3 weights"] == qwen_params * 2
+    assert main(["plan", str(tmp_path / "p.toml")]) == 0
+    assert "dataset config's largest dataset" in capsys.readouterr().out

@@ -32,6 +32,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -269,13 +270,78 @@ def model_counts(profile, model_config, *, lora_params: int | None = None) -> Mo
     return replace(counts, lora_params=lora_params)
 
 
-def _resolution(profile) -> tuple[int, int]:
+def _profile_resolution(profile) -> tuple[int, int]:
     reso = option(profile, "dataset", "resolution")
     if reso is None:
         return 1024, 1024
     if isinstance(reso, int):
         return reso, reso
     return int(reso[0]), int(reso[-1])
+
+
+@lru_cache(maxsize=8)
+def _config_shape(path: str, mtime_ns: int, resolution: tuple[int, int], batch: int) -> tuple[int, int, int] | None:
+    """The largest dataset of a dataset config: (width, height) of the largest area, and the largest batch."""
+    from anima_core.data.config import resolve_datasets
+    from anima_core.data.options import DataOptions
+    from anima_core.errors import DatasetError
+
+    try:
+        specs, _ = resolve_datasets(DataOptions(dataset_config=Path(path), resolution=resolution,
+                                                train_batch_size=batch), Path.cwd())
+    except DatasetError:
+        return None  # `validate` reports it; plan with the profile's values
+    width, height = max((s.resolution for s in specs), key=lambda r: r[0] * r[1])
+    return width, height, max(s.batch_size for s in specs)
+
+
+def _dataset_shape(profile) -> tuple[int, int, int]:
+    """(width, height, batch) training runs at: the dataset config's when the profile names one, else the profile's."""
+    width, height = _profile_resolution(profile)
+    batch = int(option(profile, "dataset", "train_batch_size", 1))
+    config = option(profile, "dataset", "dataset_config")
+    if config is not None and Path(config).is_file():
+        shape = _config_shape(str(config), Path(config).stat().st_mtime_ns, (width, height), batch)
+        if shape is not None:
+            return shape
+    return width, height, batch
+
+
+def _resolution(profile) -> tuple[int, int]:
+    return _dataset_shape(profile)[:2]
+
+
+def _batch(profile) -> int:
+    return _dataset_shape(profile)[2]
+
+
+@lru_cache(maxsize=8)
+def _header_params(files: tuple[str, ...], mtimes: tuple[int, ...]) -> int:
+    from anima_core.models.checkpoint import read_state_dict
+
+    total = 0
+    for file in files:
+        header = read_state_dict(file, "model", header_only=True)
+        total += sum(t.numel() for k, t in header.items() if not k.endswith("lm_head.weight"))  # tied to the embeddings
+    return total
+
+
+def _file_params(profile, key: str, released: int) -> int:
+    """Parameters in the file (or folder of .safetensors) the profile names, counted from its header; the
+    released model's count when it names none or the file cannot be read."""
+    from anima_core.errors import AnimaError
+
+    path = option(profile, "model", key)
+    if path is None:
+        return released
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return released
+    try:
+        return _header_params(tuple(map(str, files)), tuple(f.stat().st_mtime_ns for f in files))
+    except AnimaError:
+        return released
 
 
 def _optimizer_state_per_param(profile, param_bytes: int) -> float:
@@ -320,11 +386,11 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
         f"DiT weights ({resident_blocks}/{n} blocks on the GPU)": resident_blocks * block_bytes + other_bytes,
     }
     if not option(profile, "caching", "cache_text_encoder_outputs", False):
-        parts["Qwen3 text encoder weights"] = QWEN3_PARAMS * 2
+        parts["Qwen3 text encoder weights"] = _file_params(profile, "qwen3", QWEN3_PARAMS) * 2
         if te_trained:
             lora_params += QWEN3_LORA_PARAMS_PER_RANK * int(option(profile, "network", "dim", None) or 4)
     if not option(profile, "caching", "cache_latents", False):
-        parts["VAE weights"] = VAE_PARAMS * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
+        parts["VAE weights"] = _file_params(profile, "vae", VAE_PARAMS) * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
     parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
     parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
 
@@ -363,7 +429,7 @@ def _caching_phases(profile, width: int, height: int) -> list[Phase]:
             Phase(
                 "caching latents",
                 {
-                    "VAE weights": VAE_PARAMS * vae_bytes,
+                    "VAE weights": _file_params(profile, "vae", VAE_PARAMS) * vae_bytes,
                     "VAE activations": _vae_activation_bytes(profile, width, height, batch),
                 },
                 calibrated=False,
@@ -376,7 +442,7 @@ def _caching_phases(profile, width: int, height: int) -> list[Phase]:
         phases.append(
             Phase(
                 "caching text",
-                {"Qwen3 weights": QWEN3_PARAMS * 2, "Qwen3 activations": tokens * (8 * 1024 + 3 * 3072) * 2},
+                {"Qwen3 weights": _file_params(profile, "qwen3", QWEN3_PARAMS) * 2, "Qwen3 activations": tokens * (8 * 1024 + 3 * 3072) * 2},
                 calibrated=False,
             )
         )
@@ -390,7 +456,7 @@ def _sampling_phase(profile, counts: ModelCounts, training: Phase, act_bytes: in
     unit = tokens * counts.width * act_bytes
     forward = SAVED_D_UNITS * unit + 2 * tokens * counts.mlp_hidden * act_bytes
     vae_bytes = _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
-    kept.setdefault("VAE weights", VAE_PARAMS * vae_bytes)
+    kept.setdefault("VAE weights", _file_params(profile, "vae", VAE_PARAMS) * vae_bytes)
     kept["DiT forward / VAE decode working set"] = int(max(forward, _vae_activation_bytes(profile, width, height, 1)))
     return Phase("sampling", kept, calibrated=False)
 
@@ -404,7 +470,7 @@ def _act_bytes(profile) -> int:
 
 def predict(profile, counts: ModelCounts, settings: Settings) -> list[Phase]:
     width, height = _resolution(profile)
-    batch = int(option(profile, "dataset", "train_batch_size", 1))
+    batch = _batch(profile)
     tokens = batch * (width // 16) * (height // 16)
     act_bytes = _act_bytes(profile)
     training = _training_phase(profile, counts, settings, act_bytes, tokens, batch)
@@ -434,7 +500,7 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
     settings = Settings.from_profile(profile)
     phases = predict(profile, counts, settings)
     width, height = _resolution(profile)
-    batch = int(option(profile, "dataset", "train_batch_size", 1))
+    batch = _batch(profile)
     summary = (
         f"{describe_dit(model_config)}: {counts.total_params / 1e9:.2f} B params; "
         f"{width}×{height} × batch {batch} ({batch * (width // 16) * (height // 16)} image tokens); "
@@ -451,7 +517,7 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
                     "caching.vae_batch_size / caching.text_encoder_batch_size, or cache on a larger card."
                 )
     if option(profile, "dataset", "dataset_config") is not None:
-        notes.append("batch size and resolution are the profile's; a dataset config may set larger ones per dataset.")
+        notes.append("resolution and batch size are those of the dataset config's largest dataset.")
     vram = None if vram_gib is None else int(vram_gib * GIB)
     fits: list[Fit] = []
     if vram is not None:
