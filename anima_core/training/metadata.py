@@ -74,7 +74,7 @@ def training_metadata(profile: Profile, *, data_metadata: dict, total_steps: int
         "ss_face_crop_aug_range": None,
         "ss_prior_loss_weight": d.prior_loss_weight,
         "ss_min_snr_gamma": None,
-        "ss_scale_weight_norms": None,
+        "ss_scale_weight_norms": o.scale_weight_norms,
         "ss_ip_noise_gamma": t.ip_noise_gamma,
         "ss_debiased_estimation": False,
         "ss_noise_offset_random_strength": False,
