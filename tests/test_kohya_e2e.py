@@ -83,7 +83,10 @@ def test_guide_example_reports_every_problem_in_one_validate_then_trains_on_the_
              "--set", "model.t5_max_token_length=16", "--set", "logging.run_name='guide'",
              "--set", "training.max_train_epochs=3"]
     assert main(["validate", profile, *fixes]) == 0
+    capsys.readouterr()
     assert main(["run", profile, *fixes]) == 0
+    run_output = capsys.readouterr().err
+    assert run_output.count("broken.png") == 1 and "object at 0x" not in run_output  # the skip list, once
     lora = tmp_path / "out" / "my_anima_lora.safetensors"
     with safe_open(lora, "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
