@@ -195,6 +195,18 @@ FLAG_CASES = [
     ("--sample_every_n_epochs 1", "sampling", "sample_every_n_epochs", 1),
     ("--sample_at_first", "sampling", "sample_at_first", True),
     ("--sample_sampler euler", "sampling", "sample_sampler", "euler"),
+    ("--validate_every_n_steps 50", "logging", "validate_every_n_steps", 50),
+    ("--validate_every_n_epochs 2", "logging", "validate_every_n_epochs", 2),
+    ("--max_validation_steps 4", "logging", "max_validation_steps", 4),
+    ("--log_with all", "logging", "log_with", ["tensorboard", "wandb"]),
+    ("--log_with wandb", "logging", "log_with", ["wandb"]),
+    ("--logging_dir logs", "logging", "log_with", ["tensorboard"]),
+    ("--logging_dir logs", "logging", "logging_dir", "logs"),
+    ("--log_prefix lr1e-4-", "logging", "log_prefix", "lr1e-4-"),
+    ("--log_tracker_name anima", "logging", "log_tracker_name", "anima"),
+    ("--wandb_run_name first", "logging", "wandb_run_name", "first"),
+    ("--log_tracker_config trackers.toml", "logging", "log_tracker_config", "trackers.toml"),
+    ("--log_config", "logging", "log_config", True),
 ]
 
 
@@ -282,9 +294,17 @@ def test_unknown_flags_are_named_with_suggestions():
 
 
 def test_flags_without_effect_are_warned_about():
-    result = imported("--dit_path d --v2 --v_parameterization --clip_skip 2 --noise_offset 0.1 --logging_dir logs")
-    for name in ("--v2", "--v_parameterization", "--clip_skip", "--noise_offset", "--logging_dir"):
+    result = imported("--dit_path d --v2 --v_parameterization --clip_skip 2 --noise_offset 0.1 --console_log_level INFO")
+    for name in ("--v2", "--v_parameterization", "--clip_skip", "--noise_offset", "--console_log_level"):
         assert any(w.startswith(name) for w in result.warnings), name
+
+
+def test_credentials_never_reach_the_profile():
+    secret, token = "wandb-secret-0123456789", "hf-secret-9876543210"
+    result = imported(f"--dit_path d --log_with wandb --wandb_api_key {secret} --huggingface_token={token}")
+    text = result.toml()
+    assert secret not in text and token not in text and "--wandb_api_key=<removed>" in text
+    assert any(w.startswith("--wandb_api_key=<removed>: left out, it is never stored") for w in result.warnings)
 
 
 def test_windows_caret_continuations_keep_backslashes():

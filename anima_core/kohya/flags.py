@@ -215,9 +215,9 @@ _add("--in_json", ignored=UNSUPPORTED + " as a flag; put metadata_file in the da
 _add("--dataset_class", ignored=UNSUPPORTED + " (custom dataset classes)")
 _add("--conditioning_data_dir", ignored=NO_EFFECT + " (ControlNet data)")
 _add("--debug_dataset", "switch", ignored=HOST)
-_add("--validate_every_n_steps", ignored=UNSUPPORTED + " as a cadence; validation loss follows the log cadence")
-_add("--validate_every_n_epochs", ignored=UNSUPPORTED + " as a cadence; validation loss follows the log cadence")
-_add("--max_validation_steps", ignored=UNSUPPORTED + " (validation uses the whole held-out split)")
+_add("--validate_every_n_steps", target="logging.validate_every_n_steps", convert=v.as_int)
+_add("--validate_every_n_epochs", target="logging.validate_every_n_epochs", convert=v.as_int)
+_add("--max_validation_steps", target="logging.max_validation_steps", convert=v.as_int)
 
 # --- saving and metadata ----------------------------------------------------------------------------
 _add("--output_dir", target="saving.output_dir")
@@ -264,16 +264,23 @@ for _name in ("--clip_skip", "--noise_offset", "--multires_noise_iterations", "-
     _add(_name, ignored=NO_EFFECT)
 
 # --- host, logging, launcher ----------------------------------------------------------------------------
-for _name in ("--console_log_simple", "--lowram", "--highvram", "--sdpa", "--mem_eff_attn", "--log_config",
+for _name in ("--console_log_simple", "--lowram", "--highvram", "--sdpa", "--mem_eff_attn",
               "--ddp_gradient_as_bucket_view", "--ddp_static_graph", "--output_config", "--torch_compile"):
     _add(_name, "switch", ignored=HOST)
 _add("--skip_until_initial_step", "switch", ignored=UNSUPPORTED + " (starting part-way through the schedule)")
 _add("--initial_epoch", ignored=UNSUPPORTED + " (starting part-way through the schedule)")
 _add("--initial_step", ignored=UNSUPPORTED + " (starting part-way through the schedule)")
-for _name in ("--console_log_level", "--console_log_file", "--logging_dir", "--log_with", "--log_prefix",
-              "--log_tracker_name", "--wandb_run_name", "--log_tracker_config", "--wandb_api_key", "--ddp_timeout",
-              "--dynamo_backend"):
+for _name in ("--console_log_level", "--console_log_file", "--ddp_timeout", "--dynamo_backend"):
     _add(_name, ignored=HOST)
+
+# --- TensorBoard / W&B ----------------------------------------------------------------------------------
+_rule("--log_with")  # "all" means both; --logging_dir alone means TensorBoard
+for _key in ("logging_dir", "log_prefix", "log_tracker_name", "wandb_run_name", "log_tracker_config"):
+    _add(f"--{_key}", target=f"logging.{_key}")
+_add("--log_config", "switch", "logging.log_config")
+_add("--wandb_api_key", ignored="is never stored: W&B reads its key from `wandb login` or WANDB_API_KEY")
+# Credentials: their values are kept out of the profile, its comments and the import notes.
+SECRET_FLAGS = ("--wandb_api_key", "--huggingface_token")
 _add("--config_file", ignored=UNSUPPORTED + " here; import the command line that config file stands for")
 for _name in ("--deepspeed", "--zero3_init_flag", "--zero3_save_16bit_model", "--fp16_master_weights_and_gradients"):
     _add(_name, "switch", ignored=UNSUPPORTED + " (DeepSpeed)")

@@ -27,6 +27,7 @@ from anima_core.kohya.flags import (
     FIRST_ONLY_NETWORK_ARGS,
     FLAGS,
     HOST,
+    SECRET_FLAGS,
     Flag,
     Generation,
 )
@@ -119,7 +120,7 @@ def _parse_args(args: list[str]) -> _Parsed:
                 index += 1
             shown = name + "".join(f' "{item}"' for item in value)
         parsed.values[name] = value
-        parsed.written[name] = shown
+        parsed.written[name] = f"{name}=<removed>" if name in SECRET_FLAGS else shown
     return parsed
 
 
@@ -421,6 +422,22 @@ def _saving_rules(b: _Builder) -> None:
             )
 
 
+def _logging_rules(b: _Builder) -> None:
+    if b.has("--log_with"):
+        chosen = b.raw("--log_with")
+        b.set("logging", "log_with", ["tensorboard", "wandb"] if chosen == "all" else [chosen], b.written("--log_with"))
+    elif b.has("--logging_dir"):  # sd-scripts logs to TensorBoard when only a logging_dir is given
+        b.set("logging", "log_with", ["tensorboard"], b.written("--logging_dir"))
+
+
+def _without_secrets(text: str, parsed: _Parsed) -> str:
+    for name in SECRET_FLAGS:
+        value = parsed.values.get(name)
+        if isinstance(value, str) and value:
+            text = text.replace(value, "<removed>")
+    return text
+
+
 def _schema_warnings(b: _Builder) -> None:
     """Values sd-scripts accepts but the profile schema does not (an lr_scheduler we lack, ...)."""
     try:
@@ -458,6 +475,7 @@ def import_command_line(text: str) -> ImportResult:
     _precision_rules(b, generation)
     _dataset_rules(b, generation)
     _saving_rules(b)
+    _logging_rules(b)
     if b.problems:
         raise CommandLineError(b.problems)
     _schema_warnings(b)
@@ -466,7 +484,7 @@ def import_command_line(text: str) -> ImportResult:
         for table in TABLES
         if table in b.data
     }
-    return ImportResult(ordered, b.warnings, b.comments, command.text, generation)
+    return ImportResult(ordered, b.warnings, b.comments, _without_secrets(command.text, parsed), generation)
 
 
 def _wrapped_comment_lines(text: str, width: int = 110) -> list[str]:
