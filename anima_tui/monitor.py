@@ -86,9 +86,12 @@ class MonitorScreen(Screen):
         progress = state.cache_progress or progress  # before the first step: the data phase and its ETA
         device = f" · {state.device}" if state.device else ""
         self.query_one("#title", Static).update(f"[b]{state.run_id}[/b] · {self.run_status()} · {progress}{device}")
-        self.query_one("#loss", LinePlot).plot(
-            [Series(state.losses, "grey50", band=True), Series(state.smoothed, "bold cyan")]
-        )
+        loss_plot = self.query_one("#loss", LinePlot)
+        series = [Series(state.losses, "grey50", band=True), Series(state.smoothed, "bold cyan")]
+        if state.validation_losses:  # only runs with a validation split have it; the title says so then
+            series.append(Series(state.validation_curve(), "bold yellow"))
+            loss_plot.title = "loss (raw, EMA, validation in yellow)"
+        loss_plot.plot(series)
         self.query_one("#lr", LinePlot).plot([Series(state.lrs, "magenta")])
         self.query_one(RunStats).show(state, self._probe())
         self.query_one(NotesList).show(state.notes)

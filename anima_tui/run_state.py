@@ -55,6 +55,8 @@ class RunState:
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    validation_steps: list[int] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     previews: PreviewIndex = field(default_factory=PreviewIndex)
     end: dict | None = None
@@ -111,6 +113,29 @@ class RunState:
         if eta is not None and not event.get("finished"):
             line += f" · ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         return line
+
+    def _on_validation(self, event: dict) -> None:
+        loss, step = number(event.get("loss")), integer(event.get("step"))
+        if loss is not None and step is not None:
+            self.validation_steps.append(step)
+            self.validation_losses.append(loss)
+
+    def validation_curve(self) -> list[float | None]:
+        """Validation loss on the training-loss axis (one value per plotted step): linear between evaluations,
+        the latest one held after it, nothing before the first."""
+        curve: list[float | None] = []
+        points = list(zip(self.validation_steps, self.validation_losses))
+        for step in self.steps:
+            before = [(s, v) for s, v in points if s <= step]
+            after = [(s, v) for s, v in points if s > step]
+            if not before:
+                curve.append(None)
+            elif not after:
+                curve.append(before[-1][1])
+            else:
+                (s0, v0), (s1, v1) = before[-1], after[0]
+                curve.append(v0 + (v1 - v0) * (step - s0) / (s1 - s0))
+        return curve
 
     def _on_save(self, event: dict) -> None:
         kind = text(event.get("kind"), "save")
