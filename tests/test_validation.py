@@ -78,3 +78,15 @@ def test_a_split_too_small_for_one_image_is_a_warning(tmp_path, tiny_model):
     warnings = [e["message"] for e in read_events(result.run_dir) if e["type"] == "warning"]
     assert "no validation loss: the validation split holds no image" in warnings
     assert _validations(result.run_dir) == []
+
+
+def test_validation_under_block_swap_and_checkpointing_matches_the_plain_run(tmp_path, tiny_model):
+    """The one model copy serves validation in its forward-only layout: same numbers as without the strategies."""
+    common = dict(images=6, dataset=SPLIT, training={"max_train_steps": 2}, logging={"validate_every_n_steps": 1})
+    swapped = make_run(tmp_path / "swap", tiny_model, memory={"blocks_to_swap": 1, "gradient_checkpointing": True},
+                       **common).run()
+    plain = make_run(tmp_path / "plain", tiny_model, **common).run()
+    losses = [[(p["step"], p["loss"]) for p in _validations(r.run_dir)] for r in (swapped, plain)]
+    logs = [e["message"] for e in read_events(swapped.run_dir) if e["type"] == "log"]
+    assert any(m.startswith("memory strategy: blocks_to_swap") for m in logs), logs
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
