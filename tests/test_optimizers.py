@@ -110,6 +110,8 @@ def test_fused_backward_pass_updates_as_the_unfused_optimizer(tmp_path, tiny_mod
         fused = run(tmp_path / f"f{clip}", tiny_model, "fused", {**args, "max_grad_norm": clip, "fused_backward_pass": True},
                     saving={"save_state": False})
         assert_same_file(fused.lora_path, plain.lora_path)
+        norms = [[e["grad_norm"] for e in read_events(r.run_dir) if e["type"] == "step"] for r in (plain, fused)]
+        assert norms[1] == (norms[0] if clip else [None] * STEPS)
         warned = [e for e in read_events(fused.run_dir) if e["type"] == "warning" and "fused_backward_pass" in e["message"]]
         assert bool(warned) == bool(clip)
 
@@ -166,3 +168,18 @@ def test_optimizer_names_follow_sd_scripts():
     assert type(create_optimizer(plugins, OptimizerTable(optimizer_type="RAdam"), [{"params": [param]}])) is torch.optim.RAdam
     with pytest.raises(AnimaError, match="did you mean 'Prodigy'"):
         optimizer_factory(plugins, "Prodigi")
+
+
+def test_ema_is_the_saved_lora_and_serves_previews_when_asked(tmp_path, tiny_model):
+    trainer = make_run(tmp_path, tiny_model, optimizer={"ema_decay": 0.9, "ema_for_previews": True},
+                       training={"max_train_steps": 2}, saving={"save_state": False})
+    assert trainer.run().status == "finished"
+    trained = trainer.network.file_tensors()
+    with trainer.ema_weights("previews"):
+        averaged = trainer.network.file_tensors()
+    with trainer.ema_weights("validation"):  # not asked for validation: the trained weights
+        assert all(torch.equal(v, trained[k]) for k, v in trainer.network.file_tensors().items())
+    assert all(torch.equal(v, trained[k]) for k, v in trainer.network.file_tensors().items())
+    assert any(not torch.equal(v, trained[k]) for k, v in averaged.items())
+    saved = load_file(trainer.lora_path())
+    assert saved.keys() == averaged.keys() and all(torch.equal(saved[k], averaged[k]) for k in saved)

@@ -156,13 +156,11 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
         return hook
 
     def step(self, closure=None):
-        """Without clipping the updates already happened in backward; with it, clip the whole gradient and apply them."""
-        if not self.max_grad_norm:
-            return
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        for inner in self.inner:
-            inner.step()
+        """Without clipping the updates already happened in backward; with it, the trainer has clipped the whole
+        gradient as for any optimizer, and the updates are applied now."""
+        if self.max_grad_norm:
+            for inner in self.inner:
+                inner.step()
 
     def zero_grad(self, set_to_none: bool = True):
         for inner in self.inner:

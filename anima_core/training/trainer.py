@@ -422,7 +422,7 @@ class Trainer:
 
     def _optimizer_step(self, params) -> float:
         max_norm = self.profile.optimizer.max_grad_norm
-        if self.profile.optimizer.fused_backward_pass:
+        if self.profile.optimizer.fused_backward_pass and not max_norm:
             self.optimizer.step()  # the updates happened in backward; this keeps the scheduler's count right
             return 0.0
         if max_norm > 0:
@@ -446,7 +446,8 @@ class Trainer:
             "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=loss,
             loss_avg=sum(window) / len(window), lr=lrs, **({"weight_norms": weight_norms} if weight_norms else {}),
             lr_groups=[g.get("name", f"group{i}") for i, g in enumerate(self.optimizer.param_groups)],
-            grad_norm=None if self.profile.optimizer.fused_backward_pass else grad_norm,  # fused: never whole
+            # A fused pass without clipping never sees the whole gradient.
+            grad_norm=None if self.profile.optimizer.fused_backward_pass and not self.profile.optimizer.max_grad_norm else grad_norm,
             s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
             eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
         self.display.step(event)
