@@ -183,3 +183,18 @@ def test_ema_is_the_saved_lora_and_serves_previews_when_asked(tmp_path, tiny_mod
     assert any(not torch.equal(v, trained[k]) for k, v in averaged.items())
     saved = load_file(trainer.lora_path())
     assert saved.keys() == averaged.keys() and all(torch.equal(saved[k], averaged[k]) for k in saved)
+
+
+def test_validation_uses_the_ema_when_asked(tmp_path, tiny_model):
+    from anima_core.training.validation import evaluate
+
+    trainer = make_run(tmp_path, tiny_model, images=6, dataset={"validation_split": 0.34, "validation_seed": 5},
+                       optimizer={"learning_rate": 1e-2, "ema_decay": 0.5, "ema_for_validation": True},
+                       training={"max_train_steps": 2}, saving={"save_state": False})
+    assert trainer.run().status == "finished"
+    with_ema = evaluate(trainer, trainer.data.validation, seed=5, max_batches=None)
+    trainer.profile.optimizer.ema_for_validation = False
+    trained = evaluate(trainer, trainer.data.validation, seed=5, max_batches=None)
+    with trainer.ema.applied():
+        by_hand = evaluate(trainer, trainer.data.validation, seed=5, max_batches=None)
+    assert with_ema == by_hand and with_ema.loss != trained.loss
