@@ -9,6 +9,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Static
 
+from anima_tui.widgets.ordered_input import OrderedInput
+
 
 class ConfirmScreen(ModalScreen[bool]):
     CSS_PATH = "dialogs.tcss"
@@ -52,7 +54,7 @@ class PathPrompt(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label(self.question, classes="question")
-            yield Input(self.value, id="path")
+            yield OrderedInput(self.value, id="path")
         yield Footer()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

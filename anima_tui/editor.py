@@ -1,30 +1,40 @@
-"""The profile editor: a form per table, validated as you type, saved with comments and order kept."""
+"""The profile editor: a form per table, validated when typing pauses, saved with comments and order kept.
+
+Validation runs in a worker thread (the plugin checks import the trainer's modules, which takes seconds on a
+busy machine), so the screen shows at once and keys are never held up by it.
+"""
 
 from __future__ import annotations
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, OptionList, Static
 from textual.widgets.option_list import Option
+from textual.worker import Worker, WorkerState
 
 from anima_core import runctl
 from anima_core.config import TABLES
 from anima_core.errors import AnimaError
 from anima_tui.dialogs import ConfirmScreen
 from anima_tui.monitor import MonitorScreen
-from anima_tui.profile_draft import ProfileDraft, sort_problems
+from anima_tui.profile_draft import ProfileDraft, Snapshot, find_problems, sort_problems
 from anima_tui.widgets.field_row import FieldRow
 from anima_tui.widgets.table_form import TableForm
+
+DEBOUNCE_SECONDS = 0.4  # validate once typing pauses this long, not on every key
 
 
 class EditorScreen(Screen):
     CSS_PATH = "editor.tcss"
     BINDINGS = [
         Binding("ctrl+s", "save", "Save", priority=True),
-        Binding("ctrl+r", "launch", "Launch run", priority=True),
+        Binding("ctrl+r", "launch", "Launch", priority=True),
+        Binding("ctrl+d", "use_default", "Default", priority=True),
         Binding("ctrl+t", "focus_tables", "Tables"),
         Binding("escape", "back", "Back"),
     ]
@@ -33,6 +43,9 @@ class EditorScreen(Screen):
         super().__init__()
         self.draft = draft
         self.problems: list[str] = []
+        self._edits = 0  # counts edits; a validation result is current when it saw the latest one
+        self._checked = -1
+        self._pending: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
@@ -46,6 +59,7 @@ class EditorScreen(Screen):
 
     def on_mount(self) -> None:
         self.show_table(TABLES[0])
+        self._show_title()
         self.validate()
 
     def show_table(self, table: str) -> None:
@@ -61,10 +75,36 @@ class EditorScreen(Screen):
 
     def on_field_row_edited(self, event: FieldRow.Edited) -> None:
         if self.draft.set(event.row.spec.table, event.row.spec.name, event.value):
-            self.validate()
+            self._edits += 1
+            self._show_title()
+            if self._pending is not None:
+                self._pending.stop()
+            self._pending = self.set_timer(DEBOUNCE_SECONDS, self.validate)
+
+    @property
+    def problems_known(self) -> bool:
+        """True when the problems shown are those of the draft as it is now."""
+        return self._checked == self._edits
 
     def validate(self) -> None:
-        self.problems = self.draft.problems()
+        """Check the draft as it is now, in a worker thread; the newest request wins."""
+        self._check(self.draft.snapshot(), self._edits)
+
+    @work(thread=True, exclusive=True, group="validation")
+    def _check(self, snapshot: Snapshot, edits: int) -> tuple[int, list[str]]:
+        return edits, find_problems(snapshot)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "validation" or event.state != WorkerState.SUCCESS:
+            return
+        edits, problems = event.worker.result
+        if edits == self._edits:
+            self._show_problems(problems)
+            self._checked = edits
+            self._show_title()
+
+    def _show_problems(self, problems: list[str]) -> None:
+        self.problems = problems
         by_field, by_table, general = sort_problems(self.problems)
         for form in self.query(TableForm):
             form.show_problems(by_field, by_table.get(form.table, []))
@@ -75,19 +115,27 @@ class EditorScreen(Screen):
         errors = self.query_one("#general-errors", Static)
         errors.update(Text("\n".join(f"✗ {p}" for p in general)))
         errors.display = bool(general)
-        self._show_title()
 
     def _show_title(self) -> None:
         state = "modified" if self.draft.modified else "saved"
-        problems = f"{len(self.problems)} problem(s)" if self.problems else "valid"
+        if not self.problems_known:
+            problems = "checking…"
+        else:
+            problems = f"{len(self.problems)} problem(s)" if self.problems else "valid"
         self.query_one("#title", Static).update(Text.assemble((self.draft.path.name, "bold"), f" · {state} · {problems}"))
 
     def action_save(self) -> None:
         if not self.draft.modified:
             self.notify("nothing to save")
             return
+        if self.draft.empty:
+            names = ", ".join(f"{t}.{k}" for t, k in sorted(self.draft.empty))
+            self.notify(f"{names}: empty; type a value, or ctrl+d to remove the key", severity="warning")
+            return
         question = f"Write {self.draft.path}?"
-        if self.problems:
+        if not self.problems_known:
+            question += " (It is still being checked.)"
+        elif self.problems:
             question += f" It still has {len(self.problems)} problem(s); a run would refuse it."
 
         def answered(confirmed: bool | None) -> None:
@@ -107,6 +155,9 @@ class EditorScreen(Screen):
         if self.draft.modified:
             self.notify("save the profile first (ctrl+s): a run starts from the file on disk", severity="warning")
             return
+        if not self.problems_known:
+            self.notify("the profile is still being checked; launch again in a moment", severity="warning")
+            return
         if self.problems:
             self.notify("fix the problems shown in red first", severity="warning")
             return
@@ -117,6 +168,14 @@ class EditorScreen(Screen):
             return
         self.notify(f"started run {launch.run_dir.name} (pid {launch.pid}); it keeps running if you disconnect")
         self.app.push_screen(MonitorScreen(launch.run_dir))
+
+    def action_use_default(self) -> None:
+        """Remove the focused field's key from the file on purpose, so its default applies."""
+        row = next((node for node in (self.focused.ancestors if self.focused else []) if isinstance(node, FieldRow)), None)
+        if row is None:
+            self.notify("focus a field first", severity="warning")
+            return
+        row.use_default()
 
     def action_focus_tables(self) -> None:
         self.query_one("#tables", OptionList).focus()

@@ -17,7 +17,11 @@ from anima_core.config import Profile, profile_from_dict
 from anima_core.errors import ProfileError
 
 REMOVE = object()
-"""An edit that deletes the key, so the schema default applies."""
+"""An edit that deletes the key on purpose, so the schema default applies."""
+
+EMPTY = object()
+"""A field emptied while typing: not a deletion. A key of the file keeps its place and comment until a
+value is typed again (or the key is removed on purpose with REMOVE)."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,11 @@ def shown(value: Any, spec: FieldSpec) -> str:
 
 
 def parse(text: str, spec: FieldSpec) -> Any:
-    """An Input's text as the value to store: empty removes the key; text that does not parse is kept as a
+    """An Input's text as the value to store: EMPTY for no text; text that does not parse is kept as a
     string so validation reports it at the field instead of the editor refusing a keystroke."""
     text = text.strip()
     if not text:
-        return REMOVE
+        return EMPTY
     if spec.kind == "text":
         return text
     try:
@@ -104,11 +108,26 @@ def _plain(value: Any) -> Any:
     return value.unwrap() if hasattr(value, "unwrap") else value
 
 
+def _keys(document) -> set[tuple[str, str]]:
+    return {(table, key) for table, section in document.items() if isinstance(section, dict) for key in section}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What validation needs, copied on the UI thread so it can be checked in a worker thread."""
+
+    path: Path
+    data: dict
+    empty: tuple[str, ...]  # "table.key" of emptied keys
+
+
 class ProfileDraft:
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
         self.document = tomlkit.parse(text)
         self._saved_text = path.read_text(encoding="utf-8") if path.exists() else ""
+        self._opened_keys = _keys(self.document)  # keys whose place and comment an emptied field keeps
+        self.empty: set[tuple[str, str]] = set()
 
     @classmethod
     def open(cls, path: Path, *, start_from: Path | None = None) -> "ProfileDraft":
@@ -126,14 +145,23 @@ class ProfileDraft:
         return isinstance(section, dict) and key in section
 
     def set(self, table: str, key: str, value: Any) -> bool:
-        """Store an edit; False when it changes nothing (widgets report their initial values too)."""
-        if value is REMOVE:
+        """Store an edit; False when it changes nothing (widgets report their initial values too).
+
+        A new value replaces the old one in place, so the key keeps its position and comment. EMPTY keeps a
+        key of the file in the document (marked empty) for the value typed next; a key added in this
+        session simply goes. Only REMOVE deletes a key of the file."""
+        was_empty = (table, key) in self.empty
+        self.empty.discard((table, key))
+        if value is EMPTY and (table, key) in self._opened_keys and self.has(table, key):
+            self.empty.add((table, key))
+            return not was_empty
+        if value is REMOVE or value is EMPTY:
             if not self.has(table, key):
-                return False
+                return was_empty
             del self.document[table][key]
             return True
         if self.has(table, key) and self.value(table, key) == value and type(self.value(table, key)) is type(value):
-            return False
+            return was_empty
         if table not in self.document:
             self.document[table] = tomlkit.table()
         self.document[table][key] = value
@@ -144,17 +172,16 @@ class ProfileDraft:
 
     @property
     def modified(self) -> bool:
-        return self.text() != self._saved_text
+        return bool(self.empty) or self.text() != self._saved_text
+
+    def snapshot(self) -> Snapshot:
+        data = self.document.unwrap()
+        for table, key in self.empty:
+            del data[table][key]  # checked as if absent, so an old value's problems do not linger
+        return Snapshot(self.path, data, tuple(sorted(f"{t}.{k}" for t, k in self.empty)))
 
     def problems(self) -> list[str]:
-        """The same checks as `anima-train validate`: schema, then cross-field and file checks."""
-        try:
-            profile_from_dict(self.document.unwrap(), source=str(self.path), base_dir=self.path.resolve().parent)
-        except ProfileError as exc:
-            return exc.problems
-        except Exception as exc:  # a broken plugin must not take the editor down: schema problems, and say so
-            return [*_schema_problems(self.document.unwrap()), f"plugin checks could not run: {type(exc).__name__}: {exc}"]
-        return []
+        return find_problems(self.snapshot())
 
     def diff(self) -> str:
         return "".join(
@@ -167,9 +194,30 @@ class ProfileDraft:
         )
 
     def save(self) -> None:
+        if self.empty:
+            raise ProfileError(self.path, [empty_problem(f"{t}.{k}") for t, k in sorted(self.empty)])
         text = self.text()
         atomic_write_text(self.path, text)
         self._saved_text = text
+        self._opened_keys = _keys(self.document)
+
+
+def empty_problem(dotted: str) -> str:
+    return f"{dotted}: empty; type a value, or press ctrl+d to remove the key so the default applies"
+
+
+def find_problems(snapshot: Snapshot) -> list[str]:
+    """The same checks as `anima-train validate` (schema, then cross-field and file checks), and the
+    emptied fields. Pure, so it runs in a worker thread."""
+    data = snapshot.data
+    problems = [empty_problem(dotted) for dotted in snapshot.empty]
+    try:
+        profile_from_dict(data, source=str(snapshot.path), base_dir=snapshot.path.resolve().parent)
+    except ProfileError as exc:
+        return problems + exc.problems
+    except Exception as exc:  # a broken plugin must not take the editor down: schema problems, and say so
+        return [*problems, *_schema_problems(data), f"plugin checks could not run: {type(exc).__name__}: {exc}"]
+    return problems
 
 
 def _schema_problems(data: dict) -> list[str]:

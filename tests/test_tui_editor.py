@@ -2,11 +2,12 @@
 
 import asyncio
 
+from textual import events
 from textual.widgets import Input, Select, Switch
 
 from anima_tui.app import AnimaApp
 from anima_tui.dialogs import ConfirmScreen
-from anima_tui.profile_draft import REMOVE, ProfileDraft, field_specs, parse, sort_problems
+from anima_tui.profile_draft import EMPTY, REMOVE, ProfileDraft, field_specs, parse, sort_problems
 from anima_tui.widgets.field_row import FieldRow
 
 PROFILE = """\
@@ -30,6 +31,15 @@ async def row(pilot, table, key) -> FieldRow:
     return pilot.app.screen.query_one(f"#field-{table}-{key}", FieldRow)
 
 
+async def checked(pilot) -> None:
+    """Wait until the editor's debounced, threaded validation has seen the latest edit."""
+    for _ in range(300):
+        await pilot.pause(0.05)
+        if pilot.app.screen.problems_known:
+            return
+    raise AssertionError("validation did not finish")
+
+
 def error_text(field: FieldRow) -> str:
     error = field.query_one(".field-error")
     return str(error.content) if error.display else ""
@@ -49,11 +59,11 @@ async def _edit_validate_and_save_keeps_comments(tmp_path):
         assert steps.query_one(Input).value == "1600"
         assert error_text(steps) == ""
         steps.query_one(Input).value = "lots"
-        await pilot.pause()
+        await checked(pilot)
         assert "valid integer" in error_text(steps)
         assert steps.has_class("has-error")
         steps.query_one(Input).value = "2000"
-        await pilot.pause()
+        await checked(pilot)
         assert error_text(steps) == ""
 
         (await row(pilot, "training", "loss_type")).query_one(Select).value = "huber"
@@ -118,7 +128,7 @@ def test_problems_are_sorted_to_fields_tables_and_the_rest():
 def test_inputs_parse_by_field_type(tmp_path):
     specs = {s.name: s for s in field_specs("dataset")}
     assert parse("[768, 512]", specs["resolution"]) == [768, 512]
-    assert parse("", specs["resolution"]) is REMOVE
+    assert parse("", specs["resolution"]) is EMPTY
     assert parse("12", specs["train_batch_size"]) == 12
     assert parse("twelve", specs["train_batch_size"]) == "twelve"
     assert parse("a, b", specs["caption_prefix"]) == "a, b"
@@ -127,3 +137,65 @@ def test_inputs_parse_by_field_type(tmp_path):
     draft = ProfileDraft(tmp_path / "new.toml", "")
     assert draft.set("network", "dim", 4) and not draft.set("network", "dim", 4)
     assert draft.set("network", "dim", REMOVE) and "dim" not in draft.text()
+
+
+def test_a_field_cleared_and_retyped_keeps_its_comment_and_place(tmp_path):
+    asyncio.run(_cleared_and_retyped(tmp_path))
+
+
+async def _cleared_and_retyped(tmp_path):
+    text = "[network]\nalpha = 2\ndim = 4  # rank\ndropout = 0.1\n"
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    app = AnimaApp(path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        dim = await row(pilot, "network", "dim")
+        dim.query_one(Input).focus()
+        await pilot.press("end", "backspace")
+        await checked(pilot)
+        assert dim.query_one(Input).value == ""
+        assert "empty; type a value, or press ctrl+d" in error_text(dim)
+        await pilot.press("ctrl+s")  # an emptied key cannot be written: refused, nothing asked
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen) and path.read_text() == text
+        await pilot.press("4")
+        await checked(pilot)
+        assert app.screen.draft.text() == text and not app.screen.draft.modified
+        await pilot.press("backspace", "8", "ctrl+s")
+        await pilot.pause()
+        assert "-dim = 4  # rank\n+dim = 8  # rank\n" in app.screen.diff
+        await pilot.press("y")
+        await pilot.pause()
+        assert path.read_text() == text.replace("4  # rank", "8  # rank")
+        # Removing a key is done on purpose, with ctrl+d: then it leaves the file and the default shows.
+        await pilot.press("ctrl+d")
+        await checked(pilot)
+        assert dim.query_one(Input).value == "" and error_text(dim) == ""
+        assert app.screen.draft.text() == "[network]\nalpha = 2\ndropout = 0.1\n"
+
+
+def test_a_burst_of_keys_ends_in_the_typed_value(tmp_path):
+    asyncio.run(_burst(tmp_path))
+
+
+async def _burst(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("[optimizer]\nlearning_rate = 1e-4  # peak\n")
+    app = AnimaApp(path)
+    keys = ["end", *["backspace"] * 10, *"0.002"]
+    async with app.run_test(size=(80, 24)) as pilot:
+        lr = await row(pilot, "optimizer", "learning_rate")
+        lr.query_one(Input).focus()
+        await pilot.pause()
+        # All keys queued before the first is handled, as a terminal delivers them over a laggy link.
+        for key in keys:
+            app.post_message(events.Key(key, key if len(key) == 1 else None))
+        await checked(pilot)
+        assert lr.query_one(Input).value == "0.002"
+        assert "learning_rate = 0.002  # peak" in app.screen.draft.text()
+        await pilot.press("home", "shift+end", *"3e-4")  # typing over a selection: through Pilot's press
+        await checked(pilot)
+        assert lr.query_one(Input).value == "3e-4"
+        await pilot.press(*keys)
+        await checked(pilot)
+        assert lr.query_one(Input).value == "0.002"

@@ -12,6 +12,7 @@ from textual.widgets import Input, Label, Select, Static, Switch
 
 from anima_tui.profile_draft import REMOVE, FieldSpec, parse, shown, to_toml_text
 from anima_tui.widgets import css_beside
+from anima_tui.widgets.ordered_input import OrderedInput
 
 
 def default_text(spec: FieldSpec) -> str:
@@ -56,7 +57,7 @@ class FieldRow(Vertical):
                 )
             else:
                 self._shown_value = shown(value, spec)
-                yield Input(self._shown_value, placeholder=f"default: {default_text(spec)}", compact=True, classes="field-input")
+                yield OrderedInput(self._shown_value, placeholder=f"default: {default_text(spec)}", compact=True, classes="field-input")
         yield Static(Text(f"{spec.help}  [default: {default_text(spec)}]"), classes="field-help")
         yield Static(classes="field-help field-arg-help")
         yield Static(classes="field-error")
@@ -87,6 +88,19 @@ class FieldRow(Vertical):
         error.update(Text("\n".join(f"✗ {p}" for p in problems)))
         error.display = bool(problems)
         self.set_class(bool(problems), "has-error")
+
+    def use_default(self) -> None:
+        """Remove the key on purpose: the control shows the default, the draft drops the key."""
+        spec = self.spec
+        control = self.query_one(".field-input")
+        if isinstance(control, Switch):
+            self._shown_value = bool(spec.default)
+        elif isinstance(control, Select):
+            self._shown_value = Select.NULL if spec.default is None else spec.default
+        else:
+            self._shown_value = ""
+        control.value = self._shown_value  # its Changed event matches _shown_value, so it is not an edit
+        self.post_message(self.Edited(self, REMOVE))
 
     def _edited(self, control_value: Any, value: Any) -> None:
         if control_value != self._shown_value:
