@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.syntax import Syntax
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, ScrollableContainer, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Input, Label, Static
 
@@ -25,15 +25,19 @@ class ConfirmScreen(ModalScreen[bool]):
         self.diff = diff
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
+        with Vertical(classes="dialog with-diff" if self.diff is not None else "dialog"):
             yield Label(self.question, classes="question")
             if self.diff is not None:
-                with VerticalScroll(classes="diff"):
-                    yield Static(Syntax(self.diff or "(no changes)", "diff", theme="ansi_dark", word_wrap=False))
+                with ScrollableContainer(classes="diff"):
+                    yield Static(Syntax(self.diff or "(no changes)", "diff", theme="ansi_dark", word_wrap=False), expand=False)
             with Horizontal(classes="buttons"):
-                yield Button("Yes (y)", variant="primary", id="yes")
-                yield Button("No (n)", id="no")
+                yield Button("Yes (y)", variant="primary", id="yes", compact=True)
+                yield Button("No (n)", id="no", compact=True)
         yield Footer()
+
+    def on_mount(self) -> None:
+        if self.diff is not None:  # arrows and PageUp/PageDown read the diff; y / n answer from anywhere
+            self.query_one(".diff").focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

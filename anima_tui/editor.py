@@ -6,6 +6,8 @@ busy machine), so the screen shows at once and keys are never held up by it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -27,6 +29,14 @@ from anima_tui.widgets.field_row import FieldRow
 from anima_tui.widgets.table_form import TableForm
 
 DEBOUNCE_SECONDS = 0.4  # validate once typing pauses this long, not on every key
+
+
+def shown_path(path: Path) -> str:
+    """A path as short as it reads unambiguously: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 class EditorScreen(Screen):
@@ -132,7 +142,7 @@ class EditorScreen(Screen):
             names = ", ".join(f"{t}.{k}" for t, k in sorted(self.draft.empty))
             self.notify(f"{names}: empty; type a value, or ctrl+d to remove the key", severity="warning")
             return
-        question = f"Write {self.draft.path}?"
+        question = f"Write {shown_path(self.draft.path)}?"
         if not self.problems_known:
             question += " (It is still being checked.)"
         elif self.problems:

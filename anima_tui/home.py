@@ -1,16 +1,21 @@
-"""The start screen: profiles to edit (yours and the examples in profiles/) and the runs found on disk."""
+"""The start screen: profiles to edit (yours and the examples in profiles/) and the runs found on disk.
+
+The runs are read in a worker thread (each run's events file is opened), so the screen never waits on disk.
+"""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
+from textual.worker import Worker, WorkerState
 
 from anima_core import runctl
 from anima_tui.dialogs import PathPrompt
@@ -44,11 +49,11 @@ def output_dir_of(profile: Path) -> Path:
 class HomeScreen(Screen):
     CSS_PATH = "home.tcss"
     BINDINGS = [
-        Binding("e", "edit", "Edit profile"),
-        Binding("n", "new", "New from profile"),
-        Binding("o", "open", "Open file"),
-        Binding("w", "watch", "Watch run"),
-        Binding("r", "refresh", "Refresh"),
+        Binding("e", "edit", "Edit"),
+        Binding("n", "new", "New"),
+        Binding("o", "open", "Open"),
+        Binding("w", "watch", "Watch"),
+        Binding("r", "refresh", "Refresh", show=False),  # the runs refresh themselves every 2 s
         Binding("q", "app.quit", "Quit"),
     ]
 
@@ -85,16 +90,32 @@ class HomeScreen(Screen):
         kept = options.highlighted or 0
         options.clear_options()
         profiles = self.profiles()
-        options.add_options([Option(p.name, id=str(p)) for p in profiles])
+        options.add_options(self.profile_options(profiles))
         if profiles:
-            options.highlighted = min(kept, len(profiles) - 1)
+            options.highlighted = min(kept, options.option_count - 1)
         else:
             options.add_option(Option("(no profiles yet: press o to open or create one)", disabled=True))
         self.refresh_runs()
 
+    @staticmethod
+    def profile_options(profiles: list[Path]) -> list[Option]:
+        """Yours first; the repository's examples under a heading, as their names may repeat yours."""
+        options = [Option(p.name, id=str(p)) for p in profiles if p.parent != REPO_PROFILES]
+        examples = [Option(p.name, id=str(p)) for p in profiles if p.parent == REPO_PROFILES]
+        if options and examples:
+            options.append(Option("── examples ──", disabled=True))
+        return options + examples
+
     def refresh_runs(self) -> None:
-        runs = [run for root in self.run_roots() for run in runctl.list_runs(root)]
-        self.query_one(RunsTable).show(runs)
+        self._read_runs()
+
+    @work(thread=True, exclusive=True, group="runs")
+    def _read_runs(self) -> list[runctl.RunInfo]:
+        return [run for root in self.run_roots() for run in runctl.list_runs(root)]
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group == "runs" and event.state == WorkerState.SUCCESS:
+            self.query_one(RunsTable).show(event.worker.result)
 
     def highlighted_profile(self) -> Path | None:
         options = self.query_one("#profiles", OptionList)

@@ -1,15 +1,21 @@
-"""The monitor: attaches to a run directory, shows its whole history, then follows it by polling files."""
+"""The monitor: attaches to a run directory, shows its whole history, then follows it by polling files.
+
+Files are read in a worker thread (a long run's events.jsonl is megabytes), so keys and redraws never wait on
+them. Below NARROW_WIDTH columns the log and the notes stack under the plots at full width.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Static
+from textual.worker import Worker, WorkerState
 
 from anima_core import runctl
 from anima_tui.dialogs import ConfirmScreen
@@ -23,6 +29,7 @@ from anima_tui.widgets.preview_pane import PreviewPane
 from anima_tui.widgets.run_stats import RunStats, of_total
 
 POLL_SECONDS = 0.5
+NARROW_WIDTH = 100
 
 
 class MonitorScreen(Screen):
@@ -43,6 +50,7 @@ class MonitorScreen(Screen):
         self._probe = probe
         self._poll_seconds = poll_seconds
         self._offset = 0
+        self._polling = False
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
@@ -64,12 +72,31 @@ class MonitorScreen(Screen):
         self.poll()
         self.set_interval(self._poll_seconds, self.poll)
 
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_class(event.size.width < NARROW_WIDTH, "narrow")
+
     def poll(self) -> None:
+        """Read what the run wrote since the last poll, in a worker thread; one read at a time."""
+        if not self._polling:
+            self._polling = True
+            self._read()
+
+    @work(thread=True, group="poll")
+    def _read(self) -> tuple:
         read = runctl.read_events(self.run_dir / "events.jsonl", self._offset)
+        return read, self.query_one(LogTail).read_new(), self._probe()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "poll" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
+            return
+        self._polling = False
+        if event.state == WorkerState.ERROR:
+            return
+        read, lines, system = event.worker.result
         self._offset = read.offset
         self.state.add(read.events, read.bad_lines)
-        self.query_one(LogTail).poll()
-        self._show()
+        self.query_one(LogTail).show(lines)
+        self._show(system)
 
     def run_status(self) -> str:
         if self.state.status is not None:
@@ -79,7 +106,7 @@ class MonitorScreen(Screen):
             return "running" if self.state.events_seen else "starting"
         return "no trainer process" if self.state.events_seen else "waiting for events"
 
-    def _show(self) -> None:
+    def _show(self, system: SystemReading) -> None:
         state = self.state
         step = state.last_step
         progress = f"step {of_total(step.get('step'), state.total_steps)} · epoch {of_total(step.get('epoch'), state.total_epochs)}"
@@ -93,7 +120,7 @@ class MonitorScreen(Screen):
             loss_plot.title = "loss (raw, EMA, validation in yellow)"
         loss_plot.plot(series)
         self.query_one("#lr", LinePlot).plot([Series(state.lrs, "magenta")])
-        self.query_one(RunStats).show(state, self._probe())
+        self.query_one(RunStats).show(state, system)
         self.query_one(NotesList).show(state.notes)
         self.query_one(PreviewPane).show(state.previews)
 

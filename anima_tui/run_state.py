@@ -49,6 +49,7 @@ class RunState:
     total_steps: int | None = None
     total_epochs: int | None = None
     pid: int | None = None
+    started: float | None = None  # the time of the latest run_start (a resume starts again)
     last_step: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # the latest `cache` event: scan / cache checks / encoding progress
     steps: list[int] = field(default_factory=list)
@@ -63,6 +64,7 @@ class RunState:
     events_seen: int = 0
     bad_lines: int = 0
     _ema: float | None = None
+    _step_seconds: list[float] = field(default_factory=list)  # s/it of each step since the latest start
 
     def add(self, events: list[dict], bad_lines: int = 0) -> None:
         self.bad_lines += bad_lines
@@ -78,6 +80,8 @@ class RunState:
         self.total_steps = integer(event.get("total_steps"))
         self.total_epochs = integer(event.get("total_epochs"))
         self.pid = integer(event.get("pid"))
+        self.started = number(event.get("time"))
+        self._step_seconds = []
         self.end = None  # a resumed run appends a new start after an old end
 
     def _on_step(self, event: dict) -> None:
@@ -93,6 +97,11 @@ class RunState:
         lr = learning_rate(event.get("lr"))
         if lr is not None:
             self.lrs.append(lr)
+        s_per_it, it_per_s = number(event.get("s_per_it")), number(event.get("it_per_s"))
+        if s_per_it is None and it_per_s:
+            s_per_it = 1 / it_per_s
+        if s_per_it is not None:
+            self._step_seconds.append(s_per_it)
 
     def _on_cache(self, event: dict) -> None:
         self.cache = event
@@ -152,6 +161,21 @@ class RunState:
 
     def _on_run_end(self, event: dict) -> None:
         self.end = event
+
+    @property
+    def mean_step_seconds(self) -> float | None:
+        """Mean seconds per step since the latest start: the figure a finished run is remembered by."""
+        return sum(self._step_seconds) / len(self._step_seconds) if self._step_seconds else None
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds from the latest run_start to run_end (loading included), once the run has ended."""
+        end = number(self.end.get("time")) if self.end is not None else None
+        return end - self.started if end is not None and self.started is not None else None
+
+    @property
+    def end_reason(self) -> str:
+        return text(self.end.get("reason")) if self.end is not None else ""
 
     @property
     def status(self) -> str | None:

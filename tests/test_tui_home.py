@@ -28,11 +28,12 @@ def test_home_lists_runs_and_opens_them(tmp_path, monkeypatch):
 async def _home(tmp_path):
     app = AnimaApp(None)
     async with app.run_test(size=(80, 24)) as pilot:
+        await app.workers.wait_for_complete()
         await pilot.pause()
         assert isinstance(app.screen, HomeScreen)
         runs = app.screen.query_one(RunsTable)
         assert runs.row_count == 1
-        assert [str(c) for c in runs.get_row_at(0)] == ["r1", "failed", "4/9"]
+        assert [str(c) for c in runs.get_row_at(0)] == ["failed", "4/9", "r1"]
         await pilot.press("w")
         await pilot.pause()
         assert isinstance(app.screen, MonitorScreen) and app.screen.run_dir == tmp_path / "output" / "runs" / "r1"

@@ -46,6 +46,12 @@ def make_run(tmp_path, *, ended=True, extra_lines=""):
     return run
 
 
+async def polled(pilot) -> None:
+    """Let the monitor's file-reading worker finish and its result reach the screen."""
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
 def plain(widget) -> str:
     renderable = widget.render()
     return str(getattr(renderable, "plain", renderable))
@@ -65,13 +71,15 @@ async def _test_monitor_shows_the_numbers_of_the_events(tmp_path):
     run = make_run(tmp_path)
     app = WatchApp(run, probe=fixed_system)
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
+        await polled(pilot)
         title = plain(app.screen.query_one("#title", Static))
         assert "demo-run" in title and "finished" in title and "step 12/40" in title and "epoch 3/8" in title
         stats = stats_text(app)
-        for shown in ("12/40", "0.3800", "avg 0.2500", "1.20e-03", "2.00 s/it", "1h02m", "5.00G alloc", "6.00G res",
-                      "7.50G", "20.00G/80.00G 87%", "12.00G/64.00G"):
+        # An ended run shows what it did (mean speed, time taken, how it ended), not a live speed and ETA.
+        for shown in ("0.3800", "avg 0.2500", "1.20e-03", "2.00 s/it mean", "took  0m16s", "ended finished: done",
+                      "5.00G alloc", "6.00G res", "7.50G", "20.00G/80.00G 87%", "12.00G/64.00G"):
             assert shown in stats, shown
+        assert "ETA" not in stats
         state = app.screen.state
         assert state.losses == [0.5 - 0.01 * n for n in range(1, 13)]
         assert len(state.smoothed) == 12 and state.smoothed[0] == state.losses[0]
@@ -79,7 +87,7 @@ async def _test_monitor_shows_the_numbers_of_the_events(tmp_path):
         assert notes.row_count == 3
         assert "demo-000010.safetensors" in str(notes.get_row_at(0)[2])
         assert "nan at step 11" in str(notes.get_row_at(2)[2])
-        assert "line 12: step 12" in "\n".join(app.screen.query_one("#log").lines)
+        assert "line 12: step 12" in app.screen.query_one("#log").texts
 
 
 def test_monitor_follows_new_lines_and_survives_bad_ones(tmp_path):
@@ -90,12 +98,12 @@ async def _test_monitor_follows_new_lines_and_survives_bad_ones(tmp_path):
     run = make_run(tmp_path, ended=False, extra_lines='{"v": 1, "type": "step", "step": "twelve", "loss": "nan"}\nthis is not json\n')
     app = WatchApp(run, probe=fixed_system)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.pause()
+        await polled(pilot)
         assert app.screen.state.bad_lines == 1
         with open(run / "events.jsonl", "a") as handle:
             handle.write(json.dumps(step(13, 0.2)) + "\n" + '{"v": 1, "type": "step", "step": 14, "loss": Infinity}\n' + "\xff garbage\n" + '{"v": 1, "ty')
         app.screen.poll()
-        await pilot.pause()
+        await polled(pilot)
         state = app.screen.state
         assert state.bad_lines == 2
         assert state.losses[-1] == 0.2 and state.last_step["step"] == 14
@@ -103,7 +111,7 @@ async def _test_monitor_follows_new_lines_and_survives_bad_ones(tmp_path):
         with open(run / "events.jsonl", "a") as handle:
             handle.write('\n' + json.dumps({**step(15, 0.1), "lr": [3e-4, 1e-4], "vram_peak": None}) + "\n")
         app.screen.poll()
-        await pilot.pause()
+        await polled(pilot)
         assert state.lrs[-1] == 3e-4
         assert "3.00e-04 (groups differ)" in stats_text(app) and "peak    –" in stats_text(app)
 
@@ -118,11 +126,12 @@ async def _ended(tmp_path):
     (run / "launch.log").write_text("anima-train: 1 problem(s) in the profile\n")
     app = WatchApp(run, probe=fixed_system)
     async with app.run_test(size=(80, 24)) as pilot:
+        await polled(pilot)
         await pilot.press("s")
         await pilot.pause()
         assert not (run / "control" / "save").exists()
         log = app.screen.query_one("#log")
-        assert log.border_title == "launch.log" and "1 problem(s) in the profile" in log.lines[0]
+        assert log.border_title == "launch.log" and "1 problem(s) in the profile" in log.texts[0]
 
 
 def test_plot_downsamples_and_ignores_non_finite_values():
@@ -142,6 +151,8 @@ async def _test_controls_create_control_files_and_stop_asks_first(tmp_path):
     run = make_run(tmp_path, ended=False)
     app = WatchApp(run, probe=fixed_system)
     async with app.run_test(size=(80, 24)) as pilot:
+        await polled(pilot)
+        assert "ETA   1h02m" in stats_text(app) and "speed 2.00 s/it  " in stats_text(app)  # a live run: live figures
         await pilot.press("s")
         await pilot.pause()
         assert (run / "control" / "save").exists()

@@ -45,8 +45,28 @@ def _columns(values: list[float], width: int, band: bool) -> list[tuple[float, f
     return columns
 
 
-def format_tick(value: float) -> str:
-    return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.1e}"
+NEAR_FLAT = 0.01  # a line whose whole range is under 1% of its value is drawn zoomed, and the title says so
+
+
+def _tick(value: float, digits: int) -> str:
+    return f"{value:.{digits}g}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def tick_labels(high: float, low: float) -> tuple[str, str]:
+    """Labels for the top and bottom of the axis, with as many digits as it takes for them to differ."""
+    for digits in range(3, 9):
+        top, bottom = _tick(high, digits), _tick(low, digits)
+        if top != bottom:
+            break
+    return top, bottom
+
+
+def zoom_note(high: float, low: float) -> str:
+    """Said in the title when the plot stretches a nearly flat line over its whole height."""
+    magnitude = max(abs(high), abs(low))
+    if not magnitude or (high - low) / magnitude >= NEAR_FLAT:
+        return ""
+    return f" · zoomed: range {100 * (high - low) / magnitude:.2g}% of value"
 
 
 class LinePlot(Widget):
@@ -63,17 +83,20 @@ class LinePlot(Widget):
 
     def render(self) -> Text:
         width, height = self.content_size.width, self.content_size.height
-        plot_w, plot_h = width - LABEL_WIDTH, height - 1
-        out = Text(self.title[:width], style="bold", no_wrap=True, overflow="crop")
-        if plot_w < 2 or plot_h < 1:
-            return out
-        columns = [_columns(s.values, plot_w * 2, s.band) for s in self.series]
-        finite = [v for cols in columns for c in cols if c is not None for v in c]
+        out = Text(self.title, style="bold", no_wrap=True, overflow="crop")
+        finite = [v for s in self.series for v in s.values if isinstance(v, (int, float)) and math.isfinite(v)]
         if not finite:
-            return out.append("\n" + "(no data yet)".center(width)[:width], style="dim")
+            return out.append("\n" + "(no data yet)".center(width), style="dim")
         low, high = min(finite), max(finite)
         if high - low < 1e-12 * max(1.0, abs(high)):
             low, high = low - 0.5 * (abs(low) or 1), high + 0.5 * (abs(high) or 1)
+        top_label, bottom_label = tick_labels(high, low)
+        label_width = max(LABEL_WIDTH, len(top_label) + 1, len(bottom_label) + 1)
+        out.append(zoom_note(high, low), style="yellow")
+        plot_w, plot_h = width - label_width, height - 1
+        if plot_w < 2 or plot_h < 1:
+            return out
+        columns = [_columns(s.values, plot_w * 2, s.band) for s in self.series]
         dots_h = plot_h * 4
         cells = [[0] * plot_w for _ in range(plot_h)]
         styles: list[list[str | None]] = [[None] * plot_w for _ in range(plot_h)]
@@ -86,9 +109,9 @@ class LinePlot(Widget):
                 for y in range(top, bottom + 1):
                     cells[y // 4][x // 2] |= _DOTS[y % 4][x % 2]
                     styles[y // 4][x // 2] = series.style
-        labels = {0: format_tick(high), plot_h - 1: format_tick(low)}
+        labels = {0: top_label, plot_h - 1: bottom_label}
         for row in range(plot_h):
-            out.append("\n" + labels.get(row, "").rjust(LABEL_WIDTH - 1)[: LABEL_WIDTH - 1] + "┤", style="dim")
+            out.append("\n" + labels.get(row, "").rjust(label_width - 1) + "┤", style="dim")
             for x in range(plot_w):
                 bits = cells[row][x]
                 out.append(chr(0x2800 + bits) if bits else " ", style=styles[row][x] or "")

@@ -24,7 +24,9 @@ class NotesList(DataTable):
     def show(self, notes: list[Note]) -> None:
         for note in notes[self._shown:]:
             step = "" if note.step is None else str(note.step)
-            self.add_row(step, Text(note.kind, style=KIND_STYLE.get(note.kind, "")), Text(note.message))
+            # no_wrap: a Text is otherwise measured wrapped to the width the table has at that moment.
+            self.add_row(step, Text(note.kind, style=KIND_STYLE.get(note.kind, ""), no_wrap=True), Text(note.message, no_wrap=True))
         if len(notes) > self._shown:
-            self.move_cursor(row=len(notes) - 1)
+            # After the next refresh: moving now would draw the rows before their columns are measured.
+            self.call_after_refresh(self.move_cursor, row=len(notes) - 1)
         self._shown = len(notes)

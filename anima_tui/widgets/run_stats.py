@@ -1,4 +1,7 @@
-"""The monitor's numbers: progress, loss, learning rate, speed, ETA, VRAM and RAM."""
+"""The monitor's numbers: loss, learning rate, speed, ETA, VRAM and RAM; an ended run's final figures.
+
+Step and epoch are in the monitor's title line, not repeated here, so the panel fits an 80×24 terminal.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ def speed(step: dict) -> str:
     it_per_s, s_per_it = number(step.get("it_per_s")), number(step.get("s_per_it"))
     if it_per_s is None and s_per_it:
         it_per_s = 1 / s_per_it
+    return rate(it_per_s)
+
+
+def rate(it_per_s: float | None) -> str:
     if it_per_s is None:
         return "–"
     if it_per_s >= 1 or not it_per_s:
@@ -62,13 +69,18 @@ class RunStats(Static):
         step = state.last_step
         table = Table.grid(padding=(0, 1))
         table.add_column(style="dim", no_wrap=True)
-        table.add_column(no_wrap=True)
-        table.add_row("step", of_total(step.get("step"), state.total_steps))
-        table.add_row("epoch", of_total(step.get("epoch"), state.total_epochs))
+        table.add_column(no_wrap=True, overflow="ellipsis")
         table.add_row("loss", f"{fixed(step.get('loss'), '.4f')}  avg {fixed(step.get('loss_avg'), '.4f')}")
         table.add_row("lr", lr_text(step.get("lr")))
-        table.add_row("speed", speed(step))
-        table.add_row("ETA", duration(step.get("eta_s")))
+        if state.status is None:
+            table.add_row("speed", speed(step))
+            table.add_row("ETA", duration(step.get("eta_s")))
+        else:  # an ended run has no current speed or ETA: what it did, and how it ended
+            mean = state.mean_step_seconds
+            table.add_row("speed", f"{rate(1 / mean if mean else None)} mean")
+            table.add_row("took", duration(state.elapsed))
+            ended = f"{state.status}: {state.end_reason}" if state.end_reason else state.status
+            table.add_row("ended", ended, style="yellow" if state.status in ("failed", "stopped") else "")
         table.add_row("VRAM", f"{gib(step.get('vram_allocated'))} alloc {gib(step.get('vram_reserved'))} res")
         table.add_row("peak", f"{gib(step.get('vram_peak'))}  process RAM {gib(step.get('ram_used'))}")
         for index, gpu in enumerate(system.gpus):

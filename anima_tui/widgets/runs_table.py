@@ -1,4 +1,5 @@
-"""The runs found under the known output folders: name, status and progress."""
+"""The runs found under the known output folders: status, progress and name (last: long names are cut, not
+the step column)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ class RunsTable(DataTable):
         self.runs: list[RunInfo] = []
 
     def on_mount(self) -> None:
-        self.add_columns("run", "status", "step")
+        self.add_columns("status", "step", "run")
 
     def show(self, runs: list[RunInfo]) -> None:
+        kept = self.selected()
         self.runs = runs
         self.clear()
         for run in runs:
             step = "–" if run.step is None else str(run.step)
             progress = f"{step}/{run.total_steps}" if run.total_steps else step
-            self.add_row(run.run_id, Text(run.status, style=STATUS_STYLE.get(run.status, "")), progress, key=str(run.run_dir))
+            self.add_row(Text(run.status, style=STATUS_STYLE.get(run.status, "")), progress, run.run_id, key=str(run.run_dir))
+        if kept is not None:  # the list is rebuilt every few seconds: the cursor stays on its run
+            self.move_cursor(row=next((i for i, r in enumerate(runs) if r.run_dir == kept.run_dir), 0))
 
     def selected(self) -> RunInfo | None:
         if not self.runs or self.cursor_row < 0:
