@@ -1,7 +1,8 @@
 """The monitor: attaches to a run directory, shows its whole history, then follows it by polling files.
 
 Files are read in a worker thread (a long run's events.jsonl is megabytes), so keys and redraws never wait on
-them. Below NARROW_WIDTH columns the log and the notes stack under the plots at full width.
+them. Below 100 columns (Textual's -narrow breakpoint class) the log and the notes stack under the plots at
+full width and the previews pane folds away.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from textual import events, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -29,12 +30,11 @@ from anima_tui.widgets.preview_pane import PreviewPane
 from anima_tui.widgets.run_stats import RunStats, of_total
 
 POLL_SECONDS = 0.5
-NARROW_WIDTH = 100
 
 
 class MonitorScreen(Screen):
     CSS_PATH = "monitor.tcss"
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # below 100 columns the previews pane folds away
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # monitor.tcss: the narrow layout
     BINDINGS = [
         Binding("s", "save_now", "Save now"),
         Binding("x", "stop", "Stop"),
@@ -51,6 +51,7 @@ class MonitorScreen(Screen):
         self._poll_seconds = poll_seconds
         self._offset = 0
         self._polling = False
+        self._poll_again = False  # a poll asked for while a read was running: read again when it ends
 
     def compose(self) -> ComposeResult:
         yield Static(id="title")
@@ -72,14 +73,13 @@ class MonitorScreen(Screen):
         self.poll()
         self.set_interval(self._poll_seconds, self.poll)
 
-    def on_resize(self, event: events.Resize) -> None:
-        self.set_class(event.size.width < NARROW_WIDTH, "narrow")
-
     def poll(self) -> None:
         """Read what the run wrote since the last poll, in a worker thread; one read at a time."""
-        if not self._polling:
-            self._polling = True
-            self._read()
+        if self._polling:
+            self._poll_again = True
+            return
+        self._polling = True
+        self._read()
 
     @work(thread=True, group="poll")
     def _read(self) -> tuple:
@@ -90,6 +90,9 @@ class MonitorScreen(Screen):
         if event.worker.group != "poll" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
             return
         self._polling = False
+        if self._poll_again:
+            self._poll_again = False
+            self.poll()
         if event.state == WorkerState.ERROR:
             return
         read, lines, system = event.worker.result

@@ -47,9 +47,10 @@ def make_run(tmp_path, *, ended=True, extra_lines=""):
 
 
 async def polled(pilot) -> None:
-    """Let the monitor's file-reading worker finish and its result reach the screen."""
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
+    """Let the monitor's file-reading worker (and the read asked for while it ran) finish and show."""
+    for _ in range(2):
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
 
 
 def plain(widget) -> str:
