@@ -86,6 +86,11 @@ PACKAGES = {  # name: (module, class, extra)
     "AdamWScheduleFree": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
     "RAdamScheduleFree": ("schedulefree", "RAdamScheduleFree", "schedulefree"),
     "SGDScheduleFree": ("schedulefree", "SGDScheduleFree", "schedulefree"),
+    # sd-scripts' D-Adaptation names; "DAdaptation" is its name for the AdamPreprint variant.
+    "DAdaptation": ("dadaptation.experimental", "DAdaptAdamPreprint", "dadaptation"),
+    "DAdaptAdamPreprint": ("dadaptation.experimental", "DAdaptAdamPreprint", "dadaptation"),
+    "DAdaptAdanIP": ("dadaptation.experimental", "DAdaptAdanIP", "dadaptation"),
+    **{name: ("dadaptation", name, "dadaptation") for name in ("DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptLion", "DAdaptSGD")},
 }
 
 
@@ -98,4 +103,5 @@ def register_optimizers(register):
         register(name, bitsandbytes_optimizer(name, class_name), aliases=[f"bitsandbytes.optim.{class_name}"])
     register("SGDNesterov8bit", bitsandbytes_optimizer("SGDNesterov8bit", "SGD8bit", nesterov=True))
     for name, (module, class_name, extra) in PACKAGES.items():
-        register(name, package_optimizer(name, module, class_name, extra), aliases=[f"{module}.{class_name}"])
+        aliases = [f"{module}.{class_name}"] if name == class_name else []
+        register(name, package_optimizer(name, module, class_name, extra), aliases=aliases)

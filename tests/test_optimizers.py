@@ -51,6 +51,7 @@ OPTIMIZERS = {
                 "optimizer_args": {"d_coef": 2.0, "decouple": True, "use_bias_correction": True, "safeguard_warmup": True}},
     "AdamWScheduleFree": {"optimizer_type": "AdamWScheduleFree", "optimizer_args": {"warmup_steps": 2}},
     "CAME": {"optimizer_type": "CAME", "learning_rate": 1e-3},
+    "DAdaptAdam": {"optimizer_type": "dadaptadam", "learning_rate": 1.0, "optimizer_args": {"decouple": True}},
     "Lion": {"optimizer_type": "lion", "learning_rate": 1e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 1},
     "SGDNesterov": {"optimizer_type": "SGDNesterov", "lr_scheduler": "linear"},
     "by-path": {"optimizer_type": "torch.optim.RAdam", "lr_scheduler_type": "StepLR", "lr_scheduler_args": {"step_size": 2}},
@@ -166,6 +167,10 @@ def test_optimizer_names_follow_sd_scripts():
     nesterov = create_optimizer(plugins, OptimizerTable(optimizer_type="sgdnesterov"), [{"params": [param]}])
     assert nesterov.param_groups[0]["nesterov"] and nesterov.param_groups[0]["momentum"] == 0.9
     assert type(create_optimizer(plugins, OptimizerTable(optimizer_type="RAdam"), [{"params": [param]}])) is torch.optim.RAdam
+    import dadaptation.experimental
+
+    dadapt = create_optimizer(plugins, OptimizerTable(optimizer_type="DAdaptation"), [{"params": [param]}])
+    assert type(dadapt) is dadaptation.experimental.DAdaptAdamPreprint
     with pytest.raises(AnimaError, match="did you mean 'Prodigy'"):
         optimizer_factory(plugins, "Prodigi")
 
