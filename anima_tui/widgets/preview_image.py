@@ -7,6 +7,7 @@ can only do before Textual takes over the terminal; the TUI imports it with the 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -21,9 +22,22 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 from textual.worker import Worker, WorkerState
-from textual_image import renderable as image_renderables
-from textual_image import widget as image_widgets
-from textual_image._terminal import get_cell_size
+from textual_image import _terminal
+
+# textual-image logs a traceback when the terminal does not answer its cell-size query, then uses a default;
+# without a handler Python would print it over the terminal the TUI is about to draw on.
+logging.getLogger("textual_image").addHandler(logging.NullHandler())
+if _terminal.sys.__stdout__ is not None and _terminal.sys.__stdout__.isatty():
+    try:
+        _terminal.get_cell_size()
+    except ZeroDivisionError:
+        # textual-image 0.12 divides by the column count the terminal reports; a pseudo-terminal whose size was
+        # never set (some containers, `script`) reports 0. Seed its cache with its own fallback cell size.
+        _terminal.get_cell_size._result = _terminal.CellSize(10, 20)
+
+from textual_image import renderable as image_renderables  # noqa: E402 - after the guard above
+from textual_image import widget as image_widgets  # noqa: E402
+from textual_image._terminal import get_cell_size  # noqa: E402
 
 from anima_core.errors import AnimaError
 from anima_tui.preview_index import Preview
