@@ -187,7 +187,13 @@ class PreviewTile(Vertical):
         if key == self._request:
             return
         self._request, self._loader, self._captioner = key, loader, captioner
+        self.loaded = None
         self._start()
+
+    @property
+    def pending(self) -> bool:
+        """An image was asked for and has not arrived yet."""
+        return self._request is not None and self.loaded is None
 
     def clear(self, caption: Text | str = "") -> None:
         self._request = self._loader = None
