@@ -109,6 +109,10 @@ def test_settings_a_schedule_would_ignore_are_refused(keys, message):
     assert any(message in p for p in problems), problems
 
 
+def test_a_zero_floor_is_the_unset_floor():
+    assert schedule_problems(OptimizerTable(lr_scheduler="cosine", lr_scheduler_min_lr_ratio=0.0)) == []
+
+
 def test_adafactor_default_is_relative_step_with_its_own_schedule():
     """No optimizer_args: sd-scripts' relative_step default; the rates are Adafactor's own, as AdafactorSchedule reports."""
     cfg = OptimizerTable(optimizer_type="adafactor", lr_scheduler="adafactor", learning_rate=1e-3)

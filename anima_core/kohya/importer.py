@@ -345,7 +345,7 @@ def _schedule_rules(b: _Builder) -> None:
     elif data.get("lr_warmup_steps") and kind not in USES_WARMUP:
         b.warn(f"{b.comments[('optimizer', 'lr_warmup_steps')]}: sd-scripts stops with an error for warmup with {kind!r}; "
                "use lr_scheduler = 'constant_with_warmup' or remove the warmup.")
-    for key, _default, readers in KNOBS:
+    for key, _inert, readers in KNOBS:
         if kind not in readers:
             drop(key, f"sd-scripts ignores it for {kind or 'this optimizer'!r} (only {', '.join(sorted(readers))} read it)")
 

@@ -18,12 +18,12 @@ USES_WARMUP = {"constant_with_warmup", "linear", "cosine", "cosine_with_restarts
                "cosine_with_min_lr", "warmup_stable_decay"}
 USES_CYCLES = {"cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay"}
 USES_MIN_LR_RATIO = {"cosine_with_min_lr", "warmup_stable_decay"}
-KNOBS = (  # (key, default, schedules that read it)
-    ("lr_decay_steps", 0, {"warmup_stable_decay"}),
-    ("lr_scheduler_num_cycles", 1, USES_CYCLES),
-    ("lr_scheduler_power", 1.0, {"polynomial"}),
-    ("lr_scheduler_min_lr_ratio", None, USES_MIN_LR_RATIO),
-    ("lr_scheduler_timescale", None, {"inverse_sqrt"}),
+KNOBS = (  # (key, values that change nothing, schedules that read it); a 0.0 floor is the unset one
+    ("lr_decay_steps", (0,), {"warmup_stable_decay"}),
+    ("lr_scheduler_num_cycles", (1,), USES_CYCLES),
+    ("lr_scheduler_power", (1.0,), {"polynomial"}),
+    ("lr_scheduler_min_lr_ratio", (None, 0.0), USES_MIN_LR_RATIO),
+    ("lr_scheduler_timescale", (None,), {"inverse_sqrt"}),
 )
 
 
@@ -90,8 +90,8 @@ def schedule_problems(optimizer_cfg) -> list[str]:
     if kind == "piecewise_constant" and "step_rules" not in o.lr_scheduler_args:
         problems.append("optimizer.lr_scheduler_args: 'piecewise_constant' needs step_rules, e.g. \"1:10,0.1:20,0.01\"")
     schedule = kind or ("lr_scheduler_type" if o.lr_scheduler_type else f"{o.optimizer_type}'s own schedule")
-    for key, default, readers in KNOBS:
-        if getattr(o, key) != default and kind not in readers:
+    for key, inert, readers in KNOBS:
+        if getattr(o, key) not in inert and kind not in readers:
             problems.append(f"optimizer.{key}: only {', '.join(sorted(readers))} read it, not {schedule}; remove it")
     return problems
 
