@@ -4,6 +4,7 @@ as one paragraph with no traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,18 +28,38 @@ def cmd_run(args) -> int:
     from anima_core.config import load_profile
     from anima_core.config.preflight import preflight
     from anima_core.plugins import default_plugins
+    from anima_core.training.distributed import under_launcher
     from anima_core.training.trainer import Trainer
 
     # Every problem knowable without training, before anything is cached (the run scans the images itself).
     profile = load_profile(args.profile, args.set, preflight=lambda p, earlier: preflight(
         p, default_plugins(), scan_images=False, earlier=earlier).problems)
+    if profile.training.num_processes > 1 and not under_launcher():
+        return _launch_processes(profile, args)
     trainer = Trainer(profile, default_plugins(), resume=args.resume, allow_lr_change=args.allow_lr_change,
                       cache_only=args.cache_only, console=console)
     result = trainer.run()
+    if not trainer.processes.is_main:
+        return 0
     if result.lora_path:
         console.print(f"{result.status}: LoRA {result.lora_path}")
     console.print(f"run directory: {result.run_dir}")
     return 0
+
+
+def _launch_processes(profile, args) -> int:
+    """training.num_processes > 1 without a launcher: start the workers through torch's elastic launcher,
+    each running this same command; the run directory is named here so all of them (and a failure record
+    written here) use the same one."""
+    from anima_core.runctl import new_run_name
+    from anima_core.training.distributed import launch_workers
+
+    runs_dir = profile.saving.output_dir / "runs"
+    name = profile.logging.run_name or new_run_name(profile.saving.output_name, runs_dir)
+    argv = [*args.argv, "--set", f"logging.run_name={json.dumps(name)}"]
+    console.print(f"starting {profile.training.num_processes} processes; run directory: {runs_dir / name}")
+    return launch_workers(profile.training.num_processes, argv, run_dir=runs_dir / name,
+                          threads=profile.training.num_cpu_threads_per_process)
 
 
 def cmd_validate(args) -> int:
@@ -272,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except AnimaError as exc:

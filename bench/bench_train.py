@@ -35,7 +35,7 @@ from anima_core.plugins import build_plugins
 from anima_core.training import planner
 from anima_core.training.memory import apply_memory_strategies
 from anima_core.training.flops import matmul_tflops, step_tflop
-from anima_core.training.step import StepInputs, flow_loss
+from anima_core.training.step import StepInputs, flow_loss, sample_generators
 from anima_plugins.lora import create_network
 from anima_plugins.memory import STRATEGIES
 from anima_plugins.optimizers import create_adamw
@@ -244,10 +244,10 @@ class Bench:
         counter = iter(range(10**9))
 
         def run_step() -> torch.Tensor:
-            generator = torch.Generator().manual_seed(next(counter))
+            generators = sample_generators(next(counter), 0, 0, range(inputs.latents.shape[0]))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype != torch.float32):
                 loss, _ = flow_loss(dit, inputs, sampler=self.sampler, weighting=self.weighting,
-                                    cfg=self.train_cfg, generator=generator)
+                                    cfg=self.train_cfg, generators=generators)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_norm)
             optimizer.step()

@@ -84,10 +84,8 @@ def test_noising_and_input_perturbation():
     x0, eps, s = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.tensor([0.2, 0.7])
     expected = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
     assert torch.allclose(flow.noisy_latents(x0, eps, s), expected)
-    torch.manual_seed(9)
     xi = torch.randn(x0.shape)
-    torch.manual_seed(9)
-    perturbed = flow.noisy_latents(x0, eps, s, ip_noise_gamma=0.1)
+    perturbed = flow.noisy_latents(x0, eps, s, perturbation=0.1 * xi)
     assert torch.allclose(perturbed, (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * (eps + 0.1 * xi))
 
 

@@ -22,7 +22,7 @@ from anima_core.models.rope import (
 )
 from anima_core.models.tiny import TINY_DIT, randomize_norm_weights
 from anima_core.training.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
-from anima_core.training.step import StepInputs, flow_loss
+from anima_core.training.step import StepInputs, flow_loss, sample_generators
 from anima_plugins.lora import create_network
 from anima_plugins.lora.module import LoRAModule
 from anima_plugins.memory import GradientCheckpointing
@@ -72,7 +72,7 @@ def step_inputs(batch: int = 2, device: str = "cpu") -> StepInputs:
 def loss_of(dit: AnimaDiT, inputs: StepInputs, seed: int = 5) -> torch.Tensor:
     cfg = TrainingTable()
     loss, _ = flow_loss(dit, inputs, sampler=TIMESTEP_SAMPLERS["logit_normal"], weighting=LOSS_WEIGHTINGS["uniform"],
-                        cfg=cfg, generator=torch.Generator().manual_seed(seed))
+                        cfg=cfg, generators=sample_generators(seed, 0, 0, range(inputs.latents.shape[0])))
     return loss
 
 

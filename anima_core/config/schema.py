@@ -221,6 +221,13 @@ class TrainingTable(Table):
     loss_weighting: Optional[str] = Field(None, description="A loss weighting plugin by name; replaces weighting_scheme's weight.")
     nan_guard_max_bad_steps: int = Field(5, ge=1, description="Non-finite steps in a row before the run reloads the last state or stops.")
     nan_guard_lr_factor: Optional[float] = Field(None, gt=0, lt=1, description="On reload after bad steps, multiply the learning rate by this.")
+    num_processes: int = Field(
+        1, ge=1, description="Data-parallel processes on this machine (one per GPU); `anima-train run` starts them. The global batch is train_batch_size × num_processes × gradient_accumulation_steps. Under `accelerate launch` / `torchrun` the launcher decides. sd-scripts: accelerate's --num_processes."
+    )
+    num_cpu_threads_per_process: Optional[int] = Field(
+        None, ge=1, description="CPU threads of each process (default: the CPUs divided among the processes). sd-scripts: accelerate's --num_cpu_threads_per_process."
+    )
+    ddp_timeout: int = Field(30, ge=1, description="Minutes a process waits on the others before the run fails (sd-scripts: --ddp_timeout).")
 
 
 class MemoryTable(Table):

@@ -58,3 +58,7 @@ class DataOptions:
     bad_image_policy: Literal["skip", "error"] = "skip"
     qwen3_max_token_length: int = 512
     t5_max_token_length: int = 512
+    # data-parallel training: a planned batch holds batch_size samples per process, and this process loads
+    # its fixed slice of it (the global batch is the same whatever the number of processes)
+    num_processes: int = 1
+    process_index: int = 0

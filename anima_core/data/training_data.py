@@ -4,6 +4,9 @@ Everything random about a sample (crop, flip, colour, caption shuffle and dropou
 seeded by (seed, epoch, dataset, image, repeat), and the batch order by (seed, epoch). A run resumed at
 batch k of an epoch therefore sees exactly the batches the uninterrupted run would have seen, with or
 without loader workers.
+
+With several processes, batches are planned as global batches (batch_size × num_processes samples) and each
+process loads its fixed slice: process i takes samples [i·batch_size, (i+1)·batch_size) of every batch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,7 @@ class Batch:
     paths: list[str]
     bucket: tuple[int, int]  # (w, h)
     index: int  # position in the epoch; batches whose every sample failed are left out, so count by this
+    positions: list[int]  # each sample's place in the planned (global) batch; seeds its random draws
 
 
 SampleId = tuple[int, int, int]  # dataset, image entry, repeat
@@ -101,23 +105,29 @@ class TrainingData:
             buckets.setdefault(e.placement.bucket, []).extend((d, i, k) for k in range(e.num_repeats))
         return dict(sorted(buckets.items()))
 
+    def _global_batch_size(self, ds: ScannedDataset) -> int:
+        return ds.spec.batch_size * self.opts.num_processes
+
     @cached_property
     def num_batches_per_epoch(self) -> int:
+        """Global batches: each is one micro-step of every process."""
         total = 0
         for d, ds in enumerate(self.datasets):
-            bs = ds.spec.batch_size
+            bs = self._global_batch_size(ds)
             total += sum(-(-len(s) // bs) for s in self._bucket_samples(d).values())
         return total
 
     def bucket_report(self) -> list[str]:
         lines = []
+        processes = self.opts.num_processes
         for d, ds in enumerate(self.datasets):
-            bs = ds.spec.batch_size
+            bs = self._global_batch_size(ds)
             buckets = self._bucket_samples(d)
             samples = sum(len(s) for s in buckets.values())
             w, h = ds.spec.resolution
+            size = f"{bs}" if processes == 1 else f"{bs} ({ds.spec.batch_size} per process × {processes} processes)"
             lines.append(
-                f"dataset {d + 1}: resolution {w}x{h}, batch size {bs}, {len(ds.entries)} images, {samples} samples per epoch "
+                f"dataset {d + 1}: resolution {w}x{h}, batch size {size}, {len(ds.entries)} images, {samples} samples per epoch "
                 f"(with repeats), {len(buckets)} bucket(s)"
             )
             for (bw, bh), s in buckets.items():
@@ -315,7 +325,7 @@ class TrainingData:
         rng = _rng(self.seed, epoch)
         batches: list[_PlannedBatch] = []
         for d, ds in enumerate(self.datasets):
-            bs = ds.spec.batch_size
+            bs = self._global_batch_size(ds)
             for bucket, samples in self._bucket_samples(d).items():
                 order = [samples[j] for j in rng.permutation(len(samples))]
                 batches += [_PlannedBatch(d, bucket, order[j : j + bs]) for j in range(0, len(order), bs)]
@@ -338,14 +348,16 @@ class TrainingData:
         return (flipped if flip else latents), None if alpha is None else alpha.float().div_(255.0)
 
     def load_batch(self, epoch: int, k: int) -> tuple[Batch | None, list[tuple[tuple[int, int], str]]]:
-        """Batch k of an epoch (0-based epoch), and the samples that had to be dropped with the reason."""
+        """This process's slice of batch k of an epoch (0-based epoch), and the samples that had to be dropped
+        with the reason. The batch is None when no sample of the slice could be loaded (or the slice is empty)."""
         planned = self._plan(epoch)[k]
         ds = self.datasets[planned.dataset]
         at = self._caption_step(epoch, k)
         failures: list[tuple[tuple[int, int], str]] = []
-        pixels, latents, alphas, captions, texts, weights, paths = [], [], [], [], [], [], []
+        pixels, latents, alphas, captions, texts, weights, paths, positions = [], [], [], [], [], [], [], []
         use_alpha = any(ds.spec.subsets[ds.entries[i].subset_index].alpha_mask for _, i, _ in planned.samples)
-        for d, i, rep in planned.samples:
+        first = self.opts.process_index * ds.spec.batch_size
+        for position, (d, i, rep) in enumerate(planned.samples[first : first + ds.spec.batch_size], start=first):
             e = ds.entries[i]
             s = ds.spec.subsets[e.subset_index]
             key = (d, i)
@@ -388,6 +400,7 @@ class TrainingData:
                 alphas.append(alpha if alpha is not None else torch.ones(1, h, w))
             weights.append(self.opts.prior_loss_weight if e.is_reg else 1.0)
             paths.append(str(e.path))
+            positions.append(position)
         if not paths:
             return None, failures
         batch = Batch(
@@ -400,23 +413,32 @@ class TrainingData:
             paths=paths,
             bucket=planned.bucket,
             index=k,
+            positions=positions,
         )
         return batch, failures
 
-    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """The batches of one epoch (0-based), from `start_batch` on. A batch whose every sample failed is left out."""
+    def planned_batch_size(self, epoch: int, k: int) -> int:
+        """Samples planned for global batch k of an epoch, over all processes."""
+        return len(self._plan(epoch)[k].samples)
+
+    def epoch_slices(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[int, Batch | None]]:
+        """(index, this process's slice) for every batch of one epoch (0-based) from `start_batch` on; the
+        slice is None when none of its samples could be loaded or it has none (the last batch of a bucket)."""
         indices = [(epoch, k) for k in range(start_batch, self.num_batches_per_epoch)]
         if self.opts.max_data_loader_n_workers <= 0:
             results: Iterator = (self.load_batch(e, k) for e, k in indices)
         else:
             results = iter(self._data_loader(indices))
-        for batch, failures in results:
+        for (_, k), (batch, failures) in zip(indices, results):
             for key, message in failures:
                 # workers hold copies of the data; record the broken file here as well
                 self._broken.add(key)
                 self._warn(message)
-            if batch is not None:
-                yield batch
+            yield k, batch
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch (0-based), from `start_batch` on. A batch whose every sample failed is left out."""
+        return (batch for _, batch in self.epoch_slices(epoch, start_batch) if batch is not None)
 
     def _data_loader(self, indices: list[tuple[int, int]]) -> DataLoader:
         if self._loader is None or not self.opts.persistent_data_loader_workers:
@@ -508,7 +530,9 @@ def build_training_data(
     data = TrainingData(opts, seed, datasets, from_config, skipped=[(str(p), r) for p, r in problems], on_warning=on_warning)
     if validation_sets is not None:
         val_seed = opts.validation_seed if opts.validation_seed is not None else seed
-        data.validation = TrainingData(opts, val_seed, validation_sets, from_config, on_warning=on_warning)
+        # evaluated whole by the main process, never divided among processes
+        whole = replace(opts, num_processes=1, process_index=0)
+        data.validation = TrainingData(whole, val_seed, validation_sets, from_config, on_warning=on_warning)
     for message in warnings:
         data._warn(message)
     if problems:

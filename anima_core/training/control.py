@@ -27,7 +27,8 @@ class StopRequests:
     StopDuringSetup at once, so a long caching phase does not make the user wait.
     """
 
-    def __init__(self, control_dir: Path):
+    def __init__(self, control_dir: Path | None):
+        """``control_dir`` None: signals only (the processes of a run other than the main one)."""
         self.control_dir = control_dir
         self.stop_reason: str | None = None
         self.training = False
@@ -56,6 +57,8 @@ class StopRequests:
         _say("stopping after this step (the LoRA and a state are saved); Ctrl+C again to quit at once.")
 
     def _take(self, name: str) -> bool:
+        if self.control_dir is None:
+            return False
         path = self.control_dir / name
         if path.exists():
             path.unlink(missing_ok=True)

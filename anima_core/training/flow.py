@@ -107,16 +107,10 @@ LOSS_WEIGHTINGS = {
 }
 
 
-def noisy_latents(latents, noise, sigmas, *, ip_noise_gamma=None, random_strength=False, generator=None):
-    """x_σ = (1 − σ)·x₀ + σ·(ε + γ·ξ); the target stays ε − x₀ (input perturbation)."""
+def noisy_latents(latents, noise, sigmas, *, perturbation=None):
+    """x_σ = (1 − σ)·x₀ + σ·(ε + γ·ξ) with ``perturbation`` = γ·ξ (input perturbation); the target stays ε − x₀."""
     sigma = sigmas.view(-1, *([1] * (latents.dim() - 1)))
-    perturbed = noise
-    if ip_noise_gamma:
-        gamma = ip_noise_gamma
-        if random_strength:
-            gamma = gamma * torch.rand((), generator=generator, device=latents.device)
-        xi = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        perturbed = noise + gamma * xi
+    perturbed = noise if perturbation is None else noise + perturbation
     return (1 - sigma) * latents + sigma * perturbed
 
 

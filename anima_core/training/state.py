@@ -26,6 +26,9 @@ MUTABLE_KEYS = {
     ("training", "nan_guard_max_bad_steps"),
     ("training", "nan_guard_lr_factor"),
     ("training", "device"),
+    ("training", "num_processes"),  # checked against the state's own record (check_processes)
+    ("training", "num_cpu_threads_per_process"),
+    ("training", "ddp_timeout"),
     ("dataset", "max_data_loader_n_workers"),
     ("dataset", "persistent_data_loader_workers"),
     ("dataset", "bad_image_policy"),
@@ -47,6 +50,7 @@ class Progress:
     batch_in_epoch: int  # batches of that epoch already consumed
     bad_steps: int = 0
     lr_scale: float = 1.0
+    num_processes: int = 1  # processes that trained it: the global batch depends on the count
 
 
 def rng_state() -> dict:
@@ -72,10 +76,14 @@ def _write_torch(obj, path: Path) -> None:
     path.write_bytes(buffer.getbuffer())
 
 
+def state_path(state_root: Path, step: int) -> Path:
+    return state_root / f"step-{step:08d}"
+
+
 def save_state(state_root: Path, *, progress: Progress, network, optimizer, scheduler, scaler, profile: Profile, keep_last: int,
                extra: dict | None = None) -> Path:
     """``extra``: more trainer state to restore with the rest (the EMA weights)."""
-    target = state_root / f"step-{progress.step:08d}"
+    target = state_path(state_root, progress.step)
     with atomic_directory(target) as tmp:
         _write_torch(network.state_dict(), tmp / "network.pt")
         _write_torch(
@@ -154,6 +162,20 @@ def check_profile(state_dir: Path, profile: Profile, *, allow_lr_change: bool) -
             f"{state_dir}: the profile changed what this state depends on:\n  "
             + "\n  ".join(changes)
             + "\nRestore those values to resume (learning-rate keys may change with --allow-lr-change)."
+        )
+
+
+def check_processes(state_dir: Path, num_processes: int) -> None:
+    """The global batch depends on the number of processes, so a state resumes only with the same number."""
+    try:
+        saved = json.loads((state_dir / "progress.json").read_text()).get("num_processes", 1)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{state_dir}: cannot read the state ({exc}); pick another state folder.") from None
+    if saved != num_processes:
+        raise ResumeError(
+            f"{state_dir} was saved by a run of {saved} process(es); this run has {num_processes}. The global batch "
+            f"(and so every step) depends on the number of processes: resume with training.num_processes = {saved} "
+            "(or the same launcher settings), or start a new run."
         )
 
 

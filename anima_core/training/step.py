@@ -1,9 +1,17 @@
-"""One training step's forward: batch → noised latents → DiT → weighted loss. Fits on a screen."""
+"""One training step's forward: batch → noised latents → DiT → weighted loss. Fits on a screen.
+
+Every random draw for a sample (caption dropout, σ, noise, input perturbation) comes from that sample's own
+generator, seeded by (seed, step, the sample's place among the step's samples). A sample therefore gets the
+same draws whichever process trains it and whatever else shares its batch: the result does not depend on
+the number of processes (see training/distributed.py).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from anima_core.training.flow import elementwise_loss, noisy_latents, reduce_loss
@@ -22,11 +30,21 @@ class StepInputs:
     alpha_masks: torch.Tensor | None  # B×1×H×W in pixels, or None
 
 
-def drop_captions(inputs: StepInputs, rate: float, generator: torch.Generator) -> StepInputs:
+def sample_generators(seed: int, step: int, micro: int, positions: Iterable[int]) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, step, micro-batch, place in the global batch);
+    SeedSequence mixes them so that nearby keys give unrelated streams."""
+    generators = []
+    for position in positions:
+        state = np.random.SeedSequence([seed % 2**64, step, micro, position]).generate_state(2, np.uint32)
+        generators.append(torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1))
+    return generators
+
+
+def drop_captions(inputs: StepInputs, rate: float, generators: Sequence[torch.Generator]) -> StepInputs:
     """Embedding-level caption dropout: chosen samples get exactly the empty caption's encoding (spec §3.3)."""
     if rate <= 0:
         return inputs
-    drop = torch.rand(inputs.latents.shape[0], generator=generator) < rate
+    drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < rate
     if not drop.any():
         return inputs
     drop = drop.to(inputs.qwen_states.device)
@@ -53,25 +71,36 @@ def latent_mask(alpha_masks: torch.Tensor | None, latent_hw: tuple[int, int]) ->
     return torch.nn.functional.interpolate(alpha_masks.float(), size=latent_hw, mode="area")
 
 
-def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generator):
-    """Loss of one batch, and the σ drawn (named in NaN warnings)."""
+def _perturbation(shape, cfg, generator: torch.Generator) -> torch.Tensor | None:
+    """γ·ξ of input perturbation for one sample (γ scaled by U(0, 1) with random strength)."""
+    if not cfg.ip_noise_gamma:
+        return None
+    gamma = cfg.ip_noise_gamma
+    if cfg.ip_noise_gamma_random_strength:
+        gamma = gamma * torch.rand((), generator=generator)
+    return gamma * torch.randn(shape, generator=generator)
+
+
+def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generators: Sequence[torch.Generator]):
+    """Loss of one batch (mean over its samples), and the σ drawn (named in NaN warnings).
+    ``generators``: one per sample (``sample_generators``)."""
     latents = inputs.latents
     batch, _, h, w = latents.shape
-    sigmas = sampler(batch, cfg, generator, (h, w)).float()
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    return noised_loss(dit, inputs, sigmas, noise, weighting=weighting, cfg=cfg), sigmas
+    sigmas = torch.cat([sampler(1, cfg, g, (h, w)).float().reshape(1) for g in generators])
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g, dtype=torch.float32) for g in generators])
+    perturbation = torch.stack([_perturbation(latents.shape[1:], cfg, g) for g in generators]) if cfg.ip_noise_gamma else None
+    return noised_loss(dit, inputs, sigmas, noise, weighting=weighting, cfg=cfg, perturbation=perturbation), sigmas
 
 
-def noised_loss(dit, inputs: StepInputs, sigmas, noise, *, weighting, cfg, input_perturbation: bool = True):
-    """Loss of one batch noised at the given σ with the given noise (validation passes fixed ones, and no
-    input perturbation, which is a training-time regulariser drawing from the global generator)."""
+def noised_loss(dit, inputs: StepInputs, sigmas, noise, *, weighting, cfg, perturbation=None):
+    """Loss of one batch noised at the given σ with the given noise and input perturbation γ·ξ (validation
+    passes fixed ones, and no perturbation, which is a training-time regulariser)."""
     latents = inputs.latents
     _, _, h, w = latents.shape
     device = latents.device
     noise, sigmas_dev = noise.to(device), sigmas.to(device)
-    gamma = cfg.ip_noise_gamma if input_perturbation else None
-    noisy = noisy_latents(latents, noise, sigmas_dev, ip_noise_gamma=gamma,
-                          random_strength=cfg.ip_noise_gamma_random_strength, generator=None)
+    perturbation = perturbation.to(device) if perturbation is not None else None
+    noisy = noisy_latents(latents, noise, sigmas_dev, perturbation=perturbation)
     dtype = next(dit.parameters()).dtype
     pred = dit(
         noisy.unsqueeze(2).to(dtype),

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from rich.console import Console
 
 from anima_core import __version__
 from anima_core.atomic import atomic_write_text, clean_leftovers
@@ -33,7 +34,10 @@ from anima_core.data.memory import place_profile_caches
 from anima_core.errors import AnimaError
 from anima_core.models.dit_loading import describe_dit
 from anima_core.plugins import Plugins
+from anima_core.sampling.during_training import TrainingPreviews
 from anima_core.training.control import StopDuringSetup, StopRequests
+from anima_core.training.devices import DTYPES, PRECISION_DTYPES, SAVE_DTYPES, memory_stats, resolve_device
+from anima_core.training.distributed import ProcessFailure, Processes, under_launcher, worker_threads
 from anima_core.training.events import EventLog, make_run_dir
 from anima_core.training.flops import matmul_tflops, step_tflop
 from anima_core.training.memory import apply_memory_strategies
@@ -44,13 +48,18 @@ from anima_core.training.planner import format_measured, format_plan, plan
 from anima_core.training.precision import choose_precision
 from anima_core.training.progress import ProgressDisplay
 from anima_core.training.schedules import build_scheduler, rates_used, rebase_rates
-from anima_core.training.state import Progress, check_profile, find_state, load_state, restore_rng_state, save_state
-from anima_core.training.step import StepInputs, drop_captions, flow_loss
+from anima_core.training.state import (
+    Progress,
+    check_processes,
+    check_profile,
+    find_state,
+    load_state,
+    restore_rng_state,
+    save_state,
+    state_path,
+)
+from anima_core.training.step import StepInputs, drop_captions, flow_loss, sample_generators
 from anima_core.training.validation import build_validation
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -61,13 +70,27 @@ class RunResult:
     step: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class StepReport:
+    """One optimizer step as all processes saw it (merged from every process's report)."""
+
+    loss: float  # mean loss of the step's global batches
+    samples: list[tuple[str, float]]  # (image, σ) of every sample, named when the step goes bad
+    memory: list[dict]  # memory_stats of every process, in rank order
 
 
-def data_options(profile: Profile) -> DataOptions:
+class QuietEvents:
+    """The event log of a process other than the main one: events are built (the display reads them),
+    never written."""
+
+    def emit(self, type_: str, **fields) -> dict:
+        return {"type": type_, "time": time.time(), **fields}
+
+    def close(self) -> None:
+        pass
+
+
+def data_options(profile: Profile, processes: Processes) -> DataOptions:
     """The profile's dataset table uses DataOptions' names; the rest comes from other tables."""
     values = {f.name: getattr(profile.dataset, f.name) for f in fields(DataOptions) if hasattr(profile.dataset, f.name)}
     if isinstance(values.get("resolution"), list):
@@ -78,6 +101,8 @@ def data_options(profile: Profile) -> DataOptions:
         max_train_steps=profile.training.max_train_steps,
         qwen3_max_token_length=profile.model.qwen3_max_token_length,
         t5_max_token_length=profile.model.t5_max_token_length,
+        num_processes=processes.num_processes,
+        process_index=processes.index,
     )
 
 
@@ -87,7 +112,7 @@ def epoch_number(progress: Progress) -> int:
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
-    """Every random draw of a step comes from (seed, step, micro-batch), so a resumed run repeats exactly."""
+    """Seed of the global RNG for a micro-step (LoRA dropouts draw from it), the same on every process."""
     return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
 
 
@@ -95,23 +120,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def memory_stats(device: torch.device) -> dict:
-    stats = {"vram_allocated": None, "vram_reserved": None, "vram_peak": None}
-    if device.type == "cuda":
-        stats = {
-            "vram_allocated": torch.cuda.memory_allocated(device),
-            "vram_reserved": torch.cuda.memory_reserved(device),
-            "vram_peak": torch.cuda.max_memory_allocated(device),
-        }
-    try:
-        import resource
-
-        stats["ram_used"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:
-        stats["ram_used"] = None
-    return stats
 
 
 class Trainer:
@@ -132,9 +140,25 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------------
 
+    def _join_processes(self) -> Processes:
+        """One process, or this one's place among a launcher's processes (training/distributed.py)."""
+        t = self.profile.training
+        worker_threads(t.num_cpu_threads_per_process)
+        if not under_launcher():
+            return Processes.single(self.device)
+        processes = Processes.from_launcher(t.device, t.ddp_timeout, t.num_processes)
+        self.device = processes.device
+        return processes
+
     def _open_run(self) -> None:
         saving = self.profile.saving
         name = self.profile.logging.run_name or time.strftime("%Y%m%d-%H%M%S-") + saving.output_name
+        self.startup_warnings = []
+        if not self.processes.is_main:  # only the main process writes the run; the others name its folder
+            self.run_dir = saving.output_dir / "runs" / name
+            self.events = QuietEvents()
+            self.display = ProgressDisplay("plain", 1, self.profile.logging.log_every_n_steps, Console(quiet=True))
+            return
         self.run_dir = make_run_dir(saving.output_dir, name)
         atomic_write_text(self.run_dir / "profile.toml", profile_to_toml(self.profile))
         made = (e.obj(self.run_dir, self.profile) for e in self.plugins.registry("register_event_sinks").entries.values())
@@ -142,7 +166,7 @@ class Trainer:
         self.events = EventLog(self.run_dir, sinks)
         self.display = ProgressDisplay(self.profile.logging.progress, 1, self.profile.logging.log_every_n_steps, self.console)
         # Reported once run_start is written, so every event of the run follows it.
-        self.startup_warnings = [f"removed {p}, left by an interrupted write" for p in clean_leftovers(saving.output_dir)]
+        self.startup_warnings += [f"removed {p}, left by an interrupted write" for p in clean_leftovers(saving.output_dir)]
         # A request left from an earlier run in this folder must not stop or save this one.
         for stale in sorted((self.run_dir / "control").glob("*")):
             stale.unlink(missing_ok=True)
@@ -164,7 +188,7 @@ class Trainer:
                 self.scan_progress.append(progress)
 
         self.scan_progress: list[PhaseProgress] = []
-        self.data = build_training_data(data_options(self.profile), base_dir=Path.cwd(),
+        self.data = build_training_data(data_options(self.profile, self.processes), base_dir=Path.cwd(),
                                         on_warning=self.startup_warnings.append, progress=show)
 
     def _report_startup(self) -> None:
@@ -176,10 +200,15 @@ class Trainer:
             self.log(line)
 
     def _cache(self) -> None:
+        """Every process needs every cache. Disk caches are divided: each process encodes its share of the
+        files, and once all are written each reads the others' (the reuse check finds them fresh). In-memory
+        caches are built by every process for itself."""
         caching, model = self.profile.caching, self.profile.model
         vae_dtype = DTYPES[model.vae_dtype]
         te_dtype = self.text_encoder_dtype
-        placement = place_profile_caches(self.data, self.profile, text_dtype=te_dtype)
+        # the main process's estimate decides for all, so all take the same path (and meet the same times)
+        placement = self.processes.from_main(place_profile_caches(self.data, self.profile, text_dtype=te_dtype)
+                                             if self.processes.is_main else None)
         for line in placement.lines:
             self.log(line)
         if placement.switched:
@@ -191,8 +220,9 @@ class Trainer:
             identity = getattr(self.models, "vae_identity", None)  # without it, load first to learn the identity
             vae = ModelSource(identity(model, dtype=vae_dtype), str(vae_dtype), load_vae) if identity else load_vae()
             self.log("caching latents")
-            self.data.cache_latents(vae, to_disk=placement.latents_to_disk, batch_size=caching.vae_batch_size,
-                                    device=self.device, progress=self._cache_progress)
+            self._divided(placement.latents_to_disk, lambda share: self.data.cache_latents(
+                vae, to_disk=placement.latents_to_disk, batch_size=caching.vae_batch_size, device=self.device,
+                share=share, progress=self._cache_progress))
             del vae
             self._free()
             self.vae = None
@@ -202,11 +232,20 @@ class Trainer:
         self.text_encoder = self.models.load_text_encoder(model, dtype=te_dtype, device=self.device)
         if caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk:
             self.log("caching text-encoder outputs")
-            self.data.cache_text(self.text_encoder, to_disk=placement.text_to_disk,
-                                 batch_size=caching.text_encoder_batch_size, progress=self._cache_progress)
+            self._divided(placement.text_to_disk, lambda share: self.data.cache_text(
+                self.text_encoder, to_disk=placement.text_to_disk, batch_size=caching.text_encoder_batch_size,
+                share=share, progress=self._cache_progress))
             if not train_te:
                 self.text_encoder.model.to("cpu")
                 self._free()
+
+    def _divided(self, to_disk: bool, cache) -> None:
+        """``cache(share)`` with this process's share of disk caching, then (after everyone's writes) all of it."""
+        processes = self.processes
+        if to_disk and processes.distributed:
+            cache((processes.index, processes.num_processes))
+            processes.exchange()
+        cache((0, 1))
 
     def _cache_progress(self, progress: PhaseProgress) -> None:
         """Data phases (scan, cache checks, encoding) as `cache` events and console lines."""
@@ -290,13 +329,15 @@ class Trainer:
 
     def save_lora(self, path: Path, progress: Progress) -> None:
         """The LoRA (with ema_save = "lora" the EMA weights; with "beside" also <name>-ema next to it)."""
+        self.last_lora = path
+        if not self.processes.is_main:
+            return
         ema = self.ema is not None and self.profile.optimizer.ema_save
         with self.ema.applied() if ema == "lora" else contextlib.nullcontext():
             self._write_lora(path, progress)
         if ema == "beside":
             with self.ema.applied():
                 self._write_lora(path.with_name(f"{path.stem}-ema{path.suffix}"), progress)
-        self.last_lora = path
 
     def _write_lora(self, path: Path, progress: Progress) -> None:
         metadata = save_metadata(self.profile, self.base_metadata, self.network.metadata(), step=progress.step, epoch=epoch_number(progress))
@@ -324,7 +365,7 @@ class Trainer:
         """Extending a finished run would overwrite its final LoRA at the end: keep that file under the name of
         its epoch (when it ended on an epoch boundary of an epoch-counted run) or of its step."""
         final = self.lora_path()
-        if progress.step >= self.total_steps or not final.is_file():
+        if progress.step >= self.total_steps or not final.is_file() or not self.processes.is_main:
             return
         from safetensors import safe_open
 
@@ -348,6 +389,9 @@ class Trainer:
     def save_training_state(self, progress: Progress) -> None:
         if progress == self.saved_progress:  # a stop right after a scheduled save: that state is this one
             return
+        if not self.processes.is_main:  # every process knows the newest state (the NaN guard reloads it)
+            self.last_state, self.saved_progress = state_path(self.run_dir / "state", progress.step), replace(progress)
+            return
         scaler = getattr(self.accelerator, "scaler", None)
         path = save_state(self.run_dir / "state", progress=progress, network=self.network, optimizer=self.optimizer,
                           scheduler=self.scheduler, scaler=scaler, profile=self.profile,
@@ -358,7 +402,7 @@ class Trainer:
 
     def _prune_epoch_saves(self, epoch: int) -> None:
         keep = self.profile.saving.save_last_n_epochs
-        if keep:
+        if keep and self.processes.is_main:
             old = epoch - keep
             if old >= 1:
                 self.lora_path(epoch=old).unlink(missing_ok=True)
@@ -366,7 +410,7 @@ class Trainer:
     def _prune_step_saves(self, step: int) -> None:
         keep = self.profile.saving.save_last_n_steps
         every = self.profile.saving.save_every_n_steps
-        if keep and every:
+        if keep and every and self.processes.is_main:
             for old in range(every, step - keep, every):
                 self.lora_path(step=old).unlink(missing_ok=True)
 
@@ -393,30 +437,40 @@ class Trainer:
             masks = masks.unsqueeze(1)
         return StepInputs(latents, qwen_states, qwen_mask, t5_ids, t5_mask, batch.loss_weights.float(), masks)
 
-    def _micro_step(self, batch, step: int, micro: int):
+    def _micro_step(self, batch, step: int, micro: int, planned: int):
+        """This process's part of one global batch of ``planned`` samples: forward and backward of its
+        slice, the loss scaled by the slice's share of the batch (the processes' gradients are summed).
+        Returns (the scaled loss, [(image, σ)])."""
         t = self.profile.training
-        generator = torch.Generator().manual_seed(step_seed(t.seed, step, micro))
-        torch.manual_seed(step_seed(t.seed, step, micro) + 1)  # LoRA dropouts draw from the global RNG
-        inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generator)
+        torch.manual_seed(step_seed(t.seed, step, micro))  # LoRA dropouts draw from the global RNG
+        if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
+            return torch.zeros((), device=self.device), []
+        generators = sample_generators(t.seed, step, micro, batch.positions)
+        inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generators)
         batch_size, _, h, w = inputs.latents.shape
         self.tflop_done += step_tflop(self.dit.config, latent_hw=(h, w), text_tokens=inputs.t5_ids.shape[1],
                                       batch=batch_size, checkpointing=self.checkpointing)
         with self.accelerator.autocast():
             loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
-                                     generator=generator)
-        self.accelerator.backward(loss / t.gradient_accumulation_steps)
-        return loss.detach(), sigmas
+                                     generators=generators)
+        share = batch_size / planned
+        self.accelerator.backward(loss * (share / t.gradient_accumulation_steps))
+        return loss.detach() * share, list(zip(map(str, batch.paths), sigmas.tolist()))
 
     def _batches(self, progress: Progress):
-        """(epoch, index in epoch, batch) from the resume point on; past the planned epochs when skipped
-        non-finite steps used batches (the loop ends at total_steps), ending if a whole epoch yields none."""
+        """(epoch, index in epoch, this process's slice, samples planned in the global batch) from the resume
+        point on; past the planned epochs when skipped non-finite steps used batches (the loop ends at
+        total_steps), ending if a whole epoch yields none. One process skips a batch none of whose samples
+        could be loaded; several keep in step and train an empty slice as nothing."""
         first_epoch, first_batch = progress.epoch, progress.batch_in_epoch
         for epoch in itertools.count(first_epoch):
             start = first_batch if epoch == first_epoch else 0
             empty = True
-            for batch in self.data.epoch_batches(epoch, start_batch=start):
+            for index, batch in self.data.epoch_slices(epoch, start_batch=start):
+                if batch is None and not self.processes.distributed:
+                    continue
                 empty = False
-                yield epoch, batch.index, batch
+                yield epoch, index, batch, self.data.planned_batch_size(epoch, index)
             if empty and start == 0:
                 return
 
@@ -425,6 +479,7 @@ class Trainer:
         if self.profile.optimizer.fused_backward_pass and not max_norm:
             self.optimizer.step()  # the updates happened in backward; this keeps the scheduler's count right
             return 0.0
+        self.processes.sum_gradients(params)
         if max_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_norm)
         else:
@@ -435,21 +490,42 @@ class Trainer:
             self.optimizer.step()
         return norm
 
-    def _emit_step(self, progress: Progress, epoch: int, loss: float, started: float, first_step: int, losses: list[float],
-                   lrs: list[float], weight_norms: dict | None, grad_norm: float) -> None:
-        """``epoch``: the 1-based epoch of the batch just trained; ``lrs``: the rates that step used."""
+    def _step_report(self, micro_losses: list[torch.Tensor], samples: list[tuple[str, float]]) -> StepReport:
+        """Every process's view of the step just computed, merged (before the optimizer step, which needs
+        the loss of the whole global batch)."""
+        mine = {"loss": float(torch.stack(micro_losses).sum()), "samples": samples,
+                "memory": {"device": str(self.device), **memory_stats(self.device)}}
+        reports = self.processes.exchange(mine)
+        return StepReport(
+            loss=sum(r["loss"] for r in reports) / len(micro_losses),
+            samples=[sample for r in reports for sample in r["samples"]],
+            memory=[r["memory"] for r in reports],
+        )
+
+    def _requests(self) -> tuple[str | None, bool]:
+        """(why to stop, save now) after a step, merged over the processes so all act at this step: the
+        main process reads the control files, every process may have caught a signal."""
+        stop_now, save_now = self.stop_requests.poll()
+        requests = self.processes.exchange((self.stop_requests.stop_reason if stop_now else None, save_now))
+        return next((stop for stop, _ in requests if stop), None), any(save for _, save in requests)
+
+    def _emit_step(self, progress: Progress, epoch: int, report: StepReport, started: float, first_step: int,
+                   losses: list[float], lrs: list[float], weight_norms: dict | None, grad_norm: float) -> None:
+        """``epoch``: the 1-based epoch of the batch just trained; ``lrs``: the rates that step used. The memory
+        fields are the main process's; ``processes`` lists every process's."""
         done = progress.step - first_step
         elapsed = time.monotonic() - started
         s_per_it = elapsed / done if done else 0.0
         window = losses[-50:]
         event = self.events.emit(
-            "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=loss,
+            "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=report.loss,
             loss_avg=sum(window) / len(window), lr=lrs, **({"weight_norms": weight_norms} if weight_norms else {}),
             lr_groups=[g.get("name", f"group{i}") for i, g in enumerate(self.optimizer.param_groups)],
             # A fused pass without clipping never sees the whole gradient.
             grad_norm=None if self.profile.optimizer.fused_backward_pass and not self.profile.optimizer.max_grad_norm else grad_norm,
             s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
-            eta_s=s_per_it * (self.total_steps - progress.step), **memory_stats(self.device))
+            eta_s=s_per_it * (self.total_steps - progress.step),
+            **{k: v for k, v in report.memory[0].items() if k != "device"}, processes=report.memory)
         self.display.step(event)
 
     def _handle_bad_step(self, progress: Progress, samples: list[tuple[str, float]], loss: float, norm: float) -> str:
@@ -480,8 +556,12 @@ class Trainer:
         )
         return "stop"
 
-    def _restore(self, state_dir: Path, *, lr_scale: float | None = None) -> Progress:
-        progress, network_state, trainer_state = load_state(state_dir, profile=self.profile, allow_lr_change=self.allow_lr_change)
+    def _restore(self, state_dir: Path | None, *, lr_scale: float | None = None) -> Progress:
+        """Load a state into every process: the main process reads it (the others may be on machines
+        without its files) and hands it to them. ``state_dir``: the main process's; others pass None."""
+        loaded = load_state(state_dir, profile=self.profile, allow_lr_change=self.allow_lr_change) \
+            if self.processes.is_main else None
+        progress, network_state, trainer_state = self.processes.from_main(loaded)
         self.network.load_state_dict(network_state)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         train_mode(self.optimizer)  # a schedule-free state is saved with its eval weights
@@ -503,33 +583,32 @@ class Trainer:
     def _loop(self, progress: Progress) -> str:
         accum = self.profile.training.gradient_accumulation_steps
         params = self.network.trainable_parameters()
-        stop = self.stop_requests
         self.stop_reason = None
         started, first_step, losses = time.monotonic(), progress.step, []
-        micro_losses, micro, samples = [], 0, []
+        micro_losses, samples = [], []
+        self.progress = progress  # a failure's run_end names its step
         batches = self._batches(progress)
         with self.display:
             while (item := next(batches, None)) is not None:
-                epoch, index, batch = item
+                epoch, index, batch, planned = item
                 if progress.step >= self.total_steps:
                     break
-                loss, sigmas = self._micro_step(batch, progress.step, micro)
+                loss, drawn = self._micro_step(batch, progress.step, len(micro_losses), planned)
                 micro_losses.append(loss)
-                samples += zip(map(str, batch.paths), sigmas.tolist())
-                micro += 1
+                samples += drawn
                 progress.epoch, progress.batch_in_epoch = epoch, index + 1
                 epoch_done = index + 1 == self.data.num_batches_per_epoch
-                if micro < accum and not epoch_done:
+                if len(micro_losses) < accum and not epoch_done:
                     continue
-                step_loss = float(torch.stack(micro_losses).mean())
+                report = self._step_report(micro_losses, samples)
+                micro_losses, samples = [], []
                 # fp16 steps anyway: its gradient scaler skips non-finite updates and lowers the scale.
-                finite_loss = math.isfinite(step_loss)
+                finite_loss = math.isfinite(report.loss)
                 norm = self._optimizer_step(params) if finite_loss or self.precision == "fp16" else math.nan
                 if not (finite_loss and (math.isfinite(norm) or self.precision == "fp16")):
-                    outcome = self._handle_bad_step(progress, samples, step_loss, norm)
+                    outcome = self._handle_bad_step(progress, report.samples, report.loss, norm)
                     if outcome == "stop":
                         break
-                    micro_losses, micro, samples = [], 0, []
                     if outcome == "reloaded":  # repeat the data from the reloaded state's position
                         progress = self.progress
                         batches = self._batches(progress)
@@ -538,14 +617,13 @@ class Trainer:
                 lrs = rates_used(self.optimizer)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                micro_losses, micro, samples = [], 0, []
                 progress.step += 1
                 weight_norms = self._after_update(progress.step)
                 if epoch_done:
                     progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-                losses.append(step_loss)
-                self._emit_step(progress, epoch + 1, step_loss, started, first_step, losses, lrs, weight_norms, norm)
-                stop_now, save_now = stop.poll()
+                losses.append(report.loss)
+                self._emit_step(progress, epoch + 1, report, started, first_step, losses, lrs, weight_norms, norm)
+                stop_now, save_now = self._requests()
                 with eval_weights(self.optimizer):
                     self._scheduled_saves(progress, epoch_done, epoch, save_now)
                     if self.previews is not None:
@@ -553,7 +631,7 @@ class Trainer:
                     if self.validation is not None:
                         self.validation.after_step(progress.step, epoch + 1, epoch + 1 if epoch_done else None)
                 if stop_now:
-                    self.stop_reason = stop.stop_reason
+                    self.stop_reason = stop_now
                     break
         self.progress = progress
         self.train_seconds = max(1e-9, time.monotonic() - started)
@@ -601,8 +679,8 @@ class Trainer:
             if not self.profile.optimizer.fused_backward_pass else self.optimizer
         self.scheduler = build_scheduler(self.optimizer, self.profile.optimizer, self.total_steps)
         self.base_lrs = list(self.scheduler.base_lrs)
-        progress = Progress(step=0, epoch=0, batch_in_epoch=0)
-        if self.resume_state is not None:
+        progress = Progress(step=0, epoch=0, batch_in_epoch=0, num_processes=self.processes.num_processes)
+        if self.resume:
             state = self.last_state = self.resume_state
             progress = self._restore(state)
             self.log(f"resumed from {state} at step {progress.step}, epoch {progress.epoch + 1}")
@@ -620,81 +698,110 @@ class Trainer:
                  f"{str(self.dit_dtype).removeprefix('torch.')} matmul rate ({peak:.3g} TFLOP/s)")
 
     def _build_previews(self):
-        sampling = self.profile.sampling
-        if sampling.sample_prompts is None:
+        if self.profile.sampling.sample_prompts is None or not self.processes.is_main:
             return None
-        from anima_core.sampling.during_training import TrainingPreviews
-
         return TrainingPreviews(self)
 
     # ---- entry point -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        self.processes = self._join_processes()
         seed_everything(self.profile.training.seed)
-        self._open_run()
         self.last_lora = None
         self.last_state = self.saved_progress = self.reloaded_from = self.resume_state = None
         self.tflop_done, self.speed = 0.0, {}
+        try:
+            self._open_run()
+        except BaseException as exc:
+            self.processes.report_failure(describe_error(exc))
+            self.processes.close()
+            raise
         # Installed until the final saves are written: a second signal during them exits at once.
-        self.stop_requests = StopRequests(self.run_dir / "control")
+        self.stop_requests = StopRequests(self.run_dir / "control" if self.processes.is_main else None)
         self.stop_requests.on_disk = self._on_disk
         self.stop_requests.install()
         try:
-            self._build_data()
-            self._plan_steps()
-            self.display.total = self.total_steps
-            self.events.emit(
-                "run_start", run_id=self.run_dir.name, pid=os.getpid(), device=str(self.device),
-                total_steps=self.total_steps, total_epochs=self.num_epochs, profile=str(self.run_dir / "profile.toml"),
-                versions={"anima_train": __version__, "torch": torch.__version__, "python": platform.python_version()})
-            self._report_startup()
-            if self.precision_note:
-                self.warn(self.precision_note)
-            if self.resume:  # refuse a changed profile before minutes of caching and loading
-                self.resume_state = find_state(self.resume, self.profile.saving.output_dir)
-                check_profile(self.resume_state, self.profile, allow_lr_change=self.allow_lr_change)
-            self._cache()
-            if self.cache_only:
-                self.events.emit("run_end", status="cached", reason="--cache-only", step=0, epoch=0)
-                return RunResult("cached", self.run_dir, None, 0)
-            self._load_dit()
-            self._build_network()
-            data_metadata = {**self.data.metadata(), "ss_total_batch_size": self.profile.dataset.train_batch_size
-                             * self.profile.training.gradient_accumulation_steps}
-            self.base_metadata = training_metadata(
-                self.profile, data_metadata=data_metadata, total_steps=self.total_steps,
-                num_epochs=self.num_epochs, started_at=time.time(), dit_config=self.dit.config)
-            progress = self._prepare_training()
-            self.previews = self._build_previews()
-            self.validation = build_validation(self)
-            if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
-                with eval_weights(self.optimizer):
-                    self.previews.render(step=0, epoch=0)
-            self.stop_requests.training = True
-            status = self._loop(progress)
-            progress = self.progress
-            final = status == "finished"
-            path = self.lora_path() if final else self.lora_path(step=progress.step)
-            with eval_weights(self.optimizer):
-                self.save_lora(path, progress)
-                if self.profile.saving.save_state:
-                    self.save_training_state(progress)
-                if self.previews is not None and final:
-                    self.previews.render(step=progress.step, epoch=epoch_number(progress))
-            self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
-            self._report_speed()
-            if self.memory_plan is not None:
-                self.log(format_measured(self.memory_plan, torch.cuda.max_memory_allocated(self.device)))
-            self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
-                             epoch=epoch_number(progress), lora=str(path), **self.speed)
-            return RunResult(status, self.run_dir, path, progress.step)
-        except StopDuringSetup as exc:
-            self.events.emit("run_end", status="stopped", reason=f"{exc} before training started", step=0, epoch=0)
-            return RunResult("stopped", self.run_dir, None, 0)
+            self.run_dir = self.processes.from_main(self.run_dir)
+            return self._run()
         except BaseException as exc:
-            reason = str(exc) if isinstance(exc, AnimaError) else "".join(traceback.format_exception_only(exc)).strip()
-            self.events.emit("run_end", status="failed", reason=reason, step=getattr(getattr(self, "progress", None), "step", 0), epoch=0)
-            raise
+            return self._end_early(exc)
         finally:
             self.stop_requests.uninstall()
             self.events.close()
+            self.processes.close()
+
+    def _run(self) -> RunResult:
+        self._build_data()
+        self._plan_steps()
+        self.display.total = self.total_steps
+        self.events.emit(
+            "run_start", run_id=self.run_dir.name, pid=os.getpid(), device=str(self.device),
+            num_processes=self.processes.num_processes,
+            total_steps=self.total_steps, total_epochs=self.num_epochs, profile=str(self.run_dir / "profile.toml"),
+            versions={"anima_train": __version__, "torch": torch.__version__, "python": platform.python_version()})
+        self._report_startup()
+        if self.precision_note:
+            self.warn(self.precision_note)
+        if self.resume and self.processes.is_main:  # refuse a changed profile before minutes of caching and loading
+            self.resume_state = find_state(self.resume, self.profile.saving.output_dir)
+            check_profile(self.resume_state, self.profile, allow_lr_change=self.allow_lr_change)
+            check_processes(self.resume_state, self.processes.num_processes)
+        self._cache()
+        if self.cache_only:
+            self.events.emit("run_end", status="cached", reason="--cache-only", step=0, epoch=0)
+            self.processes.farewell()
+            return RunResult("cached", self.run_dir, None, 0)
+        self._load_dit()
+        self._build_network()
+        t = self.profile.training
+        data_metadata = {**self.data.metadata(), "ss_total_batch_size": self.profile.dataset.train_batch_size
+                         * self.processes.num_processes * t.gradient_accumulation_steps}
+        self.base_metadata = training_metadata(
+            self.profile, data_metadata=data_metadata, total_steps=self.total_steps,
+            num_epochs=self.num_epochs, started_at=time.time(), dit_config=self.dit.config)
+        progress = self._prepare_training()
+        self.previews = self._build_previews()
+        # the main process evaluates the whole held-out split; the others wait for it at the next step
+        self.validation = build_validation(self) if self.processes.is_main else None
+        if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
+            with eval_weights(self.optimizer):
+                self.previews.render(step=0, epoch=0)
+        self.stop_requests.training = True
+        status = self._loop(progress)
+        progress = self.progress
+        final = status == "finished"
+        path = self.lora_path() if final else self.lora_path(step=progress.step)
+        with eval_weights(self.optimizer):
+            self.save_lora(path, progress)
+            if self.profile.saving.save_state:
+                self.save_training_state(progress)
+            if self.previews is not None and final:
+                self.previews.render(step=progress.step, epoch=epoch_number(progress))
+        self.log(f"{status} at step {progress.step}: {self.throughput:.3f} steps/s")
+        self._report_speed()
+        if self.memory_plan is not None:
+            self.log(format_measured(self.memory_plan, torch.cuda.max_memory_allocated(self.device)))
+        self.processes.exchange()  # a failure of the main process's final saves reaches every process
+        self.events.emit("run_end", status=status, reason=self.stop_reason or "done", step=progress.step,
+                         epoch=epoch_number(progress), lora=str(path), **self.speed)
+        self.processes.farewell()
+        return RunResult(status, self.run_dir, path, progress.step)
+
+    def _end_early(self, exc: BaseException) -> RunResult:
+        """A stop during setup, or a failure of this or another process: every process learns of it (no
+        one waits on a collective), the main process records the end, then the error goes on up."""
+        stopped = isinstance(exc, StopDuringSetup) or getattr(exc, "stopped", False)
+        if not isinstance(exc, ProcessFailure):
+            self.processes.report_failure(describe_error(exc), stopped=isinstance(exc, StopDuringSetup))
+        if stopped:
+            self.events.emit("run_end", status="stopped", reason=f"{exc} before training started", step=0, epoch=0)
+            self.processes.farewell()
+            return RunResult("stopped", self.run_dir, None, 0)
+        step = getattr(getattr(self, "progress", None), "step", 0)
+        self.events.emit("run_end", status="failed", reason=describe_error(exc), step=step, epoch=0)
+        self.processes.farewell()
+        raise exc
+
+
+def describe_error(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, AnimaError) else "".join(traceback.format_exception_only(exc)).strip()

@@ -59,8 +59,7 @@ def evaluate(trainer, data, *, seed: int, max_batches: int | None) -> Validation
             for sigma in VALIDATION_SIGMAS:
                 with trainer.accelerator.autocast():
                     loss = noised_loss(trainer.dit, inputs, torch.full((size,), sigma), noise,
-                                       weighting=trainer.weighting, cfg=trainer.profile.training,
-                                       input_perturbation=False)
+                                       weighting=trainer.weighting, cfg=trainer.profile.training)
                 sums[sigma] += float(loss) * size
             images += size
             batches += 1

@@ -1,0 +1,46 @@
+"""`python -m distributed_worker PROFILE`: a 2-process run whose process 1 fails at its third step.
+
+Without a launcher's environment it starts itself twice through anima-train's launcher (as `anima-train run`
+does); each worker trains with the built-in plugins plus a loss weighting that raises on process 1.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from anima_core.config import profile_from_dict
+from anima_core.config.load import read_profile_data
+from anima_core.hookspecs import hookimpl
+from anima_core.plugins import build_plugins
+from anima_core.training.distributed import launch_workers, under_launcher
+from anima_core.training.trainer import Trainer
+
+
+class FailsOnRank1:
+    calls = 0
+
+    @hookimpl
+    def register_loss_weightings(self, register):
+        def weighting(sigmas):
+            FailsOnRank1.calls += 1
+            if os.environ["RANK"] == "1" and FailsOnRank1.calls == 3:
+                raise ValueError("weighting failed on purpose")
+            return sigmas * 0 + 1
+
+        register("fails_on_rank_1", weighting)
+
+
+def main(profile_path: str) -> int:
+    plugins = build_plugins(extra=(FailsOnRank1(),))
+    path = Path(profile_path)
+    profile = profile_from_dict(read_profile_data(path), source=str(path), base_dir=path.parent, plugins=plugins)
+    if not under_launcher():
+        run_dir = profile.saving.output_dir / "runs" / profile.logging.run_name
+        return launch_workers(2, [profile_path], run_dir=run_dir, threads=1,
+                              command=[sys.executable, "-m", "distributed_worker"])
+    Trainer(profile, plugins).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
