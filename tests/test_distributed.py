@@ -170,3 +170,21 @@ def test_a_failing_process_fails_the_run_naming_it(dataset, tiny_model, tmp_path
     assert "process 1 of 2 failed" in end["reason"] and "weighting failed on purpose" in end["reason"]
     assert end["step"] == 2 and [e["step"] for e in events if e["type"] == "step"] == [1, 2]
     assert time.monotonic() - started < RUN_TIMEOUT
+
+
+def test_a_samples_draws_depend_on_its_place_not_on_its_batch():
+    """σ, noise and caption dropout of the sample at place 1 are the same in a batch of two and alone (as
+    process 1's slice), and differ at another step or micro-batch."""
+    from anima_core.config.schema import TrainingTable
+    from anima_core.training.flow import TIMESTEP_SAMPLERS
+    from anima_core.training.step import sample_generators
+
+    cfg = TrainingTable()
+
+    def draws(step, micro, places):
+        return [(TIMESTEP_SAMPLERS["logit_normal"](1, cfg, g, (8, 8)), torch.randn(16, 8, 8, generator=g))
+                for g in sample_generators(7, step, micro, places)]
+
+    together, alone = draws(3, 0, [0, 1])[1], draws(3, 0, [1])[0]
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+    assert not torch.equal(draws(4, 0, [1])[0][1], alone[1]) and not torch.equal(draws(3, 1, [1])[0][1], alone[1])

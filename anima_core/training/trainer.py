@@ -90,8 +90,9 @@ class QuietEvents:
         pass
 
 
-def data_options(profile: Profile, processes: Processes) -> DataOptions:
-    """The profile's dataset table uses DataOptions' names; the rest comes from other tables."""
+def data_options(profile: Profile, processes: Processes | None = None) -> DataOptions:
+    """The profile's dataset table uses DataOptions' names; the rest comes from other tables. Without
+    ``processes`` (reports before a run), the profile's training.num_processes."""
     values = {f.name: getattr(profile.dataset, f.name) for f in fields(DataOptions) if hasattr(profile.dataset, f.name)}
     if isinstance(values.get("resolution"), list):
         values["resolution"] = tuple(values["resolution"])
@@ -101,8 +102,8 @@ def data_options(profile: Profile, processes: Processes) -> DataOptions:
         max_train_steps=profile.training.max_train_steps,
         qwen3_max_token_length=profile.model.qwen3_max_token_length,
         t5_max_token_length=profile.model.t5_max_token_length,
-        num_processes=processes.num_processes,
-        process_index=processes.index,
+        num_processes=processes.num_processes if processes else profile.training.num_processes,
+        process_index=processes.index if processes else 0,
     )
 
 
