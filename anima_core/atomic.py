@@ -1,6 +1,7 @@
 """Crash-safe writes: a temporary file in the same folder, flushed, fsynced, then renamed over the target.
 
-A process killed at any moment leaves either the old file or the new one, never a torn one. Temporary
+A process killed at any moment leaves either the old file or the new one, never a torn one. Everything
+written here is readable by its owner only (files 0600, folders 0700), whatever the umask. Temporary
 names are ``TEMP_MARK<pid>.<target name>.<random>`` so a later start can find the leftovers of a killed
 process and leave alone the writes of a run that is still alive beside it.
 """
@@ -88,6 +89,27 @@ def atomic_write_text(target: str | Path, text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
 
 
+def open_owner_only(path: str | Path, *, binary: bool = False):
+    """``path`` opened for appending, created (or, when it exists, set) readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab") if binary else os.fdopen(fd, "a", encoding="utf-8")
+
+
+def make_owner_only_dirs(path: str | Path) -> Path:
+    """Create ``path`` and its missing parents as owner-only folders (0700 whatever the umask); folders
+    that already exist keep their mode."""
+    target = Path(path)
+    missing, folder = [], target
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    return target
+
+
 @contextmanager
 def atomic_directory(target: str | Path):
     """Yield a temporary folder; on success it is renamed to ``target``, so ``target`` is complete or absent.
@@ -102,7 +124,10 @@ def atomic_directory(target: str | Path):
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
+                os.chmod(path, 0o600)  # written by the caller under the process umask
                 _fsync_file(path)
+            elif path.is_dir():
+                os.chmod(path, 0o700)
         _fsync_dir(tmp)
         old = None
         if target.exists():

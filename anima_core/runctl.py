@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from anima_core.atomic import atomic_write_text
+from anima_core.atomic import atomic_write_text, make_owner_only_dirs, open_owner_only
 from anima_core.errors import AnimaError
 
 CONTROL_ACTIONS = ("save", "stop")
@@ -197,8 +197,7 @@ def request(run_dir: str | Path, action: str) -> Path:
     if action not in CONTROL_ACTIONS:
         raise ValueError(f"unknown control action {action!r}; use one of {', '.join(CONTROL_ACTIONS)}")
     run_dir = require_run_dir(run_dir)
-    control = run_dir / "control"
-    control.mkdir(mode=0o700, exist_ok=True)
+    control = make_owner_only_dirs(run_dir / "control")
     target = control / action
     atomic_write_text(target, json.dumps({"requested": round(time.time(), 3), "pid": os.getpid()}) + "\n")
     return target
@@ -247,12 +246,13 @@ def launch_detached(
     runs_dir = output_dir / "runs"
     run_name = run_name or named or new_run_name(output_name, runs_dir)
     run_dir = runs_dir / run_name
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(run_dir, 0o700)
+    make_owner_only_dirs(run_dir)  # the trainer's make_run_dir then finds it (and runs/) owner-only
+    for folder in (runs_dir, run_dir):
+        os.chmod(folder, 0o700)
     argv = [*(command or trainer_command()), "run", str(profile_path), *extra_args,
             "--set", f'logging.run_name="{run_name}"']
     log_path = run_dir / LAUNCH_LOG
-    with open(log_path, "ab") as log:
+    with open_owner_only(log_path, binary=True) as log:
         process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from anima_core.atomic import open_owner_only
 from anima_core.hookspecs import hookimpl
 
 _FIELDS = ("step", "epoch", "loss", "loss_avg", "lr", "s_per_it", "eta_s", "vram_peak")
@@ -28,7 +29,7 @@ def format_event(event: dict) -> str:
 
 class LogFileSink:
     def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = open_owner_only(path)
 
     def __call__(self, event: dict) -> None:
         self._file.write(format_event(event) + "\n")

@@ -2,6 +2,8 @@
 through the run directory's files."""
 
 import asyncio
+import os
+import stat
 import time
 
 import tomli_w
@@ -24,8 +26,9 @@ def wait_for(predicate, timeout, what):
 async def attach_watch_and_stop(run_dir):
     app = WatchApp(run_dir)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.pause()
         state = app.screen.state
+        while "step" not in state.last_step:  # the monitor reads the files in a worker thread
+            await pilot.pause(0.1)
         first = state.last_step["step"]
         deadline = time.monotonic() + 60
         while state.last_step["step"] <= first:  # the monitor follows the live file by itself
@@ -44,7 +47,11 @@ def test_detached_run_is_watched_and_stopped_through_its_files(tmp_path, tiny_mo
     profile = tmp_path / "profile.toml"
     profile.write_text(tomli_w.dumps(data))
 
-    launch = launch_detached(profile, extra_args=["--set", "training.seed=11"])
+    old_umask = os.umask(0o022)  # a usual umask: run files must still be owner-only
+    try:
+        launch = launch_detached(profile, extra_args=["--set", "training.seed=11"])
+    finally:
+        os.umask(old_umask)
     try:
         assert launch.run_dir.parent == tmp_path / "out" / "runs"
         events_path = launch.run_dir / "events.jsonl"
@@ -67,3 +74,9 @@ def test_detached_run_is_watched_and_stopped_through_its_files(tmp_path, tiny_mo
     lora_saves = [e for e in events if e["type"] == "save" and e["kind"] == "lora"]
     assert lora_saves and (tmp_path / "out").joinpath(lora_saves[-1]["path"]).exists()
     assert run_info(launch.run_dir).status == "stopped"
+    modes = {p.relative_to(tmp_path): stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    assert {"out", "out/runs", f"out/runs/{launch.run_dir.name}/events.jsonl", f"out/runs/{launch.run_dir.name}/train.log",
+            f"out/runs/{launch.run_dir.name}/launch.log"} <= {str(p) for p in modes}
+    assert any("state" in p.parts and p.suffix for p in modes), "the stop saved a state"
+    wrong = {str(p): oct(mode) for p, mode in modes.items() if mode != (0o700 if (tmp_path / p).is_dir() else 0o600)}
+    assert not wrong, f"not owner-only: {wrong}"

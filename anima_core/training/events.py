@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from anima_core.atomic import make_owner_only_dirs, open_owner_only
+
 EVENTS_VERSION = 1
 DURABLE_TYPES = {"run_start", "save", "run_end", "warning"}
 
@@ -30,12 +32,15 @@ def _clean(value):
 
 
 def make_run_dir(root: Path, name: str) -> Path:
-    """Create ``root/runs/name`` readable by its owner only (SSH does the authentication)."""
+    """Create ``root/runs/name`` readable by its owner only (SSH does the authentication): the run's
+    folders 0700 and, through open_owner_only and the atomic writers, its files 0600, whatever the umask.
+    ``root`` (output_dir) is created 0700 when it does not exist; ``runs`` (run names) is always 0700."""
     run_dir = root / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(run_dir, 0o700)
+    make_owner_only_dirs(run_dir)
+    for folder in (root / "runs", run_dir):
+        os.chmod(folder, 0o700)
     for sub in ("control", "state", "samples"):
-        (run_dir / sub).mkdir(exist_ok=True, mode=0o700)
+        make_owner_only_dirs(run_dir / sub)
     return run_dir
 
 
@@ -44,7 +49,7 @@ class EventLog:
 
     def __init__(self, run_dir: Path, sinks=()):
         self.path = run_dir / "events.jsonl"
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open_owner_only(self.path)
         self._sinks = list(sinks)
 
     def emit(self, type_: str, **fields) -> dict:
