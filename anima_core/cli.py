@@ -164,6 +164,10 @@ def cmd_tui(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    if args.plain or not sys.stdout.isatty():  # a pipe or a file gets lines, never escape codes
+        from anima_tui.plain_watch import watch_plain
+
+        return watch_plain(Path(args.run_dir))
     from anima_tui.app import run_watch
     from anima_tui.widgets.preview_image import renderer_name
 
@@ -262,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("watch", help="monitor a run directory, live or finished")
     p.add_argument("run_dir")
+    p.add_argument("--plain", action="store_true",
+                   help="print a line per step and event until the run ends (the default when not a terminal)")
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("ctl", help="ask a running training to save now or stop gracefully")

@@ -10,6 +10,7 @@ from anima_tui.app import AnimaApp, run_watch
 from anima_tui.editor import EditorScreen
 from anima_tui.home import HomeScreen
 from anima_tui.monitor import MonitorScreen
+from anima_tui.profile_draft import ProfileDraft
 from anima_tui.widgets.runs_table import RunsTable
 
 
@@ -60,3 +61,21 @@ async def _home(tmp_path):
 def test_watch_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not a run directory"):
         run_watch(tmp_path)
+
+
+def test_the_palette_on_home_and_editor_lists_their_commands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    async def go():
+        app = AnimaApp(None)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            home = {c.title for c in app.get_system_commands(app.screen)}
+            app.push_screen(EditorScreen(ProfileDraft.open(tmp_path / "p.toml")))
+            await pilot.pause()
+            editor = {c.title for c in app.get_system_commands(app.screen)}
+        return home, editor
+
+    home, editor = asyncio.run(go())
+    assert {"Edit profile", "Open profile…", "New profile…", "Watch run"} <= home and "Stop run" not in home
+    assert {"Save profile", "Launch run", "Use the default"} <= editor and "Watch run" not in editor

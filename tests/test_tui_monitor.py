@@ -168,3 +168,31 @@ async def _test_controls_create_control_files_and_stop_asks_first(tmp_path):
         await pilot.press("y")
         await pilot.pause()
         assert (run / "control" / "stop").exists()
+
+
+def test_the_command_palette_offers_the_apps_commands(tmp_path):
+    asyncio.run(_palette(tmp_path))
+
+
+async def _palette(tmp_path):
+    from textual.command import CommandPalette
+
+    from anima_tui.dialogs import ConfirmScreen
+
+    run = make_run(tmp_path, ended=False)
+    app = WatchApp(run, probe=fixed_system)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await polled(pilot)
+        titles = [command.title for command in app.get_system_commands(app.screen)]
+        assert {"Save now", "Stop run", "Previews", "Quit"} <= set(titles) and "Launch run" not in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        assert isinstance(app.screen, CommandPalette)
+        await pilot.press(*"stop run")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, ConfirmScreen) and "Stop this run?" in app.screen.question
+        await pilot.press("y")
+        await pilot.pause()
+        assert (run / "control" / "stop").exists()
