@@ -188,3 +188,18 @@ def test_a_samples_draws_depend_on_its_place_not_on_its_batch():
     together, alone = draws(3, 0, [0, 1])[1], draws(3, 0, [1])[0]
     assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
     assert not torch.equal(draws(4, 0, [1])[0][1], alone[1]) and not torch.equal(draws(3, 1, [1])[0][1], alone[1])
+
+
+def test_validate_refuses_what_several_processes_cannot_do(tmp_path, tiny_model):
+    from anima_core.config import profile_from_dict
+    from anima_core.errors import ProfileError
+
+    write_images(tmp_path / "data", count=1)
+    data = tiny_profile_data(tmp_path, tiny_model, training={"num_processes": 2, "device": "cuda:1"},
+                             optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True})
+    with pytest.raises(ProfileError) as refused:
+        profile_from_dict(data)
+    assert "optimizer.fused_backward_pass: updates each weight inside backward" in str(refused.value)
+    assert "training.device: 'cuda:1' names one device" in str(refused.value)
+    data["training"].update(num_processes=1)
+    profile_from_dict(data)  # one process: both fine

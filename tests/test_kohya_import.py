@@ -68,7 +68,8 @@ def test_guide_example_imports_and_validates(tmp_path):
     assert profile.network.train_unet_only  # the first release never trains Qwen3
     assert profile.network.args == {"target_preset": "guide"}
     assert result.generation == "first"
-    assert any("accelerate launch" in w for w in result.warnings)
+    assert profile.training.num_cpu_threads_per_process == 1  # the launcher's option
+    assert profile.training.num_processes == 1
 
 
 # (flag text, table, key, value): every documented flag of guide §4.1, §7, §8 and the shared ones.
@@ -412,3 +413,14 @@ def test_run_time_rules_of_sd_scripts_are_written_into_the_profile(line, expecte
     assert optimizer == expected
     assert any(note in w for w in result.warnings), result.warnings
     assert schedule_problems(OptimizerTable(**result.data["optimizer"])) == []
+
+
+def test_the_launchers_process_count_and_threads_are_imported():
+    result = import_command_line(
+        "accelerate launch --num_processes=4 --multi_gpu --num_cpu_threads_per_process 2 --main_process_port 29501 "
+        "anima_train_network.py --output_dir out --ddp_timeout 45")
+    training = tomllib.loads(result.toml())["training"]
+    assert (training["num_processes"], training["num_cpu_threads_per_process"], training["ddp_timeout"]) == (4, 2, 45)
+    assert any("--multi_gpu --main_process_port 29501" in w and "left out" in w for w in result.warnings)
+    with pytest.raises(CommandLineError, match="--num_processes: expected a whole number"):
+        import_command_line("accelerate launch --num_processes many anima_train_network.py --output_dir out")

@@ -196,3 +196,18 @@ async def _palette(tmp_path):
         await pilot.press("y")
         await pilot.pause()
         assert (run / "control" / "stop").exists()
+
+
+def test_monitor_shows_one_vram_line_per_process(tmp_path):
+    asyncio.run(_test_monitor_shows_one_vram_line_per_process(tmp_path))
+
+
+async def _test_monitor_shows_one_vram_line_per_process(tmp_path):
+    processes = [{"device": f"cuda:{i}", "vram_allocated": (5 + i) * GIB, "vram_peak": (8 + i) * GIB} for i in range(2)]
+    run = make_run(tmp_path, extra_lines=json.dumps({**step(13, 0.3), "processes": processes}) + "\n")
+    app = WatchApp(run, probe=fixed_system)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await polled(pilot)
+        stats = stats_text(app)
+        for shown in ("VRAM 0", "5.00G alloc 8.00G peak", "VRAM 1", "6.00G alloc 9.00G peak"):
+            assert shown in stats, shown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from anima_core.config.schema import Profile
 from anima_core.plugins import Plugins, UnknownNameError, default_plugins
+from anima_core.training.distributed import process_problems
 from anima_core.training.optim import optimizer_problems
 
 def _file_problems(profile: Profile) -> list[str]:
@@ -111,4 +112,5 @@ def _logging_problems(profile: Profile, plugins: Plugins) -> list[str]:
 
 
 def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:
-    return _file_problems(profile) + _option_problems(profile) + _plugin_problems(profile, plugins or default_plugins())
+    return (_file_problems(profile) + _option_problems(profile) + process_problems(profile)
+            + _plugin_problems(profile, plugins or default_plugins()))

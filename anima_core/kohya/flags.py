@@ -270,8 +270,9 @@ for _name in ("--console_log_simple", "--lowram", "--highvram", "--sdpa", "--mem
 _add("--skip_until_initial_step", "switch", ignored=UNSUPPORTED + " (starting part-way through the schedule)")
 _add("--initial_epoch", ignored=UNSUPPORTED + " (starting part-way through the schedule)")
 _add("--initial_step", ignored=UNSUPPORTED + " (starting part-way through the schedule)")
-for _name in ("--console_log_level", "--console_log_file", "--ddp_timeout", "--dynamo_backend"):
+for _name in ("--console_log_level", "--console_log_file", "--dynamo_backend"):
     _add(_name, ignored=HOST)
+_add("--ddp_timeout", target="training.ddp_timeout", convert=v.as_int)
 
 # --- TensorBoard / W&B ----------------------------------------------------------------------------------
 _rule("--log_with")  # "all" means both; --logging_dir alone means TensorBoard

@@ -22,6 +22,7 @@ from anima_core.plugins import default_plugins
 from anima_core.training.schedules import KNOBS, USES_WARMUP, is_schedule_free, uses_relative_step
 from anima_core.kohya import values as v
 from anima_core.kohya.command_line import split_command_line
+from anima_core.kohya.launcher import read_launcher
 from anima_core.kohya.flags import (
     CURRENT_ONLY_NETWORK_ARGS,
     FIRST_ONLY_NETWORK_ARGS,
@@ -430,6 +431,17 @@ def _logging_rules(b: _Builder) -> None:
         b.set("logging", "log_with", ["tensorboard"], b.written("--logging_dir"))
 
 
+def _launcher_rules(b: _Builder, tokens: list[str]) -> None:
+    """accelerate launch's process count and CPU threads go into [training]; the rest is named."""
+    launcher = read_launcher(tokens)
+    b.problems += launcher.problems
+    for key, value in launcher.values.items():
+        b.set("training", key, value, launcher.written[key])
+    if launcher.left_out:
+        b.warn(f"launcher options `{' '.join(launcher.left_out)}`: left out; they say how the launcher runs, not "
+               "what is trained (the script's own flags set the precision).")
+
+
 def _without_secrets(text: str, parsed: _Parsed) -> str:
     for name in SECRET_FLAGS:
         value = parsed.values.get(name)
@@ -463,7 +475,7 @@ def import_command_line(text: str) -> ImportResult:
     if command.script and not command.script.replace("\\", "/").endswith(SCRIPT):
         b.warn(f"the script is {command.script}, not {SCRIPT}; its flags are read as {SCRIPT}'s (a LoRA profile).")
     if command.launcher:
-        b.warn(f"launcher `{' '.join(command.launcher)}`: left out, it {HOST}.")
+        _launcher_rules(b, command.launcher)
     generation = _generation(parsed, b.warnings)
     _apply_table(b)
     _model_rules(b, generation)

@@ -37,7 +37,14 @@ from anima_core.plugins import Plugins
 from anima_core.sampling.during_training import TrainingPreviews
 from anima_core.training.control import StopDuringSetup, StopRequests
 from anima_core.training.devices import DTYPES, PRECISION_DTYPES, SAVE_DTYPES, memory_stats, resolve_device
-from anima_core.training.distributed import ProcessFailure, Processes, under_launcher, worker_threads
+from anima_core.training.distributed import (
+    LaunchError,
+    ProcessFailure,
+    Processes,
+    process_problems,
+    under_launcher,
+    worker_threads,
+)
 from anima_core.training.events import EventLog, make_run_dir
 from anima_core.training.flops import matmul_tflops, step_tflop
 from anima_core.training.memory import apply_memory_strategies
@@ -148,6 +155,9 @@ class Trainer:
         if not under_launcher():
             return Processes.single(self.device)
         processes = Processes.from_launcher(t.device, t.ddp_timeout, t.num_processes)
+        problems = process_problems(self.profile, processes.num_processes)
+        if problems:
+            raise LaunchError("; ".join(problems))
         self.device = processes.device
         return processes
 

@@ -81,7 +81,13 @@ class RunStats(Static):
             table.add_row("took", duration(state.elapsed))
             ended = f"{state.status}: {state.end_reason}" if state.end_reason else state.status
             table.add_row("ended", ended, style="yellow" if state.status in ("failed", "stopped") else "")
-        table.add_row("VRAM", f"{gib(step.get('vram_allocated'))} alloc {gib(step.get('vram_reserved'))} res")
+        processes = step.get("processes") if isinstance(step.get("processes"), list) else []
+        if len(processes) > 1:  # one line per process (its GPU) of a multi-process run
+            for rank, p in enumerate(processes):
+                p = p if isinstance(p, dict) else {}
+                table.add_row(f"VRAM {rank}", f"{gib(p.get('vram_allocated'))} alloc {gib(p.get('vram_peak'))} peak")
+        else:
+            table.add_row("VRAM", f"{gib(step.get('vram_allocated'))} alloc {gib(step.get('vram_reserved'))} res")
         table.add_row("peak", f"{gib(step.get('vram_peak'))}  process RAM {gib(step.get('ram_used'))}")
         for index, gpu in enumerate(system.gpus):
             util = "–" if gpu.utilisation is None else f"{gpu.utilisation}%"
