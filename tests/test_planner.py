@@ -205,3 +205,9 @@ def test_config_comes_from_the_file_header(tiny_model, tmp_path):
     assert dit_config_from_file(tiny_model.dit) == TINY_DIT
     with pytest.raises(ModelFileError, match="model.dit"):
         dit_config_from_file(tmp_path / "missing.safetensors")
+
+
+def test_plan_of_several_processes_names_the_global_batch():
+    p = profile(training=dict(mixed_precision="bf16", full_bf16=False, num_processes=4, gradient_accumulation_steps=2))
+    text = format_plan(plan(p, DiTConfig(), lora_params=SD_SCRIPTS_LORA_16))
+    assert "each of the 4 processes trains batch 1; the global batch is 1 × 4 processes × 2 accumulation steps = 8" in text

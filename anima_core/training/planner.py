@@ -518,6 +518,11 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
                 )
     if option(profile, "dataset", "dataset_config") is not None:
         notes.append("resolution and batch size are those of the dataset config's largest dataset.")
+    processes = int(option(profile, "training", "num_processes", 1))
+    if processes > 1:
+        accum = int(option(profile, "training", "gradient_accumulation_steps", 1))
+        notes.append(f"memory of each GPU: each of the {processes} processes trains batch {batch}; the global batch is "
+                     f"{batch} × {processes} processes × {accum} accumulation steps = {batch * processes * accum}.")
     vram = None if vram_gib is None else int(vram_gib * GIB)
     fits: list[Fit] = []
     if vram is not None:
