@@ -266,3 +266,20 @@ def test_monitor_shows_the_data_phase_until_training_starts():
     assert state.cache_progress == "latents 1200/20000 (200 reused) · 85.2/s · ETA 3m40s"
     state.add([{"type": "step", "step": 1, "loss": 0.1}])
     assert state.cache_progress == ""
+
+
+def test_compaction_keeps_whatever_padding_is_not_plain_zero():
+    from anima_core.data.compact import Slabs, compact_text
+
+    states = torch.zeros(10, 4, dtype=torch.bfloat16)
+    states[:3] = 1.5
+    states[6, 2] = -0.0  # zero in value, not in bits: must come back as -0.0
+    mask = torch.tensor([1, 1, 1] + [0] * 7)
+    ids = torch.tensor([7, 8, 1] + [3] * 7)  # T5 tail filled with pad id 3
+    t5_mask = torch.tensor([1, 1, 1] + [0] * 7)
+    compact = compact_text(states, mask, ids, t5_mask, Slabs.of_bytes((4,), torch.bfloat16))
+    assert compact.states.shape[0] == 7 and compact.t5_ids.shape[0] == 3 and compact.t5_pad == 3
+    expanded = compact.expand()
+    for got, want in zip(expanded, (states.float(), mask, ids, t5_mask)):
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.int32) if got.is_floating_point() else got,
+                                                       want.view(torch.int32) if want.is_floating_point() else want)

@@ -61,6 +61,12 @@ def _trailing_start(keep: torch.Tensor) -> int:
     return int(nonzero[-1, 0]) + 1 if len(nonzero) else 0
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as integers: 0 only for +0.0 (-0.0 is kept, so rebuilding is bit-exact);
+    comparing integers is also several times faster than comparing bf16 on a CPU."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 def _small_int(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`values` in a narrower integer dtype when every value fits (exact), else unchanged."""
     info = torch.iinfo(dtype)
@@ -99,7 +105,9 @@ def compact_text(
     states: torch.Tensor, mask: torch.Tensor, t5_ids: torch.Tensor, t5_mask: torch.Tensor, slabs: Slabs
 ) -> CompactText:
     """Keep one caption's outputs (L×D, L, Lt, Lt) up to the last position that differs from padding."""
-    n = _trailing_start((states != 0).any(-1) | (mask != 0))
+    n = _trailing_start(mask != 0)
+    if _bits(states[n:]).any():  # rare: states past the mask; keep up to the last row that is not all zero bits
+        n = _trailing_start((_bits(states) != 0).any(-1) | (mask != 0))
     pad = int(t5_ids[-1]) if len(t5_ids) else 0
     m = _trailing_start((t5_ids != pad) | (t5_mask != 0))
     return CompactText(
