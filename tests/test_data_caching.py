@@ -283,3 +283,21 @@ def test_compaction_keeps_whatever_padding_is_not_plain_zero():
     for got, want in zip(expanded, (states.float(), mask, ids, t5_mask)):
         assert got.dtype == want.dtype and torch.equal(got.view(torch.int32) if got.is_floating_point() else got,
                                                        want.view(torch.int32) if want.is_floating_point() else want)
+
+
+def test_skip_cache_check_trusts_existing_files(tmp_path):
+    folder = _folder(tmp_path, [(64, 64), (80, 48)])
+    opts = _opts(tmp_path, qwen3_max_token_length=8, t5_max_token_length=6)
+    data = build_training_data(opts, base_dir=tmp_path)
+    data.cache_latents(FakeVAE(), to_disk=True, batch_size=2, device="cpu")
+    data.cache_text(FakeTextEncoder(), to_disk=True, batch_size=2)
+    (folder / "img0.txt").write_text("a new caption")
+    vae, te = FakeVAE("another-vae"), FakeTextEncoder("another-te")
+    trusted = build_training_data(opts, base_dir=tmp_path)
+    trusted.cache_latents(vae, to_disk=True, batch_size=2, device="cpu", trust_existing=True)
+    trusted.cache_text(te, to_disk=True, batch_size=2, trust_existing=True)
+    assert vae.images_encoded == 0 and te.captions_encoded == []
+    checked = build_training_data(opts, base_dir=tmp_path)
+    checked.cache_latents(vae, to_disk=True, batch_size=2, device="cpu")
+    checked.cache_text(te, to_disk=True, batch_size=2)
+    assert vae.images_encoded == 2 and len(te.captions_encoded) == 2

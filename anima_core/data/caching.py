@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,7 @@ def cache_latents(
     device: Any,
     workers: int,
     share: Share = (0, 1),
+    trust_existing: bool = False,
     progress: ProgressSink | None = None,
 ) -> None:
     source = as_source(vae)
@@ -176,7 +178,7 @@ def cache_latents(
                 items.append(_LatentItem(part, d, i, _latent_key(e, s, ds.spec, source), path))
     todo = items
     if to_disk:
-        todo = _reuse_checked(items, workers, progress, "check latents", _latent_stale)
+        todo = _reuse_checked(items, workers, progress, "check latents", partial(_latent_stale, trust=trust_existing))
         mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:
@@ -203,11 +205,17 @@ def cache_latents(
     reporter.finish()
 
 
-def _latent_stale(it: _LatentItem) -> str | None:
+def _latent_stale(it: _LatentItem, trust: bool) -> str | None:
+    """Why the item's cache file must be (re)built, or None (then it is recorded as cached).
+
+    `trust` (skip_cache_check): an existing file is used without reading its key, as sd-scripts does."""
     e = it.part.datasets[it.d].entries[it.i]
     s = it.part.datasets[it.d].spec.subsets[e.subset_index]
-    stored = caches.stored_latent_key(it.path, e.placement.bucket, s.flip_aug)
-    reason = caches.stale_reason(stored, it.key)
+    if trust and it.path.is_file():
+        reason = stored = None
+    else:
+        stored = caches.stored_latent_key(it.path, e.placement.bucket, s.flip_aug)
+        reason = caches.stale_reason(stored, it.key)
     if reason is None:
         it.part._latents[(it.d, it.i)] = it.path
     elif stored is not None:
@@ -338,9 +346,12 @@ class _TextItem:
     path: Path | None
 
 
-def _text_stale(it: _TextItem) -> str | None:
-    stored = caches.stored_text_key(it.path)
-    reason = caches.stale_reason(stored, it.key)
+def _text_stale(it: _TextItem, trust: bool) -> str | None:
+    if trust and it.path.is_file():
+        reason = stored = None
+    else:
+        stored = caches.stored_text_key(it.path)
+        reason = caches.stale_reason(stored, it.key)
     if reason is None:
         it.part._text[(it.d, it.i)] = CachedText(it.key["caption"], None, it.path)
     elif stored is not None:
@@ -356,6 +367,7 @@ def cache_text(
     batch_size: int,
     workers: int,
     share: Share = (0, 1),
+    trust_existing: bool = False,
     progress: ProgressSink | None = None,
 ) -> None:
     source = as_source(text_encoder)
@@ -375,7 +387,7 @@ def cache_text(
                 items.append(_TextItem(part, d, i, key, s.caption_dropout_rate, path))
     todo = items
     if to_disk:
-        todo = _reuse_checked(items, workers, progress, "check text", _text_stale)
+        todo = _reuse_checked(items, workers, progress, "check text", partial(_text_stale, trust=trust_existing))
         mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:

@@ -282,6 +282,7 @@ class TrainingData:
         device: Any,
         workers: int | None = None,
         share: Share = (0, 1),
+        trust_existing: bool = False,
         progress: ProgressSink | None = None,
     ) -> None:
         """Encode every image (and its mirror with flip_aug) once per bucket, `batch_size` images per VAE call.
@@ -289,12 +290,14 @@ class TrainingData:
         `vae`: the model, or a `caching.ModelSource` that loads it only if something is left to encode.
         `workers`: threads decoding images and checking disk caches (default: the CPUs; 0 or 1: none).
         `share`: (rank, world_size), this process's part of the work (see `caching`).
+        `trust_existing` (skip_cache_check): an existing disk cache file is used without checking its key.
         """
         parts = self._all_parts()
         caching.refuse_uncacheable_latents(parts)
         caching.cache_latents(
             parts, vae, to_disk=to_disk, batch_size=batch_size, device=device,
-            workers=caching.default_workers() if workers is None else workers, share=share, progress=progress,
+            workers=caching.default_workers() if workers is None else workers, share=share,
+            trust_existing=trust_existing, progress=progress,
         )
 
     def cache_text(
@@ -305,6 +308,7 @@ class TrainingData:
         batch_size: int,
         workers: int | None = None,
         share: Share = (0, 1),
+        trust_existing: bool = False,
         progress: ProgressSink | None = None,
     ) -> None:
         """Encode every caption once; caption dropout then swaps in the empty-caption outputs per sample.
@@ -314,7 +318,8 @@ class TrainingData:
         caching.refuse_uncacheable_text(parts)
         caching.cache_text(
             parts, text_encoder, to_disk=to_disk, batch_size=batch_size,
-            workers=caching.default_workers() if workers is None else workers, share=share, progress=progress,
+            workers=caching.default_workers() if workers is None else workers, share=share,
+            trust_existing=trust_existing, progress=progress,
         )
 
     # ---- epochs and batches ------------------------------------------------------------------

@@ -233,7 +233,7 @@ class Trainer:
             self.log("caching latents")
             self._divided(placement.latents_to_disk, lambda share: self.data.cache_latents(
                 vae, to_disk=placement.latents_to_disk, batch_size=caching.vae_batch_size, device=self.device,
-                share=share, progress=self._cache_progress))
+                share=share, trust_existing=caching.skip_cache_check, progress=self._cache_progress))
             del vae
             self._free()
             self.vae = None
@@ -245,7 +245,7 @@ class Trainer:
             self.log("caching text-encoder outputs")
             self._divided(placement.text_to_disk, lambda share: self.data.cache_text(
                 self.text_encoder, to_disk=placement.text_to_disk, batch_size=caching.text_encoder_batch_size,
-                share=share, progress=self._cache_progress))
+                share=share, trust_existing=caching.skip_cache_check, progress=self._cache_progress))
             if not train_te:
                 self.text_encoder.model.to("cpu")
                 self._free()
