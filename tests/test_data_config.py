@@ -280,3 +280,24 @@ def test_token_warmup():
     assert _cap("a, b, c, d", CaptionStep(1, 10, None), **kw) == "a, b, c, d"
     fraction = {"token_warmup_min": 1, "token_warmup_step": 0.1}
     assert _cap("a, b, c, d", CaptionStep(1, 0, 100), **fraction) == "a"
+
+
+def test_dataset_defaults_are_the_profiles():
+    """The profile's [dataset] table, DataOptions and the resolved specs agree on every default (they drifted
+    once: max_data_loader_n_workers was 8 in DataOptions and 0 in the profile)."""
+    from dataclasses import MISSING, fields
+
+    from anima_core.config.schema import DatasetTable
+    from anima_core.data.config import DatasetSpec, SubsetSpec
+
+    table = DatasetTable()
+    options = DataOptions()
+    shared = [f.name for f in fields(DataOptions) if f.name in DatasetTable.model_fields]
+    assert len(shared) > 30 and options.max_data_loader_n_workers == table.max_data_loader_n_workers
+    assert all(getattr(options, name) == getattr(table, name) for name in shared)
+    renamed = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
+    for spec in (SubsetSpec, DatasetSpec):
+        for f in fields(spec):
+            name = renamed.get(f.name, f.name)
+            if f.default is not MISSING and hasattr(options, name):
+                assert f.default == getattr(options, name), (spec.__name__, f.name)

@@ -100,35 +100,40 @@ GENERAL_KEYS = {**DATASET_KEYS, **SUBSET_ASCENDABLE_KEYS, **DREAMBOOTH_ASCENDABL
 _OPTION_NAME = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
 
+def _option_default(key: str) -> Any:
+    """The default of a config key is DataOptions' (itself the profile's): written once."""
+    return DataOptions.__dataclass_fields__[_OPTION_NAME.get(key, key)].default
+
+
 @dataclass
 class SubsetSpec:
     image_dir: Path | None
     metadata_file: Path | None = None
     is_reg: bool = False
     class_tokens: str | None = None
-    caption_extension: str = ".caption"
+    caption_extension: str = _option_default("caption_extension")
     cache_info: bool = False
-    alpha_mask: bool = False
-    num_repeats: int = 1
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    color_aug: bool = False
-    flip_aug: bool = False
-    random_crop: bool = False
-    face_crop_aug_range: tuple[float, float] | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
+    alpha_mask: bool = _option_default("alpha_mask")
+    num_repeats: int = _option_default("num_repeats")
+    shuffle_caption: bool = _option_default("shuffle_caption")
+    caption_separator: str = _option_default("caption_separator")
+    keep_tokens: int = _option_default("keep_tokens")
+    keep_tokens_separator: str = _option_default("keep_tokens_separator")
+    secondary_separator: str | None = _option_default("secondary_separator")
+    enable_wildcard: bool = _option_default("enable_wildcard")
+    caption_prefix: str | None = _option_default("caption_prefix")
+    caption_suffix: str | None = _option_default("caption_suffix")
+    color_aug: bool = _option_default("color_aug")
+    flip_aug: bool = _option_default("flip_aug")
+    random_crop: bool = _option_default("random_crop")
+    face_crop_aug_range: tuple[float, float] | None = _option_default("face_crop_aug_range")
+    caption_dropout_rate: float = _option_default("caption_dropout_rate")
+    caption_dropout_every_n_epochs: int = _option_default("caption_dropout_every_n_epochs")
+    caption_tag_dropout_rate: float = _option_default("caption_tag_dropout_rate")
+    token_warmup_min: int = _option_default("token_warmup_min")
+    token_warmup_step: float = _option_default("token_warmup_step")
     custom_attributes: dict | None = None
-    resize_interpolation: str | None = None
+    resize_interpolation: str | None = _option_default("resize_interpolation")
 
     @property
     def is_dreambooth(self) -> bool:
@@ -139,16 +144,16 @@ class SubsetSpec:
 class DatasetSpec:
     is_dreambooth: bool
     resolution: tuple[int, int]
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    network_multiplier: float = 1.0
-    validation_split: float = 0.0
-    validation_seed: int | None = None
-    resize_interpolation: str | None = None
+    batch_size: int = _option_default("batch_size")
+    enable_bucket: bool = _option_default("enable_bucket")
+    min_bucket_reso: int = _option_default("min_bucket_reso")
+    max_bucket_reso: int = _option_default("max_bucket_reso")
+    bucket_reso_steps: int = _option_default("bucket_reso_steps")
+    bucket_no_upscale: bool = _option_default("bucket_no_upscale")
+    network_multiplier: float = _option_default("network_multiplier")
+    validation_split: float = _option_default("validation_split")
+    validation_seed: int | None = _option_default("validation_seed")
+    resize_interpolation: str | None = _option_default("resize_interpolation")
     subsets: list[SubsetSpec] = field(default_factory=list)
 
     def bucket_min_max(self) -> tuple[int, int]:
