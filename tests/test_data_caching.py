@@ -301,3 +301,18 @@ def test_skip_cache_check_trusts_existing_files(tmp_path):
     checked.cache_latents(vae, to_disk=True, batch_size=2, device="cpu")
     checked.cache_text(te, to_disk=True, batch_size=2)
     assert vae.images_encoded == 2 and len(te.captions_encoded) == 2
+
+
+def test_a_killed_caching_run_leaves_finished_files_and_its_temporaries_are_removed(tmp_path):
+    from anima_core.atomic import TEMP_MARK
+
+    folder = _folder(tmp_path, [(64, 64), (80, 48)])
+    opts = _opts(tmp_path)
+    build_training_data(opts, base_dir=tmp_path).cache_latents(FakeVAE(), to_disk=True, batch_size=1, device="cpu")
+    # what a process killed while writing img1's cache leaves: the finished img0 file and a temporary
+    (folder / "img1_0080x0048_anima.npz").unlink()
+    leftover = folder / f"{TEMP_MARK}999999999.img1_0080x0048_anima.npz.x1"
+    leftover.write_bytes(b"torn")
+    vae = FakeVAE()
+    build_training_data(opts, base_dir=tmp_path).cache_latents(vae, to_disk=True, batch_size=1, device="cpu")
+    assert vae.images_encoded == 1 and not leftover.exists()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from anima_core.atomic import fsync_folders
+from anima_core.atomic import clean_leftovers, fsync_folders
 from anima_core.data import cache as caches
 from anima_core.data.buckets import crop_ltrb
 from anima_core.data.captions import fixed_caption
@@ -178,6 +178,7 @@ def cache_latents(
                 items.append(_LatentItem(part, d, i, _latent_key(e, s, ds.spec, source), path))
     todo = items
     if to_disk:
+        _remove_leftovers(items)
         todo = _reuse_checked(items, workers, progress, "check latents", partial(_latent_stale, trust=trust_existing))
         mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
@@ -221,6 +222,13 @@ def _latent_stale(it: _LatentItem, trust: bool) -> str | None:
     elif stored is not None:
         log.info("rebuilding latent cache %s: %s", it.path, reason)
     return reason
+
+
+def _remove_leftovers(items: list) -> None:
+    """Temporary files a killed caching run left beside the images (the finished files are intact)."""
+    for folder in sorted({it.path.parent for it in items}):
+        for path in clean_leftovers(folder):
+            log.info("removed %s, left by an interrupted cache write", path)
 
 
 def _reuse_checked(items: list, workers: int, progress: ProgressSink | None, phase: str, stale: Callable) -> list:
@@ -387,6 +395,7 @@ def cache_text(
                 items.append(_TextItem(part, d, i, key, s.caption_dropout_rate, path))
     todo = items
     if to_disk:
+        _remove_leftovers(items)
         todo = _reuse_checked(items, workers, progress, "check text", partial(_text_stale, trust=trust_existing))
         mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]

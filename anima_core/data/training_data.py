@@ -31,8 +31,8 @@ from anima_core.data.captions import CaptionStep, process_caption, tag_frequency
 from anima_core.data.compact import CachedText
 from anima_core.data.config import resolve_datasets
 from anima_core.data.images import centre_framing, load_image, random_framing
-from anima_core.data.progress import ProgressSink
 from anima_core.data.options import DataOptions
+from anima_core.data.progress import ProgressSink
 from anima_core.data.scan import ImageEntry, ScannedDataset, TokenCheck, scan_dataset
 from anima_core.errors import DatasetError
 
