@@ -217,7 +217,7 @@ def test_run_with_cached_latents_does_not_load_the_vae(tmp_path, tiny_model, mon
     assert result.status == "finished" and loads == [1]
     cache_events = [e for e in read_events(result.run_dir) if e["type"] == "cache"]
     phases = {e["phase"]: e for e in cache_events if e["finished"]}
-    assert set(phases) == {"scan", "check latents", "latents", "check text", "text"}
+    assert set(phases) == {"scan", "check latents", "latents", "check text", "text"}  # on disk: no token count
     assert phases["latents"]["reused"] == 2 and phases["latents"]["new"] == 0
     assert all({"done", "total", "rate", "eta_s"} <= set(e) for e in cache_events)
 

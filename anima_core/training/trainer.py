@@ -218,8 +218,9 @@ class Trainer:
         vae_dtype = DTYPES[model.vae_dtype]
         te_dtype = self.text_encoder_dtype
         # the main process's estimate decides for all, so all take the same path (and meet the same times)
-        placement = self.processes.from_main(place_profile_caches(self.data, self.profile, text_dtype=te_dtype)
-                                             if self.processes.is_main else None)
+        placement = self.processes.from_main(
+            place_profile_caches(self.data, self.profile, text_dtype=te_dtype, progress=self._cache_progress)
+            if self.processes.is_main else None)
         for line in placement.lines:
             self.log(line)
         if placement.switched:
