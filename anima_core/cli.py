@@ -52,8 +52,9 @@ def _launch_processes(profile, args) -> int:
     each running this same command; the run directory is named here so all of them (and a failure record
     written here) use the same one."""
     from anima_core.runctl import new_run_name
-    from anima_core.training.distributed import launch_workers
+    from anima_core.training.distributed import check_devices, launch_workers
 
+    check_devices(profile.training.device, profile.training.num_processes)
     runs_dir = profile.saving.output_dir / "runs"
     name = profile.logging.run_name or new_run_name(profile.saving.output_name, runs_dir)
     argv = [*args.argv, "--set", f"logging.run_name={json.dumps(name)}"]

@@ -201,6 +201,16 @@ def process_problems(profile, num_processes: int | None = None) -> list[str]:
 # ---- starting the workers --------------------------------------------------------------------------
 
 
+def check_devices(device_name: str, num_processes: int) -> None:
+    """One GPU per process: more processes than visible GPUs would share one (NCCL refuses that)."""
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda and num_processes > torch.cuda.device_count():
+        raise LaunchError(
+            f"training.num_processes is {num_processes} but {torch.cuda.device_count()} GPU(s) are visible; use at "
+            "most one process per GPU (CUDA_VISIBLE_DEVICES chooses them), or training.device = \"cpu\"."
+        )
+
+
 def launch_workers(num_processes: int, argv: list[str], *, run_dir: Path, threads: int | None,
                    command: list[str] | None = None) -> int:
     """Start ``num_processes`` copies of ``anima-train <argv>`` (``command`` replaces ``anima-train``) on this
@@ -211,6 +221,7 @@ def launch_workers(num_processes: int, argv: list[str], *, run_dir: Path, thread
     run. If a worker dies without the main process recording the end (a crash, a kill), the run_end
     ``failed`` naming it is written here.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -230,6 +241,10 @@ def launch_workers(num_processes: int, argv: list[str], *, run_dir: Path, thread
     try:
         elastic_launch(config, command[0])(*command[1:], *argv)
         return 0
+    except SignalException as exc:  # Ctrl+C / SIGTERM: passed on to the workers, which stop and save
+        stopped = _run_end(run_dir).get("status") == "stopped"
+        print(f"{exc.sigval.name}: {'the run stopped' if stopped else 'the workers were ended'}", file=sys.stderr)
+        return 0 if stopped else 128 + exc.sigval.value
     except ChildFailedError as exc:
         causes = "; ".join(f"process {rank} exited with {failure.exitcode}"
                            + (f" ({failure.message})" if failure.message and failure.message != "<N/A>" else "")
@@ -239,13 +254,19 @@ def launch_workers(num_processes: int, argv: list[str], *, run_dir: Path, thread
         return 1
 
 
+def _run_end(run_dir: Path) -> dict:
+    from anima_core.runctl import read_events
+
+    return next((e for e in reversed(read_events(run_dir / "events.jsonl").events) if e["type"] == "run_end"), {})
+
+
 def _record_failure(run_dir: Path, causes: str) -> None:
     """Write run_end ``failed`` unless the main process wrote the run's end (or never started the run)."""
     from anima_core.runctl import read_events
     from anima_core.training.events import EventLog
 
     events = read_events(run_dir / "events.jsonl").events
-    if not events or any(e["type"] == "run_end" for e in events):
+    if not events or _run_end(run_dir):
         return
     step = max((e["step"] for e in events if isinstance(e.get("step"), int)), default=0)
     log = EventLog(run_dir)
