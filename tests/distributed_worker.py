@@ -1,7 +1,8 @@
-"""`python -m distributed_worker PROFILE`: a 2-process run whose process 1 fails at its third step.
+"""`python -m distributed_worker PROFILE HOW`: a 2-process run where one process fails at its third step.
 
-Without a launcher's environment it starts itself twice through anima-train's launcher (as `anima-train run`
-does); each worker trains with the built-in plugins plus a loss weighting that raises on process 1.
+HOW is `raise` (process 1 raises an error) or `exit` (process 0 vanishes, as if killed). Without a launcher's
+environment it starts itself twice through anima-train's launcher (as `anima-train run` does); each worker
+trains with the built-in plugins plus a loss weighting that fails as asked.
 """
 
 import os
@@ -16,31 +17,34 @@ from anima_core.training.distributed import launch_workers, under_launcher
 from anima_core.training.trainer import Trainer
 
 
-class FailsOnRank1:
-    calls = 0
+class FailingWeighting:
+    def __init__(self, how: str):
+        self.how, self.calls = how, 0
 
     @hookimpl
     def register_loss_weightings(self, register):
         def weighting(sigmas):
-            FailsOnRank1.calls += 1
-            if os.environ["RANK"] == "1" and FailsOnRank1.calls == 3:
+            self.calls += 1
+            if self.calls == 3 and self.how == "raise" and os.environ["RANK"] == "1":
                 raise ValueError("weighting failed on purpose")
+            if self.calls == 3 and self.how == "exit" and os.environ["RANK"] == "0":
+                os._exit(3)
             return sigmas * 0 + 1
 
-        register("fails_on_rank_1", weighting)
+        register("fails_on_purpose", weighting)
 
 
-def main(profile_path: str) -> int:
-    plugins = build_plugins(extra=(FailsOnRank1(),))
+def main(profile_path: str, how: str) -> int:
+    plugins = build_plugins(extra=(FailingWeighting(how),))
     path = Path(profile_path)
     profile = profile_from_dict(read_profile_data(path), source=str(path), base_dir=path.parent, plugins=plugins)
     if not under_launcher():
         run_dir = profile.saving.output_dir / "runs" / profile.logging.run_name
-        return launch_workers(2, [profile_path], run_dir=run_dir, threads=1,
+        return launch_workers(2, [profile_path, how], run_dir=run_dir, threads=1,
                               command=[sys.executable, "-m", "distributed_worker"])
     Trainer(profile, plugins).run()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))
