@@ -86,7 +86,8 @@ def dataset(tmp_path_factory):
 def test_detached_two_process_run_trains_the_one_process_lora(dataset, tiny_model):
     """Launched the way the TUI launches runs, watched through its files to its end."""
     root = dataset
-    profile = write_profile(root, tiny_model, "detached", training={"max_train_steps": 4})
+    profile = write_profile(root, tiny_model, "detached", training={"max_train_steps": 4},
+                            caching={"cache_latents_to_disk": True})
     launch = launch_detached(profile)
     try:
         wait_for(lambda: run_info(launch.run_dir).status not in ("starting", "running"), RUN_TIMEOUT, "the run's end")
@@ -107,6 +108,9 @@ def test_detached_two_process_run_trains_the_one_process_lora(dataset, tiny_mode
     # one process writes: one run_start, one save of each kind, one line per step
     assert sum(e["type"] == "run_start" for e in events) == 1
     assert sum(e["type"] == "run_end" for e in events) == 1
+    # the main process encoded its share of the 2 latent caches, then found both on disk
+    latents = [(e["new"], e["reused"]) for e in events if e["type"] == "cache" and e["phase"] == "latents" and e["finished"]]
+    assert latents == [(1, 1), (0, 2)], latents
     log_lines = [e["message"] for e in events if e["type"] == "log"]
     assert any("batch size 2 (1 per process × 2 processes)" in line for line in log_lines)
 
