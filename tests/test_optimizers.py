@@ -47,6 +47,7 @@ def trains_and_resumes_exactly(root, tiny_model, optimizer, **tables):
 OPTIMIZERS = {
     "AdamW": {"optimizer_type": "AdamW", "optimizer_args": {"weight_decay": 0.01}},
     "Adafactor-default": {"optimizer_type": "Adafactor", "lr_scheduler": "adafactor"},
+    "Adafactor-fused": {"optimizer_type": "Adafactor", "fused_backward_pass": True, "max_grad_norm": 0.0},
     "Prodigy": {"optimizer_type": "Prodigy", "learning_rate": 1.0,
                 "optimizer_args": {"d_coef": 2.0, "decouple": True, "use_bias_correction": True, "safeguard_warmup": True}},
     "AdamWScheduleFree": {"optimizer_type": "AdamWScheduleFree", "optimizer_args": {"warmup_steps": 2}},
@@ -113,6 +114,8 @@ def test_fused_backward_pass_updates_as_the_unfused_optimizer(tmp_path, tiny_mod
         assert_same_file(fused.lora_path, plain.lora_path)
         norms = [[e["grad_norm"] for e in read_events(r.run_dir) if e["type"] == "step"] for r in (plain, fused)]
         assert norms[1] == (norms[0] if clip else [None] * STEPS)
+        rates = [[e["lr"] for e in read_events(r.run_dir) if e["type"] == "step"] for r in (plain, fused)]
+        assert rates[1] == rates[0] and len(rates[0][0]) == 4  # one rate per LoRA group, not per parameter
         warned = [e for e in read_events(fused.run_dir) if e["type"] == "warning" and "fused_backward_pass" in e["message"]]
         assert bool(warned) == bool(clip)
 

@@ -132,11 +132,14 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
         self.inner = []
         self.max_grad_norm = max_grad_norm
         groups = []
+        self.reported_groups = []  # the first parameter's group of each given group: what step events report
         for group in param_groups:
-            for param in group["params"]:
+            for index, param in enumerate(group["params"]):
                 inner = make_inner([{**group, "params": [param]}])
                 self.inner.append(inner)
                 groups.extend(inner.param_groups)
+                if index == 0:
+                    self.reported_groups.append(inner.param_groups[0])
                 if not max_grad_norm:
                     param.register_post_accumulate_grad_hook(self._make_hook(inner))
         self.param_groups = groups

@@ -160,13 +160,14 @@ def build_scheduler(optimizer, optimizer_cfg, total_steps: int):
 def rates_used(optimizer) -> list[float]:
     """The rate each parameter group's last step used; call it after optimizer.step(), before scheduler.step().
 
-    A relative-step Adafactor ignores the group's rate and derives its own from the parameter's step count
-    (what transformers' AdafactorSchedule reports)."""
+    A relative-step Adafactor ignores the group's rate and derives its own from the group's first parameter's
+    step count (what transformers' AdafactorSchedule reports). The fused backward pass reports the groups it
+    was given, not its one group per parameter."""
     from transformers.optimization import Adafactor
 
     optimizer = unwrapped(optimizer)
     rates = []
-    for group in optimizer.param_groups:
+    for group in getattr(optimizer, "reported_groups", optimizer.param_groups):
         if group.get("relative_step"):
             state = optimizer.state.get(group["params"][0])
             rates.append(float(Adafactor._get_lr(group, state)) if state else 0.0)
