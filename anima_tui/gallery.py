@@ -18,7 +18,6 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from anima_core.sampling.sheet import contact_sheet
 from anima_tui.preview_index import Preview, PreviewIndex
 from anima_tui.widgets.preview_image import (
     Loaded,
@@ -243,6 +242,8 @@ def sheet_of(column: list[Preview], run_dir: Path, box: tuple[int, int]) -> Load
             skipped.append(str(exc))
     if not images:
         return Loaded(None, None, tuple(skipped))
+    from anima_core.sampling.sheet import contact_sheet  # the sampling package imports torch: not at start-up
+
     sheet = contact_sheet(images, height=min(image.height for image in images))
     sheet.thumbnail(box)
     return Loaded(sheet, first, tuple(skipped))

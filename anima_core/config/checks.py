@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from anima_core.config.schema import Profile
 from anima_core.plugins import Plugins, UnknownNameError, default_plugins
-from anima_core.training.distributed import process_problems
-from anima_core.training.optim import optimizer_problems
 
 def _file_problems(profile: Profile) -> list[str]:
     problems = []
@@ -87,6 +85,8 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
         network = None
     if hasattr(network, "validate"):  # a network plugin may check its own args and requirements
         problems += network.validate(profile)
+    from anima_core.training.optim import optimizer_problems  # imports torch: only when plugin checks run
+
     problems += optimizer_problems(profile, plugins)
     for entry in plugins.registry("register_memory_strategies").entries.values():
         strategy = entry.obj
@@ -112,5 +112,7 @@ def _logging_problems(profile: Profile, plugins: Plugins) -> list[str]:
 
 
 def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:
+    from anima_core.training.distributed import process_problems  # imports torch: not when the TUI starts
+
     return (_file_problems(profile) + _option_problems(profile) + process_problems(profile)
             + _plugin_problems(profile, plugins or default_plugins()))
