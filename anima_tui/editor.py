@@ -29,6 +29,7 @@ from anima_tui.widgets.field_row import FieldRow
 from anima_tui.widgets.table_form import TableForm
 
 DEBOUNCE_SECONDS = 0.4  # validate once typing pauses this long, not on every key
+FIRST_CHECK_DELAY = 0.2
 
 
 def shown_path(path: Path) -> str:
@@ -70,7 +71,8 @@ class EditorScreen(Screen):
     def on_mount(self) -> None:
         self.show_table(TABLES[0])
         self._show_title()
-        self.validate()
+        # The first frame first: the first check imports the trainer, and its thread would slow the drawing.
+        self.call_after_refresh(self.set_timer, FIRST_CHECK_DELAY, self.validate)
 
     def show_table(self, table: str) -> None:
         self.query_one(f"#table-{table}", TableForm).populate()

@@ -70,7 +70,7 @@ class MonitorScreen(Screen):
         self.query_one("#stats").border_title = "run"
         self.query_one("#log").border_title = self.query_one(LogTail).path.name
         self.query_one("#notes").border_title = "saves · samples · warnings"
-        self.poll()
+        self.call_after_refresh(self.poll)  # the first frame first, then the (long) history
         self.set_interval(self._poll_seconds, self.poll)
 
     def poll(self) -> None:

@@ -5,7 +5,8 @@
 
 Each run is a fresh Python process (imports included, as a user pays them). For a screen the child runs the
 app headless at 80×24 and marks when the screen is mounted and its first refresh has been processed (the
-first frame). The editor also marks when its validation problems are shown, and `leave` times going back
+first frame). The editor also marks when its validation problems are shown, the monitor when the run's
+history is drawn (the old monitor read it before its first frame), and `leave` times going back
 from an open, validated editor to the start screen. `validate` is `anima-train validate` on the same
 profile. Inputs: the repository's profiles/anima-lora.toml (copied aside, so its model paths do not exist
 and validation reports them) and a recorded run of 20,000 steps for the monitor and the runs list.
@@ -78,7 +79,10 @@ def watch():
     screen = app.screen
     if stage == "open" and isinstance(screen, wanted) and screen.is_mounted:
         stage = "drawing"
-        screen.call_after_refresh(drawn("frame", "validating" if target == "editor" else "opening" if target == "leave" else "done"))
+        screen.call_after_refresh(drawn("frame", {"editor": "validating", "leave": "opening", "monitor": "reading"}.get(target, "done")))
+    elif stage == "reading" and screen.state.events_seen:
+        stage = "drawing"
+        screen.call_after_refresh(drawn("history", "done"))
     elif stage == "opening":
         stage = "validating"
         app.push_screen(EditorScreen(ProfileDraft.open(profile)))
@@ -123,7 +127,7 @@ def run_child(target: str, folder: Path, profile: Path, run: Path) -> dict[str, 
         raise SystemExit(f"{target}: no frame mark; stderr:\n{output.stderr[-2000:]}")
     if target == "leave":
         return {"leave": marks["home_again"] - marks["leave_start"]}
-    return {k: v for k, v in marks.items() if k in ("frame", "problems")}
+    return {k: v for k, v in marks.items() if k in ("frame", "problems", "history")}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:

@@ -13,7 +13,7 @@ SMALL = (80, 24)
 
 async def settled(pilot) -> None:
     """Workers done and shown, twice: a poll asked for during a running read starts when that read ends."""
-    for _ in range(2):
+    for _ in range(3):
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
 

@@ -48,7 +48,7 @@ def make_run(tmp_path, *, ended=True, extra_lines=""):
 
 async def polled(pilot) -> None:
     """Let the monitor's file-reading worker (and the read asked for while it ran) finish and show."""
-    for _ in range(2):
+    for _ in range(3):  # the first read starts after the first frame; a poll asked for mid-read follows it
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
 

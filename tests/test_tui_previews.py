@@ -62,9 +62,14 @@ def halfblock(monkeypatch):
 
 async def settle(pilot):
     """Until the decode workers are done and their images are on screen."""
+    from textual.worker import WorkerCancelled
+
     for _ in range(3):
         await pilot.pause()
-        await pilot.app.workers.wait_for_complete()
+        try:
+            await pilot.app.workers.wait_for_complete()
+        except WorkerCancelled:  # a newer poll replaced a decode while we waited: wait for its successor
+            await pilot.app.workers.wait_for_complete()
     await pilot.pause()
 
 

@@ -80,9 +80,10 @@ async def validated(pilot) -> None:
 
 @pytest.mark.parametrize("size", SIZES)
 def test_monitor_snapshot(snap_compare, tmp_path, size):
-    async def polled(pilot):
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
+    async def polled(pilot):  # the first read starts after the first frame, in a worker
+        for _ in range(3):
+            await pilot.app.workers.wait_for_complete()
+            await pilot.pause()
 
     assert snap_compare(WatchApp(recorded_run(tmp_path), probe=fixed_system), terminal_size=size, run_before=polled)
 
