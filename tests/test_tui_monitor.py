@@ -9,7 +9,7 @@ from textual.widgets import Static
 
 from anima_tui.app import WatchApp
 from anima_tui.system_stats import GpuReading, SystemReading
-from anima_tui.widgets.line_plot import _columns
+from anima_tui.widgets.line_plot import LinePlot, _columns
 from anima_tui.widgets.notes_list import NotesList
 from anima_tui.widgets.run_stats import RunStats
 
@@ -211,3 +211,28 @@ async def _test_monitor_shows_one_vram_line_per_process(tmp_path):
         stats = stats_text(app)
         for shown in ("VRAM 0", "5.00G alloc 8.00G peak", "VRAM 1", "6.00G alloc 9.00G peak"):
             assert shown in stats, shown
+
+
+def test_a_nearly_flat_learning_rate_is_labelled_and_said_to_be_zoomed(tmp_path):
+    from anima_tui.widgets.line_plot import tick_labels
+
+    assert tick_labels(0.002, 0.00195) == ("0.002", "0.00195")
+    assert tick_labels(2e-3, 1.9999e-3) == ("0.002", "0.0019999")
+    assert tick_labels(1e-4, 7.5e-6) == ("0.0001", "7.5e-6")
+    asyncio.run(_flat_lr(tmp_path))
+
+
+async def _flat_lr(tmp_path):
+    run = tmp_path / "runs" / "flat"
+    run.mkdir(parents=True)
+    events = [{"v": 1, "type": "run_start", "time": 0.0, "run_id": "flat", "total_steps": 1000}]
+    # A cosine schedule's first steps: the rate barely moves, yet the line would fill the plot's height.
+    events += [{**step(n, 0.3), "lr": 2e-3 * (1 - 1e-5 * n)} for n in range(1, 60)]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    app = WatchApp(run, probe=fixed_system)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await polled(pilot)
+        lines = plain(app.screen.query_one("#lr", LinePlot)).splitlines()
+        assert lines[0].startswith("learning rate · zoomed: range")
+        labels = [line.split("┤")[0].strip() for line in lines[1:] if line.split("┤")[0].strip()]
+        assert len(labels) == 2 and labels[0] != labels[1] and float(labels[0]) > float(labels[1])
