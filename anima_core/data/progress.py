@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class PhaseProgress:
-    phase: str  # "scan", "check latents", "latents", "check text", "text"
+    phase: str  # "scan", "count tokens", "check latents", "latents", "check text", "text"
     done: int  # items finished, reused ones included
     total: int
     reused: int  # items whose existing cache was kept (counted in `done`)
