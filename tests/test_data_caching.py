@@ -316,3 +316,21 @@ def test_a_killed_caching_run_leaves_finished_files_and_its_temporaries_are_remo
     vae = FakeVAE()
     build_training_data(opts, base_dir=tmp_path).cache_latents(vae, to_disk=True, batch_size=1, device="cpu")
     assert vae.images_encoded == 1 and not leftover.exists()
+
+
+def test_loader_workers_see_the_compact_in_memory_caches(tmp_path):
+    _folder(tmp_path, [(64, 64), (80, 48), (64, 64)], repeats=2)
+    batches = []
+    for workers in (0, 2):
+        opts = _opts(tmp_path, train_batch_size=2, flip_aug=True, alpha_mask=True, caption_dropout_rate=0.5,
+                     qwen3_max_token_length=8, t5_max_token_length=6, max_data_loader_n_workers=workers)
+        data = build_training_data(opts, base_dir=tmp_path)
+        data.cache_latents(FakeVAE(), to_disk=False, batch_size=2, device="cpu")
+        data.cache_text(FakeTextEncoder(), to_disk=False, batch_size=2)
+        batches.append(list(data.epoch_batches(1)))
+    inline, loaded = batches
+    assert len(inline) == len(loaded) > 0
+    for a, b in zip(inline, loaded):
+        assert a.paths == b.paths and a.captions == b.captions
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.alpha_masks, b.alpha_masks)
+        assert all(torch.equal(x, y) for x, y in zip(a.text, b.text))
