@@ -1,15 +1,15 @@
 """The profile editor: a form per table, validated when typing pauses, saved with comments and order kept.
 
-Validation runs in a worker thread (the plugin checks import the trainer's modules, which takes seconds on a
+Validation runs in a background thread (the plugin checks import the trainer's modules, which takes seconds on a
 busy machine), so the screen shows at once and keys are never held up by it.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -17,14 +17,13 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, OptionList, Static
 from textual.widgets.option_list import Option
-from textual.worker import Worker, WorkerState
 
 from anima_core import runctl
 from anima_core.config import TABLES
 from anima_core.errors import AnimaError
 from anima_tui.dialogs import ConfirmScreen
 from anima_tui.monitor import MonitorScreen
-from anima_tui.profile_draft import ProfileDraft, Snapshot, find_problems, sort_problems
+from anima_tui.profile_draft import ProfileDraft, find_problems, sort_problems
 from anima_tui.widgets.field_row import FieldRow
 from anima_tui.widgets.table_form import TableForm
 
@@ -56,6 +55,8 @@ class EditorScreen(Screen):
         self.problems: list[str] = []
         self._edits = 0  # counts edits; a validation result is current when it saw the latest one
         self._checked = -1
+        self._checking = False
+        self._check_again = False
         self._pending: Timer | None = None
 
     def compose(self) -> ComposeResult:
@@ -99,21 +100,33 @@ class EditorScreen(Screen):
         return self._checked == self._edits
 
     def validate(self) -> None:
-        """Check the draft as it is now, in a worker thread; the newest request wins."""
-        self._check(self.draft.snapshot(), self._edits)
-
-    @work(thread=True, exclusive=True, group="validation")
-    def _check(self, snapshot: Snapshot, edits: int) -> tuple[int, list[str]]:
-        return edits, find_problems(snapshot)
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.worker.group != "validation" or event.state != WorkerState.SUCCESS:
+        """Check the draft as it is now in a background thread, one check at a time (asked again during a
+        check, it checks once more when that one ends). A daemon thread, not a Textual worker: quitting while
+        the first check still imports the trainer must not wait for it."""
+        if self._checking:
+            self._check_again = True
             return
-        edits, problems = event.worker.result
+        self._checking = True
+        snapshot, edits, app = self.draft.snapshot(), self._edits, self.app
+
+        def check() -> None:
+            problems = find_problems(snapshot)
+            try:
+                app.call_from_thread(self._checked_result, edits, problems)
+            except RuntimeError:  # the app has closed meanwhile
+                pass
+
+        threading.Thread(target=check, name="profile-check", daemon=True).start()
+
+    def _checked_result(self, edits: int, problems: list[str]) -> None:
+        self._checking = False
         if edits == self._edits:
             self._show_problems(problems)
             self._checked = edits
             self._show_title()
+        if self._check_again:
+            self._check_again = False
+            self.validate()
 
     def _show_problems(self, problems: list[str]) -> None:
         self.problems = problems
