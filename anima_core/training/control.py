@@ -28,7 +28,7 @@ class StopRequests:
     """
 
     def __init__(self, control_dir: Path | None):
-        """``control_dir`` None: signals only (the processes of a run other than the main one)."""
+        """``control_dir`` None: signals only, silently (the processes of a run other than the main one)."""
         self.control_dir = control_dir
         self.stop_reason: str | None = None
         self.training = False
@@ -45,16 +45,20 @@ class StopRequests:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def _say(self, text: str) -> None:
+        if self.control_dir is not None:
+            _say(text)
+
     def _on_signal(self, signum, frame):
         if self.stop_reason is not None:
-            _say(f"quitting now. {self.on_disk()} Every file is written whole or not at all, so nothing "
+            self._say(f"quitting now. {self.on_disk()} Every file is written whole or not at all, so nothing "
                  "half-written is left.")
             os._exit(128 + signum)
         self.stop_reason = f"signal {signal.Signals(signum).name}"
         if not self.training:
-            _say("stopping now: nothing has been trained yet.")
+            self._say("stopping now: nothing has been trained yet.")
             raise StopDuringSetup(self.stop_reason)
-        _say("stopping after this step (the LoRA and a state are saved); Ctrl+C again to quit at once.")
+        self._say("stopping after this step (the LoRA and a state are saved); Ctrl+C again to quit at once.")
 
     def _take(self, name: str) -> bool:
         if self.control_dir is None:
