@@ -29,6 +29,7 @@ How a run stays one run:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -246,12 +247,19 @@ def launch_workers(num_processes: int, argv: list[str], *, run_dir: Path, thread
         print(f"{exc.sigval.name}: {'the run stopped' if stopped else 'the workers were ended'}", file=sys.stderr)
         return 0 if stopped else 128 + exc.sigval.value
     except ChildFailedError as exc:
-        causes = "; ".join(f"process {rank} exited with {failure.exitcode}"
-                           + (f" ({failure.message})" if failure.message and failure.message != "<N/A>" else "")
-                           for rank, failure in sorted(exc.failures.items()))
+        causes = "; ".join(f"process {rank} {_exit_text(failure.exitcode)}" for rank, failure in sorted(exc.failures.items()))
         _record_failure(run_dir, causes)
         print(f"error: {causes}", file=sys.stderr)
         return 1
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with {code}"
 
 
 def _run_end(run_dir: Path) -> dict:
