@@ -213,3 +213,10 @@ def test_validate_refuses_what_several_processes_cannot_do(tmp_path, tiny_model)
     assert "training.device: 'cuda:1' names one device" in str(refused.value)
     data["training"].update(num_processes=1)
     profile_from_dict(data)  # one process: both fine
+
+
+def test_a_trainer_built_in_python_does_not_ignore_num_processes(tmp_path, tiny_model):
+    from anima_core.training.distributed import LaunchError
+
+    with pytest.raises(LaunchError, match="not started by a launcher"):
+        make_run(tmp_path, tiny_model, training={"num_processes": 2}).run()

@@ -153,6 +153,11 @@ class Trainer:
         t = self.profile.training
         worker_threads(t.num_cpu_threads_per_process)
         if not under_launcher():
+            if t.num_processes > 1:  # a Python caller: nobody started the other processes
+                raise LaunchError(
+                    f"training.num_processes is {t.num_processes}, but this process was not started by a launcher; run "
+                    "`anima-train run PROFILE` (it starts the processes) or start it under accelerate launch / torchrun."
+                )
             return Processes.single(self.device)
         processes = Processes.from_launcher(t.device, t.ddp_timeout, t.num_processes)
         problems = process_problems(self.profile, processes.num_processes)
