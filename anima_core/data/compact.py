@@ -97,16 +97,33 @@ class CompactText:
 
     def expand(self) -> tuple[torch.Tensor, ...]:
         """The padded outputs as `cache.text_row` gives them: float32 L×D, int64 L, int64 Lt, int64 Lt."""
-        n, m = self.states.shape[0], self.t5_ids.shape[0]
-        states = torch.zeros((self.length, self.states.shape[1]), dtype=torch.float32)
-        states[:n] = self.states
-        mask = torch.zeros(self.length, dtype=torch.int64)
-        mask[:n] = self.mask
-        ids = torch.full((self.t5_length,), self.t5_pad, dtype=torch.int64)
-        ids[:m] = self.t5_ids
-        t5_mask = torch.zeros(self.t5_length, dtype=torch.int64)
-        t5_mask[:m] = self.t5_mask
-        return states, mask, ids, t5_mask
+        return tuple(t[0] for t in stack_text([self]))
+
+    def emptied(self) -> CompactText:
+        """What encoding "" gives (as `cache.empty_text_like`): no states, Qwen mask 0, T5 ids [1, 0, ...], mask [1, 0, ...]."""
+        one = torch.ones(1, dtype=torch.uint8)
+        return CompactText(self.states[:0], self.mask[:0], one.to(torch.int32), one, self.length, self.t5_length, 0)
+
+
+def stack_text(rows: list) -> tuple[torch.Tensor, ...]:
+    """A batch's text tensors from CompactText rows or padded (disk) rows: what stacking the padded rows gives,
+    filled in place when every row is compact (no padded copy per sample)."""
+    if not all(isinstance(r, CompactText) for r in rows):
+        padded = [r.expand() if isinstance(r, CompactText) else r for r in rows]
+        return tuple(torch.stack(t) for t in zip(*padded))
+    b, first = len(rows), rows[0]
+    states = torch.zeros((b, first.length, first.states.shape[1]), dtype=torch.float32)
+    mask = torch.zeros((b, first.length), dtype=torch.int64)
+    ids = torch.empty((b, first.t5_length), dtype=torch.int64)
+    t5_mask = torch.zeros((b, first.t5_length), dtype=torch.int64)
+    for k, r in enumerate(rows):
+        n, m = r.states.shape[0], r.t5_ids.shape[0]
+        states[k, :n] = r.states
+        mask[k, :n] = r.mask
+        ids[k] = r.t5_pad
+        ids[k, :m] = r.t5_ids
+        t5_mask[k, :m] = r.t5_mask
+    return states, mask, ids, t5_mask
 
 
 def compact_text(

@@ -28,7 +28,7 @@ from anima_core.data import cache as caches
 from anima_core.data import caching
 from anima_core.data.caching import Share
 from anima_core.data.captions import CaptionStep, process_caption, tag_frequency
-from anima_core.data.compact import CachedText
+from anima_core.data.compact import CachedText, CompactText, stack_text
 from anima_core.data.config import resolve_datasets
 from anima_core.data.images import centre_framing, load_image, random_framing
 from anima_core.data.options import DataOptions
@@ -341,9 +341,9 @@ class TrainingData:
     def _caption_step(self, epoch: int, k: int) -> CaptionStep:
         return CaptionStep(epoch + 1, epoch * self.num_batches_per_epoch + k, self.opts.max_train_steps)
 
-    def _text_for(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def _text_for(self, key: tuple[int, int]) -> CompactText | tuple[torch.Tensor, ...]:
         cached = self._text[key]
-        return cached.outputs.expand() if cached.outputs is not None else caches.load_text(cached.path)
+        return cached.outputs if cached.outputs is not None else caches.load_text(cached.path)
 
     def _latents_for(self, key: tuple[int, int], entry: ImageEntry, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         cached = self._latents[key]
@@ -391,7 +391,9 @@ class TrainingData:
                         s.caption_dropout_rate > 0
                         and _rng(self.seed, epoch, d, i, rep, _CAPTION).random() < s.caption_dropout_rate
                     )
-                    texts.append(caches.empty_text_like(text) if dropped else text)
+                    if dropped:
+                        text = text.emptied() if isinstance(text, CompactText) else caches.empty_text_like(text)
+                    texts.append(text)
                     captions.append("" if dropped else self._text[key].caption)
                 else:
                     captions.append(process_caption(s, e.caption, at, _rng(self.seed, epoch, d, i, rep, _CAPTION)))
@@ -412,7 +414,7 @@ class TrainingData:
             latents=torch.stack(latents) if latents else None,
             pixels=torch.stack(pixels) if pixels else None,
             captions=captions,
-            text=tuple(torch.stack(t) for t in zip(*texts)) if texts else None,
+            text=stack_text(texts) if texts else None,
             loss_weights=torch.tensor(weights, dtype=torch.float32),
             alpha_masks=torch.stack(alphas) if alphas else None,
             paths=paths,
