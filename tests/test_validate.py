@@ -27,10 +27,11 @@ def test_model_files_tokenizers_device_and_dataset_values_are_reported_together(
     data["model"].update(dit=str(tiny_model.vae), vae=str(tiny_model.dit), t5_tokenizer=str(empty))
     data["dataset"]["resolution"] = -64
     data["optimizer"]["optimizer_type"] = "AdamW8bit"
-    data["model"]["compile_blocks"] = False
+    data["model"]["compile_block"] = False  # a misspelt key does not stop the checks of the files
     assert main(["validate", _write_profile(tmp_path / "p.toml", data)]) == 2
     problems = _problems(capsys.readouterr().err)
-    assert len(problems) == 5, problems
+    assert len(problems) == 6, problems
+    assert any(p.startswith("model.compile_block: unknown key") for p in problems)
     dit, vae, tokenizer, optimizer, resolution = (
         next(p for p in problems if p.startswith(key))
         for key in ("model.dit", "model.vae", "model.t5_tokenizer", "optimizer.optimizer_type", "dataset.resolution"))

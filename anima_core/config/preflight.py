@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from anima_core.config.schema import Profile
+from anima_core.config.schema import DatasetTable, Profile
 from anima_core.errors import AnimaError, DatasetError, TokenizerNotFoundError
 from anima_core.models.tokenizer_files import tokenizer_problems
 from anima_core.plugins import Plugins, UnknownNameError
@@ -34,14 +34,17 @@ def _loader(profile: Profile, plugins: Plugins):
         return None  # already reported by the profile checks
 
 
-def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: bool) -> list[str]:
-    """Each model file loaded onto the meta device: names, shapes and dtypes from the header, strictly matched."""
+def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: bool, reported: set[str]) -> list[str]:
+    """Each model file loaded onto the meta device: names, shapes and dtypes from the header, strictly matched.
+    Keys in ``reported`` already have a problem (a missing file) and are not checked again."""
     model = profile.model
     loader = _loader(profile, plugins)
-    if loader is None or None in (model.dit, model.qwen3, model.vae):
+    if loader is None:
         return []
     problems = []
-    if model.llm_adapter is not None:
+    if "model.llm_adapter" in reported:
+        model = model.model_copy(update={"llm_adapter": None})
+    elif model.llm_adapter is not None:
         from anima_core.models.dit_loading import read_adapter
 
         try:
@@ -54,6 +57,8 @@ def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: boo
     if not skip_tokenizers:  # the text encoder loader reads the tokenizers first
         checks.append(("model.qwen3", lambda: loader.load_text_encoder(model, dtype=torch.bfloat16, device="meta")))
     for key, load in checks:
+        if key in reported or getattr(model, key.removeprefix("model.")) is None:
+            continue
         try:
             loaded = load()
         except TokenizerNotFoundError:
@@ -157,8 +162,7 @@ def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier:
     model = profile.model
     tokenizers = tokenizer_problems(model.qwen3_tokenizer, model.t5_tokenizer, model.qwen3)
     reported = {p.split(":", 1)[0] for p in earlier}
-    if not any(key.startswith("model.") for key in reported):
-        result.problems += model_file_problems(profile, plugins, skip_tokenizers=bool(tokenizers))
+    result.problems += model_file_problems(profile, plugins, skip_tokenizers=bool(tokenizers), reported=reported)
     result.problems += [p for p in tokenizers if p.split(":", 1)[0] not in reported]
     try:
         device = resolve_device(profile.training.device)
@@ -169,6 +173,8 @@ def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier:
     note = choose_precision(profile.training, device)[1]
     if note:
         result.notes.append(note)
-    if not any(key.startswith("dataset") for key in reported):
+    # A wrong dataset value is reported once, by the profile checks, not again by the dataset resolution.
+    dataset_keys = {"dataset"} | {f"dataset.{key}" for key in DatasetTable.model_fields}
+    if not reported & dataset_keys:
         dataset_findings(profile, result, scan_images)
     return result
