@@ -92,9 +92,10 @@ class PreviewGrid(Container):
         row, column = self.cursor
         if column < 0:  # the grid opened before the first preview arrived
             self.cursor = (row, column := max(len(steps) - 1, 0))
-        # Keep the cursor inside the window; otherwise leave the window where the user put it.
-        self.top = min(max(self.top, row - rows + 1), row)
-        self.left = min(max(self.left, column - columns + 1), column)
+        # Keep the cursor inside the window, and the window no further right or down than the index needs;
+        # otherwise leave it where the user put it.
+        self.top = min(max(self.top, row - rows + 1), row, max(len(prompts) - rows, 0))
+        self.left = min(max(self.left, column - columns + 1), column, max(len(steps) - columns, 0))
         for c, label in enumerate(self.query(".step-label").results(Static)):
             at = self.left + c
             label.update(Text(f"step {_step_label(steps[at])}", style="bold" if at == column else "") if at < len(steps) else "")

@@ -210,6 +210,15 @@ def test_gallery_grid_and_navigation(tmp_path):
             await pilot.press("escape")
             assert app.screen is not viewer and grid.selected().step == 50
 
+            # A larger terminal shows more of the grid around the same selection.
+            await pilot.resize_terminal(150, 40)
+            await settle(pilot)
+            assert grid.shape == (5, 9) and grid.selected().step == 50
+            assert labels()[:6] == [f"step {s}" for s in steps] and labels()[6:] == ["", "", ""]
+            cells = list(grid.query(".cell"))
+            assert [cells[r * 9 + 5].loaded.preview.step for r in range(3)] == [60, 60, 60]
+            assert cells[1 * 9 + 4].has_class("-cursor")
+
     run_async(check())
 
 
