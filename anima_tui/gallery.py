@@ -29,8 +29,8 @@ from anima_tui.widgets.preview_image import (
 )
 
 LABEL_WIDTH = 16  # the prompt column
-TILE_WIDTH = 14
-TILE_HEIGHT = 6
+MIN_TILE_HEIGHT = 6  # a bordered tile: 4 rows of image
+MAX_TILE_HEIGHT = 16
 POLL_SECONDS = 0.5
 
 
@@ -51,24 +51,39 @@ class PreviewGrid(Container):
         self.cursor = (0, len(index.steps) - 1)  # the newest step of the first prompt
         self.top = self.left = 0
         self.shape = (0, 0)  # (rows, columns) of tiles on screen
+        self._tile = (0, 0)  # (width, height) of a tile in cells
+
+    def tile_size(self) -> tuple[int, int]:
+        """Tiles as tall as the prompts allow, within bounds, and wide enough for a square image (a terminal
+        cell is about twice as tall as it is wide)."""
+        prompts = max(len(self.index.prompts), 1)
+        height = min(max((self.size.height - 1) // prompts, MIN_TILE_HEIGHT), MAX_TILE_HEIGHT)
+        return 2 * (height - 2) + 2, height
 
     def on_resize(self) -> None:
-        rows = max(1, (self.size.height - 1) // TILE_HEIGHT)
-        columns = max(1, (self.size.width - LABEL_WIDTH) // TILE_WIDTH)
-        if (rows, columns) != self.shape:
-            self.shape = (rows, columns)
-            self.styles.grid_size_columns = columns + 1
-            self.styles.grid_size_rows = rows + 1
-            self.styles.grid_columns = f"{LABEL_WIDTH} " + " ".join([str(TILE_WIDTH)] * columns)
-            self.styles.grid_rows = "1 " + " ".join([str(TILE_HEIGHT)] * rows)
-            self.remove_children()
-            cells = [Static(classes="corner")]
-            cells += [Static(classes="step-label") for _ in range(columns)]
-            for _ in range(rows):
-                cells.append(Static(classes="prompt-label"))
-                cells += [PreviewTile(classes="cell") for _ in range(columns)]
-            self.mount_all(cells)
-            self.call_after_refresh(self.show)
+        self._lay_out()
+
+    def _lay_out(self) -> bool:
+        """Rebuild the tiles when the shape the screen allows changed; True when it did."""
+        tile_width, tile_height = self.tile_size()
+        rows = max(1, (self.size.height - 1) // tile_height)
+        columns = max(1, (self.size.width - LABEL_WIDTH) // tile_width)
+        if (rows, columns, tile_width, tile_height) == self.shape + self._tile or not self.size.area:
+            return False
+        self.shape, self._tile = (rows, columns), (tile_width, tile_height)
+        self.styles.grid_size_columns = columns + 1
+        self.styles.grid_size_rows = rows + 1
+        self.styles.grid_columns = f"{LABEL_WIDTH} " + " ".join([str(tile_width)] * columns)
+        self.styles.grid_rows = "1 " + " ".join([str(tile_height)] * rows)
+        self.remove_children()
+        cells = [Static(classes="corner")]
+        cells += [Static(classes="step-label") for _ in range(columns)]
+        for _ in range(rows):
+            cells.append(Static(classes="prompt-label"))
+            cells += [PreviewTile(classes="cell") for _ in range(columns)]
+        self.mount_all(cells)
+        self.call_after_refresh(self.show)
+        return True
 
     def move(self, rows: int = 0, columns: int = 0, *, to_column: int | None = None) -> None:
         prompts, steps = len(self.index.prompts), len(self.index.steps)
@@ -85,6 +100,8 @@ class PreviewGrid(Container):
         return self.index.at(prompts[row], steps[column])
 
     def show(self) -> None:
+        if self._lay_out():
+            return  # shown once the new tiles are mounted
         rows, columns = self.shape
         if not rows:
             return

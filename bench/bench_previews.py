@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         png = noisy_png(folder / "one.png", 0)
-        boxes = {"gallery tile 12×4": (12, 4), "pane tile 15×11": (15, 11), "large view 118×36": (118, 36)}
+        boxes = {"thumbnail 12×4": (12, 4), "pane tile 15×11": (15, 11), "large view 118×36": (118, 36)}
         print(f"{SIDE}² PNG, {os.environ['ANIMA_TRAIN_IMAGES']} renderer, median of {REPEATS}")
         print(f"{'region':<20} {'decode+scale (worker)':>22} {'draw scaled (loop)':>19} {'draw full-size (loop)':>22}")
         full = Image.open(png).convert("RGB")

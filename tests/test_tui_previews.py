@@ -162,7 +162,7 @@ def test_truncated_or_missing_images_are_skipped_with_a_note(tmp_path):
 def test_gallery_grid_and_navigation(tmp_path):
     from anima_tui.gallery import GalleryScreen, PreviewGrid, ViewerScreen
 
-    steps = [10, 20, 30, 40, 50, 60]
+    steps = list(range(10, 101, 10))
     run = make_run(tmp_path, steps)
 
     async def check():
@@ -172,28 +172,28 @@ def test_gallery_grid_and_navigation(tmp_path):
             assert isinstance(app.screen, GalleryScreen)
             grid = app.screen.query_one(PreviewGrid)
             rows, columns = grid.shape
-            assert (rows, columns) == (3, 4)  # 80×24: three prompts by four steps of 14×6 tiles
+            assert (rows, columns) == (3, 6)  # 80×24: three prompts by six steps of 10×6 tiles
 
             def labels():
                 return [str(label.render()) for label in grid.query(".step-label")]
 
             # Opens on the newest step of the first prompt, the window scrolled to show it.
-            assert grid.selected().step == 60 and labels() == ["step 30", "step 40", "step 50", "step 60"]
+            assert grid.selected().step == 100 and labels() == [f"step {s}" for s in steps[4:]]
             cells = list(grid.query(".cell"))
-            assert [cell.loaded.preview.step for cell in cells[:columns]] == [30, 40, 50, 60]
+            assert [cell.loaded.preview.step for cell in cells[:columns]] == steps[4:]
             assert [cells[r * columns].loaded.preview.prompt for r in range(rows)] == PROMPTS
             assert cells[columns - 1].has_class("-cursor")
-            assert "prompt 1/3 · step 60 · epoch 6" in str(app.screen.query_one("#gallery-status").render())
+            assert "prompt 1/3 · step 100 · epoch 10" in str(app.screen.query_one("#gallery-status").render())
 
             await pilot.press("down", "left")
-            assert (grid.selected().prompt, grid.selected().step) == (PROMPTS[1], 50)
+            assert (grid.selected().prompt, grid.selected().step) == (PROMPTS[1], 90)
             await pilot.press("home")
             await settle(pilot)
-            assert grid.selected().step == 10 and labels() == ["step 10", "step 20", "step 30", "step 40"]
+            assert grid.selected().step == 10 and labels() == [f"step {s}" for s in steps[:6]]
             await pilot.press("left", "up", "up")  # stops at the edges
             assert (grid.selected().prompt, grid.selected().step) == (PROMPTS[0], 10)
             await pilot.press("end", "j", "h")
-            assert (grid.selected().prompt, grid.selected().step) == (PROMPTS[1], 50)
+            assert (grid.selected().prompt, grid.selected().step) == (PROMPTS[1], 90)
 
             # Large view of the selection; left and right step through that prompt's history.
             await pilot.press("enter")
@@ -201,23 +201,23 @@ def test_gallery_grid_and_navigation(tmp_path):
             viewer = app.screen
             assert isinstance(viewer, ViewerScreen)
             large = viewer.query_one("#large")
-            assert large.loaded.preview.step == 50 and colour(large.loaded) == COLOURS[1]
-            assert "5/6" in str(viewer.query_one("#viewer-title").render())
-            for expected in (40, 30):
+            assert large.loaded.preview.step == 90 and colour(large.loaded) == COLOURS[1]
+            assert "9/10" in str(viewer.query_one("#viewer-title").render())
+            for expected in (80, 70):
                 await pilot.press("left")
                 await settle(pilot)
                 assert large.loaded.preview.step == expected and large.loaded.preview.prompt == PROMPTS[1]
             await pilot.press("escape")
-            assert app.screen is not viewer and grid.selected().step == 50
+            assert app.screen is not viewer and grid.selected().step == 90
 
-            # A larger terminal shows more of the grid around the same selection.
-            await pilot.resize_terminal(150, 40)
+            # A wider terminal shows more of the grid around the same selection, never past the last step.
+            await pilot.resize_terminal(200, 40)
             await settle(pilot)
-            assert grid.shape == (5, 9) and grid.selected().step == 50
-            assert labels()[:6] == [f"step {s}" for s in steps] and labels()[6:] == ["", "", ""]
+            assert grid.shape == (3, 9) and grid.selected().step == 90
+            assert labels() == [f"step {s}" for s in steps[1:]]
             cells = list(grid.query(".cell"))
-            assert [cells[r * 9 + 5].loaded.preview.step for r in range(3)] == [60, 60, 60]
-            assert cells[1 * 9 + 4].has_class("-cursor")
+            assert [cells[r * 9 + 8].loaded.preview.step for r in range(3)] == [100, 100, 100]
+            assert cells[1 * 9 + 7].has_class("-cursor")
 
     run_async(check())
 
