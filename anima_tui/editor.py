@@ -21,6 +21,7 @@ from textual.widgets.option_list import Option
 from anima_core import runctl
 from anima_core.config import TABLES
 from anima_core.errors import AnimaError
+from anima_core.plugins import network_arg_help
 from anima_tui.dialogs import ConfirmScreen
 from anima_tui.monitor import MonitorScreen
 from anima_tui.profile_draft import ProfileDraft, find_problems, sort_problems
@@ -111,28 +112,34 @@ class EditorScreen(Screen):
 
         def check() -> None:
             problems = find_problems(snapshot)
+            network = snapshot.data.get("network")
+            network = network if isinstance(network, dict) else {}
             try:
-                app.call_from_thread(self._checked_result, edits, problems)
+                arg_help = network_arg_help(network.get("module") or "lora_anima", network.get("args"))
+            except Exception:  # a broken plugin: find_problems has said so; no help texts
+                arg_help = {}
+            try:
+                app.call_from_thread(self._checked_result, edits, problems, arg_help)
             except RuntimeError:  # the app has closed meanwhile
                 pass
 
         threading.Thread(target=check, name="profile-check", daemon=True).start()
 
-    def _checked_result(self, edits: int, problems: list[str]) -> None:
+    def _checked_result(self, edits: int, problems: list[str], arg_help: dict[str, str]) -> None:
         self._checking = False
         if edits == self._edits:
-            self._show_problems(problems)
+            self._show_problems(problems, arg_help)
             self._checked = edits
             self._show_title()
         if self._check_again:
             self._check_again = False
             self.validate()
 
-    def _show_problems(self, problems: list[str]) -> None:
+    def _show_problems(self, problems: list[str], arg_help: dict[str, str]) -> None:
         self.problems = problems
         by_field, by_table, general = sort_problems(self.problems)
         for form in self.query(TableForm):
-            form.show_problems(by_field, by_table.get(form.table, []))
+            form.show_problems(by_field, by_table.get(form.table, []), arg_help)
         tables = self.query_one("#tables", OptionList)
         for index, table in enumerate(TABLES):
             count = sum(len(v) for k, v in by_field.items() if k.startswith(table + ".")) + len(by_table.get(table, []))

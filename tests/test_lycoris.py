@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_resume import StopAtStep, assert_same_lora, losses
-from test_tui_editor import row
+from test_tui_editor import checked, row
 from textual.widgets import Input
 from training_helpers import make_run, read_events, tiny_profile_data
 
@@ -277,17 +277,16 @@ async def _editor_arg_help(tmp_path):
     path.write_text('[network]\nmodule = "lycoris"\nargs = { algo = "lokr", factor = 8 }\n')
     app = AnimaApp(path)
     async with app.run_test(size=(120, 60)) as pilot:
-        await pilot.pause()
         args_row = await row(pilot, "network", "args")
-        await pilot.pause()
+        await checked(pilot)  # the help comes with the editor's check, which runs in the background
         shown = args_row.query_one(".field-arg-help")
         assert shown.display and "factor: LoKr" in str(shown.content) and "dora_wd:" in str(shown.content)
         args_row.query_one(Input).value = '{ algo = "full" }'
-        await pilot.pause()
+        await checked(pilot)
         assert "factor:" not in str(shown.content) and "algo:" in str(shown.content)
         module_row = await row(pilot, "network", "module")
         module_row.query_one(Input).value = "lora_anima"
-        await pilot.pause()
+        await checked(pilot)
         assert not shown.display  # lora_anima documents its args in the field's own help
 
 

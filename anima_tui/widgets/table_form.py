@@ -8,7 +8,6 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from anima_core.config import Profile
-from anima_core.plugins import network_arg_help
 from anima_tui.profile_draft import ProfileDraft, field_specs
 from anima_tui.widgets import css_beside
 from anima_tui.widgets.field_row import FieldRow
@@ -23,6 +22,7 @@ class TableForm(VerticalScroll):
         self.table = table
         self.draft = draft
         self._by_field: dict[str, list[str]] = {}
+        self._arg_help: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         summary = Profile.model_fields[self.table].description or ""
@@ -36,8 +36,10 @@ class TableForm(VerticalScroll):
         self.mount_all(FieldRow(spec, self.draft.value(self.table, spec.name)) for spec in field_specs(self.table))
         self.call_after_refresh(self._apply_problems)
 
-    def show_problems(self, by_field: dict[str, list[str]], table_level: list[str]) -> None:
-        self._by_field = by_field
+    def show_problems(self, by_field: dict[str, list[str]], table_level: list[str], arg_help: dict[str, str]) -> None:
+        """The check's results: problems, and the help of the network plugin's args (looked up with the
+        plugins, in the check's thread)."""
+        self._by_field, self._arg_help = by_field, arg_help
         errors = self.query_one(".table-errors", Static)
         errors.update(Text("\n".join(f"✗ {p}" for p in table_level)))
         errors.display = bool(table_level)
@@ -47,5 +49,4 @@ class TableForm(VerticalScroll):
         for row in self.query(FieldRow):
             row.show_problems(self._by_field.get(row.spec.dotted, []))
             if row.spec.dotted == "network.args":  # the args the chosen network plugin (and algorithm) takes
-                row.show_arg_help(network_arg_help(self.draft.value("network", "module") or "lora_anima",
-                                                   self.draft.value("network", "args")))
+                row.show_arg_help(self._arg_help)
