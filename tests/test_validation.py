@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from training_helpers import make_run, read_events
 
@@ -45,6 +46,9 @@ def test_validation_defaults_to_every_epoch_and_max_validation_steps_bounds_it(t
     points = _validations(result.run_dir)
     assert [p["step"] for p in points] == [3, 6]
     assert all(p["batches"] == 1 and p["images"] == 2 for p in points)
+    with safe_open(result.lora_path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_max_validation_steps"] == "1" and meta["ss_validation_split"] == "0.5"
 
 
 def test_two_evaluations_of_the_same_weights_agree(tmp_path, tiny_model):

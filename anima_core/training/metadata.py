@@ -75,6 +75,7 @@ def training_metadata(profile: Profile, *, data_metadata: dict, total_steps: int
         "ss_prior_loss_weight": d.prior_loss_weight,
         "ss_min_snr_gamma": None,
         "ss_scale_weight_norms": o.scale_weight_norms,
+        "ss_max_validation_steps": profile.logging.max_validation_steps,
         "ss_ip_noise_gamma": t.ip_noise_gamma,
         "ss_debiased_estimation": False,
         "ss_noise_offset_random_strength": False,
