@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -30,7 +31,7 @@ def wandb_records(path):
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or pos + 7 + length > len(data):  # zero fill, or still being written
             break
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
@@ -39,6 +40,16 @@ def wandb_records(path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def finished_wandb_records(path, wait_s: float = 60.0):
+    """The records once W&B's writer (a separate process) has written the run's exit record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -83,7 +94,7 @@ def test_tensorboard_and_wandb_get_every_step_validation_previews_and_config(tmp
 
     [log] = folder.glob("wandb/offline-run-*/run-*.wandb")
     history, config = {}, {}
-    for record in wandb_records(log):
+    for record in finished_wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
