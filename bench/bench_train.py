@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 import types
 from dataclasses import asdict, dataclass, field, replace
 
@@ -413,7 +414,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = []
     for name in [s.strip() for s in args.settings.split(",") if s.strip()]:
         started = time.perf_counter()
-        rows.append(bench.run(name))
+        try:
+            rows.append(bench.run(name))
+        except Exception:  # one failing setting (a CUDA-only bug, out of memory) must not cost the others' numbers
+            print(f"{name}: FAILED", file=sys.stderr)
+            traceback.print_exc()
+            free_device_memory(device)
+            continue
         print(f"{name}: {rows[-1].s_per_step:.4f} s/step ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as fh:

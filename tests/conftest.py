@@ -28,5 +28,5 @@ def t5_tokenizer_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """TinyModelPaths (dit, qwen3, vae, qwen_tokenizer, t5_tokenizer); the shipped tokenizers copied in."""
+    """RandomModelPaths (dit, qwen3, vae, qwen_tokenizer, t5_tokenizer); the shipped tokenizers copied in."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_anima"))

@@ -162,6 +162,10 @@ def test_json_config(tmp_path):
             "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\ncustom_attributes={weight=2}\n",
             "custom_attributes has no reader",
         ),
+        (
+            "[[datasets]]\nresolution=64\nenable_bucket=true\nmin_bucket_reso=32\n[[datasets.subsets]]\nimage_dir='a'\n",
+            "min_bucket_reso 32 rounds down to 0",
+        ),
         ("[genral]\n[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\n", "did you mean 'general'"),
     ],
 )

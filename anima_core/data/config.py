@@ -274,6 +274,11 @@ def _check_dataset(spec: DatasetSpec, where: str, problems: list[str]) -> None:
                 f"{where}: bucket_reso_steps = {spec.bucket_reso_steps} is not a multiple of 16. Anima latents need pixel sizes "
                 "that are multiples of 16; use 16, 32 or 64."
             )
+        elif spec.bucket_min_max()[0] == 0:
+            problems.append(
+                f"{where}: min_bucket_reso {spec.min_bucket_reso} rounds down to 0 in bucket_reso_steps of "
+                f"{spec.bucket_reso_steps}; set min_bucket_reso to at least {spec.bucket_reso_steps}."
+            )
         elif not spec.bucket_no_upscale:
             lo, hi = spec.bucket_min_max()
             if min(spec.resolution) < lo or max(spec.resolution) > hi:

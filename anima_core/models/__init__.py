@@ -4,7 +4,7 @@ from anima_core.models.dit import AnimaDiT, Block, DiTConfig
 from anima_core.models.dit_loading import detect_dit_config, load_dit
 from anima_core.models.llm_adapter import LLMAdapter, LLMAdapterConfig, LLMAdapterTransformerBlock
 from anima_core.models.text_encoder import AnimaTextEncoder, load_text_encoder
-from anima_core.models.tiny import TinyModelPaths, make_tiny_model
+from anima_core.models.tiny import RandomModelPaths, make_tiny_model
 from anima_core.models.vae import AnimaVAE, load_vae
 
 __all__ = [
@@ -16,7 +16,7 @@ __all__ = [
     "LLMAdapter",
     "LLMAdapterConfig",
     "LLMAdapterTransformerBlock",
-    "TinyModelPaths",
+    "RandomModelPaths",
     "detect_dit_config",
     "load_dit",
     "load_text_encoder",

@@ -1,4 +1,5 @@
-"""A tiny random Anima set in the released file formats, for tests, the demo and bug reports."""
+"""Random Anima sets in the released file formats: tiny for tests, the demo and bug reports; full size (the
+released 2B shapes) for real-size runs on a GPU without the real weights."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ DIT_FILE = "anima-tiny.safetensors"
 
 
 @dataclass(frozen=True)
-class TinyModelPaths:
+class RandomModelPaths:
     dit: Path
     qwen3: Path
     vae: Path
@@ -47,19 +48,30 @@ def randomize_norm_weights(module: nn.Module, generator: torch.Generator) -> Non
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
 
 
-def random_dit_state_dict(config: DiTConfig = TINY_DIT, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_dit_state_dict(
+    config: DiTConfig = TINY_DIT, seed: int = 0, *, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Initialised on ``device`` (the 2B model's init takes minutes on a CPU, a second on a GPU)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AnimaDiT(config)
+        with torch.device(device):
+            model = AnimaDiT(config)
     generator = torch.Generator().manual_seed(seed + 1)
     randomize_norm_weights(model, generator)
     return model.state_dict()
 
 
-def write_tiny_dit(path: str | os.PathLike, config: DiTConfig = TINY_DIT, seed: int = 0) -> Path:
+def write_tiny_dit(
+    path: str | os.PathLike,
+    config: DiTConfig = TINY_DIT,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
     """A DiT file like the release: every key under ``net.``, the adapter inside, metadata format=pt."""
     path = Path(path)
-    state_dict = {f"net.{k}": v for k, v in random_dit_state_dict(config, seed).items()}
+    state_dict = {f"net.{k}": v.to("cpu", dtype) for k, v in random_dit_state_dict(config, seed, device=device).items()}
     save_safetensors_atomic(state_dict, path, metadata={"format": "pt"})
     return path
 
@@ -96,49 +108,59 @@ def copy_tokenizers(source: Path, qwen_dir: Path, t5_dir: Path) -> None:
             shutil.copyfile(source / "t5_old" / name, t5_dir / name)
 
 
-def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
-    """A Hugging Face style Qwen3 folder: config.json + model.safetensors with ``model.``-prefixed keys."""
+def random_qwen3_state_dict(
+    values: dict, seed: int = 0, *, std: float = 0.1, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Qwen3 weights with ``model.``-prefixed keys for the config ``values``: matrices N(0, std), norms near 1."""
     from transformers import Qwen3Config, Qwen3Model
 
-    folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen3Config(**{k: v for k, v in TINY_QWEN3.items() if k != "architectures"})
+    config = Qwen3Config(**{k: v for k, v in values.items() if k != "architectures"})
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Qwen3Model(config).state_dict().items() if "rotary_emb" not in k}
-    # Filled here rather than by transformers' init, which is slow and too small (std 0.02) to exercise anything.
+    # Filled here rather than by transformers' init, which is slow and (for the tiny model) too small to exercise
+    # anything; the full-size model takes std 0.02, as 28 layers of std 0.1 would overflow bf16.
     generator = torch.Generator().manual_seed(seed)
-    state_dict = {
-        f"model.{k}": (1.0 + 0.2 * torch.randn(shape, generator=generator))
-        if len(shape) == 1
-        else 0.1 * torch.randn(shape, generator=generator)
+    return {
+        f"model.{k}": ((1.0 + 0.2 * torch.randn(shape, generator=generator))
+                       if len(shape) == 1
+                       else std * torch.randn(shape, generator=generator)).to(dtype)
         for k, shape in shapes.items()
     }
-    save_safetensors_atomic(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
+    """A Hugging Face style Qwen3 folder: config.json + model.safetensors with ``model.``-prefixed keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(random_qwen3_state_dict(TINY_QWEN3, seed), folder / "model.safetensors",
+                            metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(TINY_QWEN3, indent=2))
     return folder
 
 
-def write_tiny_vae(path: Path, seed: int = 0) -> Path:
-    """A VAE file in the released (Wan) naming."""
+def write_tiny_vae(
+    path: Path, seed: int = 0, *, base_dim: int = TINY_VAE_BASE_DIM, dtype: torch.dtype | None = None
+) -> Path:
+    """A VAE file in the released (Wan) naming (``base_dim`` 96 is the released size)."""
     from diffusers import AutoencoderKLQwenImage
 
     from anima_core.models.vae import diffusers_key_to_wan
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLQwenImage(base_dim=TINY_VAE_BASE_DIM)
+        vae = AutoencoderKLQwenImage(base_dim=base_dim)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in vae.named_parameters():
             if name.endswith("gamma"):
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
-    state_dict = {diffusers_key_to_wan(k): v for k, v in vae.state_dict().items()}
+    state_dict = {diffusers_key_to_wan(k): v.to(dtype) for k, v in vae.state_dict().items()}
     save_safetensors_atomic(state_dict, path)
     return path
 
 
 def make_tiny_model(
     directory: str | os.PathLike, *, tokenizer_source: str | os.PathLike | None = None, seed: int = 0
-) -> TinyModelPaths:
+) -> RandomModelPaths:
     """Write a random Anima set into ``directory``: DiT (adapter inside, ``net.`` keys), a Qwen3 folder with its
     tokenizer, a T5 tokenizer folder and a Wan-named VAE.
 
@@ -147,7 +169,7 @@ def make_tiny_model(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = TinyModelPaths(
+    paths = RandomModelPaths(
         dit=directory / DIT_FILE,
         qwen3=directory / "qwen3",
         vae=directory / "qwen_image_vae_tiny.safetensors",
@@ -159,4 +181,36 @@ def make_tiny_model(
     write_tiny_vae(paths.vae, seed=seed)
     paths.t5_tokenizer.mkdir(exist_ok=True)
     copy_tokenizers(Path(tokenizer_source or PACKAGED_TOKENIZERS), paths.qwen_tokenizer, paths.t5_tokenizer)
+    return paths
+
+
+FULL_VAE_BASE_DIM = 96
+
+
+def make_full_size_model(
+    directory: str | os.PathLike, *, device: torch.device | str = "cpu", seed: int = 0
+) -> RandomModelPaths:
+    """The released 2B set with random weights, as the release ships it: bf16 DiT file (adapter inside), the
+    single ``qwen_3_06b_base.safetensors`` (no config.json: the loader's Qwen3-0.6B config applies), a
+    ``qwen_image_vae.safetensors`` of the released size, and the packaged tokenizers. For GPU runs at real size
+    (``bench/real_size_run.py``); about 5.5 GB on disk.
+    """
+    from anima_core.models.text_encoder import QWEN3_06B_CONFIG
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = RandomModelPaths(
+        dit=directory / "anima-random-2b.safetensors",
+        qwen3=directory / "qwen_3_06b_base.safetensors",
+        vae=directory / "qwen_image_vae.safetensors",
+        qwen_tokenizer=directory / "qwen3_06b",
+        t5_tokenizer=directory / "t5_old",
+    )
+    write_tiny_dit(paths.dit, DiTConfig(), seed, dtype=torch.bfloat16, device=device)
+    save_safetensors_atomic(random_qwen3_state_dict(QWEN3_06B_CONFIG, seed, std=0.02, dtype=torch.bfloat16),
+                            paths.qwen3, metadata={"format": "pt"})
+    write_tiny_vae(paths.vae, seed, base_dim=FULL_VAE_BASE_DIM, dtype=torch.bfloat16)
+    paths.qwen_tokenizer.mkdir(exist_ok=True)
+    paths.t5_tokenizer.mkdir(exist_ok=True)
+    copy_tokenizers(Path(PACKAGED_TOKENIZERS), paths.qwen_tokenizer, paths.t5_tokenizer)
     return paths

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU check of bench/RESULTS.md in one call (about 9 minutes on an H200), for a machine lent for minutes:
+# the training-step bench, the real-size end-to-end runs, the compiled settings and two profiles, each under
+# its own time limit so one hang cannot cost the others. Results go to $OUT (default /tmp/gpu_out).
+#
+#   bash bench/gpu_session.sh              # with anima-train installed (pip install -e '.[cuda]')
+#
+# On a machine where the project cannot be installed, put the wheels of the missing packages in .whl/ first:
+# they are installed into /tmp/site, and the checkout is used in place (plugins/ as anima_plugins).
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  ln -sfn "$PWD/plugins" /tmp/site/anima_plugins
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export PYTHONUNBUFFERED=1
+step() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local started=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  echo "$name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/steps.txt"
+}
+{
+  nvidia-smi
+  python3 -c "import torch, transformers, diffusers, bitsandbytes, accelerate; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'accelerate', accelerate.__version__)"
+} >"$OUT/env.txt" 2>&1
+step bench 200 python3 bench/bench_train.py --steps 8 --warmup 3 --json "$OUT/bench.json" \
+  --settings plain,gc,unsloth,swap18,swap26,fp8,b4,b4_gc
+step real_size 200 python3 bench/real_size_run.py --root /tmp/real-size --json "$OUT/real_size.json"
+step bench_compile 120 python3 bench/bench_train.py --steps 8 --warmup 3 --json "$OUT/bench_compile.json" \
+  --settings plain+compile,gc+compile
+step profile_plain 30 python3 bench/bench_train.py --profile plain --steps 3 --warmup 2
+step profile_gc 30 python3 bench/bench_train.py --profile gc --steps 3 --warmup 2
