@@ -245,7 +245,7 @@ class Bench:
         counter = iter(range(10**9))
 
         def run_step() -> torch.Tensor:
-            generators = sample_generators(next(counter), 0, 0, range(inputs.latents.shape[0]))
+            generators = sample_generators(next(counter), 0, range(inputs.latents.shape[0]))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype != torch.float32):
                 loss, _ = flow_loss(dit, inputs, sampler=self.sampler, weighting=self.weighting,
                                     cfg=self.train_cfg, generators=generators)

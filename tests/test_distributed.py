@@ -183,21 +183,21 @@ def test_a_failing_process_fails_the_run_naming_it(dataset, tiny_model, tmp_path
 
 
 def test_a_samples_draws_depend_on_its_place_not_on_its_batch():
-    """σ, noise and caption dropout of the sample at place 1 are the same in a batch of two and alone (as
-    process 1's slice), and differ at another step or micro-batch."""
+    """σ and noise of the sample at place 1 of a step are the same in a batch of two and alone (as process 1's
+    slice, or as a second micro-batch of one), and differ at another step or another place."""
     from anima_core.config.schema import TrainingTable
     from anima_core.training.flow import TIMESTEP_SAMPLERS
     from anima_core.training.step import sample_generators
 
     cfg = TrainingTable()
 
-    def draws(step, micro, places):
+    def draws(step, places):
         return [(TIMESTEP_SAMPLERS["logit_normal"](1, cfg, g, (8, 8)), torch.randn(16, 8, 8, generator=g))
-                for g in sample_generators(7, step, micro, places)]
+                for g in sample_generators(7, step, places)]
 
-    together, alone = draws(3, 0, [0, 1])[1], draws(3, 0, [1])[0]
+    together, alone = draws(3, [0, 1])[1], draws(3, [1])[0]
     assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
-    assert not torch.equal(draws(4, 0, [1])[0][1], alone[1]) and not torch.equal(draws(3, 1, [1])[0][1], alone[1])
+    assert not torch.equal(draws(4, [1])[0][1], alone[1]) and not torch.equal(draws(3, [2])[0][1], alone[1])
 
 
 def test_validate_refuses_what_several_processes_cannot_do(tmp_path, tiny_model):

@@ -72,7 +72,7 @@ def step_inputs(batch: int = 2, device: str = "cpu") -> StepInputs:
 def loss_of(dit: AnimaDiT, inputs: StepInputs, seed: int = 5) -> torch.Tensor:
     cfg = TrainingTable()
     loss, _ = flow_loss(dit, inputs, sampler=TIMESTEP_SAMPLERS["logit_normal"], weighting=LOSS_WEIGHTINGS["uniform"],
-                        cfg=cfg, generators=sample_generators(seed, 0, 0, range(inputs.latents.shape[0])))
+                        cfg=cfg, generators=sample_generators(seed, 0, range(inputs.latents.shape[0])))
     return loss
 
 

@@ -59,7 +59,7 @@ def test_flow_loss_is_the_spec_formula(dit):
     per_sample = iter(sigmas.clone())  # the sampler is asked once per sample
     loss, drawn = flow_loss(recording, inputs, sampler=lambda n, cfg, gen, hw: next(per_sample).reshape(n),
                             weighting=weight_cosmap, cfg=TrainingTable(loss_type="l2"),
-                            generators=sample_generators(3, 0, 0, range(batch)))
+                            generators=sample_generators(3, 0, range(batch)))
     (x, timesteps), = recording.calls
     assert torch.equal(drawn, sigmas) and torch.equal(timesteps, sigmas)
     x_sigma, s = x.squeeze(2), sigmas.view(-1, 1, 1, 1)
@@ -87,7 +87,7 @@ def test_the_text_masks_reach_the_dit(dit):
                             torch.cat([ids, torch.randint(2, 200, (1, extra), generator=g)], dim=1), mask,
                             torch.ones(1), None)
         return flow_loss(dit, inputs, sampler=lambda n, cfg, gen, hw: torch.tensor([0.5]),
-                         weighting=weight_cosmap, cfg=TrainingTable(), generators=sample_generators(2, 0, 0, [0]))[0]
+                         weighting=weight_cosmap, cfg=TrainingTable(), generators=sample_generators(2, 0, [0]))[0]
 
     torch.testing.assert_close(loss_with_padding(2), loss_with_padding(5), rtol=1e-5, atol=1e-6)
 
@@ -103,7 +103,7 @@ def test_a_dropped_caption_is_the_empty_captions_encoding(text_encoder):
     states, qwen_mask, t5_ids, t5_mask = text_encoder.encode(captions, 16, 16)
     empty = text_encoder.encode([""], 16, 16)
     inputs = StepInputs(torch.zeros(8, 16, 2, 2), states, qwen_mask, t5_ids, t5_mask, torch.ones(8), None)
-    out = drop_captions(inputs, 0.5, sample_generators(0, 0, 0, range(8)))
+    out = drop_captions(inputs, 0.5, sample_generators(0, 0, range(8)))
     fields = ("qwen_states", "qwen_mask", "t5_ids", "t5_mask")
     dropped = [i for i in range(8) if not torch.equal(out.t5_ids[i], t5_ids[i])]
     assert 0 < len(dropped) < 8  # each sample decided by itself
@@ -111,4 +111,4 @@ def test_a_dropped_caption_is_the_empty_captions_encoding(text_encoder):
         for name, reference in zip(fields, empty if i in dropped else (states, qwen_mask, t5_ids, t5_mask)):
             row = reference[0] if i in dropped else reference[i]
             assert torch.equal(getattr(out, name)[i], row), (i, name)
-    assert torch.equal(drop_captions(inputs, 0.0, sample_generators(0, 0, 0, range(8))).t5_ids, t5_ids)
+    assert torch.equal(drop_captions(inputs, 0.0, sample_generators(0, 0, range(8))).t5_ids, t5_ids)

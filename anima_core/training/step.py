@@ -2,8 +2,9 @@
 
 Every random draw for a sample (caption dropout, σ, noise, input perturbation) comes from that sample's own
 generator, seeded by (seed, step, the sample's place among the step's samples). A sample therefore gets the
-same draws whichever process trains it and whatever else shares its batch: the result does not depend on
-the number of processes (see training/distributed.py).
+same draws whichever process trains it, whatever else shares its batch and however the step's samples are
+split into accumulated micro-batches: the result does not depend on the number of processes (see
+training/distributed.py), and batch 1 × 2 accumulated micro-batches draws what batch 2 draws.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ class StepInputs:
     alpha_masks: torch.Tensor | None  # B×1×H×W in pixels, or None
 
 
-def sample_generators(seed: int, step: int, micro: int, positions: Iterable[int]) -> list[torch.Generator]:
-    """One generator per sample, seeded by (seed, step, micro-batch, place in the global batch);
-    SeedSequence mixes them so that nearby keys give unrelated streams."""
+def sample_generators(seed: int, step: int, places: Iterable[int]) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, step, place among the step's samples: the samples planned
+    in the step's earlier micro-batches plus the place in its global batch); SeedSequence mixes them so that
+    nearby keys give unrelated streams. (The 0 stands where the micro-batch's number once was: steps of one
+    micro-batch keep the draws they had.)"""
     generators = []
-    for position in positions:
-        state = np.random.SeedSequence([seed % 2**64, step, micro, position]).generate_state(2, np.uint32)
+    for place in places:
+        state = np.random.SeedSequence([seed % 2**64, step, 0, place]).generate_state(2, np.uint32)
         generators.append(torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1))
     return generators
 

@@ -454,15 +454,16 @@ class Trainer:
             masks = masks.unsqueeze(1)
         return StepInputs(latents, qwen_states, qwen_mask, t5_ids, t5_mask, batch.loss_weights.float(), masks)
 
-    def _micro_step(self, batch, step: int, micro: int, planned: int):
+    def _micro_step(self, batch, step: int, micro: int, first_place: int, planned: int):
         """This process's part of one global batch of ``planned`` samples: forward and backward of its
         slice, the loss scaled by the slice's share of the batch (the processes' gradients are summed).
-        Returns (the scaled loss, [(image, σ)])."""
+        ``first_place``: the samples planned in the step's earlier micro-batches (a sample's draws are seeded
+        by its place among the step's samples). Returns (the scaled loss, [(image, σ)])."""
         t = self.profile.training
         torch.manual_seed(step_seed(t.seed, step, micro))  # LoRA dropouts draw from the global RNG
         if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
             return torch.zeros((), device=self.device), []
-        generators = sample_generators(t.seed, step, micro, batch.positions)
+        generators = sample_generators(t.seed, step, [first_place + p for p in batch.positions])
         inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generators)
         batch_size, _, h, w = inputs.latents.shape
         self.tflop_done += step_tflop(self.dit.config, latent_hw=(h, w), text_tokens=inputs.t5_ids.shape[1],
@@ -602,7 +603,7 @@ class Trainer:
         params = self.network.trainable_parameters()
         self.stop_reason = None
         started, first_step, losses = time.monotonic(), progress.step, []
-        micro_losses, samples = [], []
+        micro_losses, samples, placed = [], [], 0  # placed: samples planned in the step's micro-batches so far
         self.progress = progress  # a failure's run_end names its step
         batches = self._batches(progress)
         with self.display:
@@ -610,7 +611,8 @@ class Trainer:
                 epoch, index, batch, planned = item
                 if progress.step >= self.total_steps:
                     break
-                loss, drawn = self._micro_step(batch, progress.step, len(micro_losses), planned)
+                loss, drawn = self._micro_step(batch, progress.step, len(micro_losses), placed, planned)
+                placed += planned
                 micro_losses.append(loss)
                 samples += drawn
                 progress.epoch, progress.batch_in_epoch = epoch, index + 1
@@ -618,7 +620,7 @@ class Trainer:
                 if len(micro_losses) < accum and not epoch_done:
                     continue
                 report = self._step_report(micro_losses, samples)
-                micro_losses, samples = [], []
+                micro_losses, samples, placed = [], [], 0
                 # fp16 steps anyway: its gradient scaler skips non-finite updates and lowers the scale.
                 finite_loss = math.isfinite(report.loss)
                 norm = self._optimizer_step(params) if finite_loss or self.precision == "fp16" else math.nan
