@@ -53,6 +53,9 @@ class Batch:
     bucket: tuple[int, int]  # (w, h)
     index: int  # position in the epoch; batches whose every sample failed are left out, so count by this
     positions: list[int]  # each sample's place in the planned (global) batch; seeds its random draws
+    # the dataset's network_multiplier: the LoRA is applied at this strength for this batch's forward and
+    # backward. A planned batch never mixes datasets, so one value holds for all of its samples.
+    network_multiplier: float = 1.0
 
 
 SampleId = tuple[int, int, int]  # dataset, image entry, repeat
@@ -421,6 +424,7 @@ class TrainingData:
             bucket=planned.bucket,
             index=k,
             positions=positions,
+            network_multiplier=float(ds.spec.network_multiplier),
         )
         return batch, failures
 

@@ -49,6 +49,7 @@ from anima_core.training.events import EventLog, make_run_dir
 from anima_core.training.flops import matmul_tflops, step_tflop
 from anima_core.training.memory import apply_memory_strategies
 from anima_core.training.metadata import save_metadata, training_metadata
+from anima_core.training.network import applied_at, refuse_unsupported_multipliers
 from anima_core.training.ema import build_ema
 from anima_core.training.optim import apply_max_norm, create_fused_backward_optimizer, create_optimizer, eval_weights, train_mode
 from anima_core.training.planner import format_measured, format_plan, plan
@@ -306,6 +307,7 @@ class Trainer:
         train_te = not self.profile.network.train_unet_only
         self.network = create(self.profile.network, dit=self.dit, text_encoder=self.text_encoder if train_te else None,
                               train_text_encoder=train_te)
+        refuse_unsupported_multipliers(self.network, self.profile.network.module, self.data)
         self.network.apply_to()
         if self.profile.network.weights:
             self.log(f"continuing from {self.profile.network.weights}")
@@ -464,15 +466,18 @@ class Trainer:
         if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
             return torch.zeros((), device=self.device), []
         generators = sample_generators(t.seed, step, [first_place + p for p in batch.positions])
-        inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generators)
-        batch_size, _, h, w = inputs.latents.shape
-        self.tflop_done += step_tflop(self.dit.config, latent_hw=(h, w), text_tokens=inputs.t5_ids.shape[1],
-                                      batch=batch_size, checkpointing=self.checkpointing)
-        with self.accelerator.autocast():
-            loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
-                                     generators=generators)
-        share = batch_size / planned
-        self.accelerator.backward(loss * (share / t.gradient_accumulation_steps))
+        # The LoRA (its text-encoder adapters too) at the batch's dataset network_multiplier for the batch's
+        # forward and backward (gradient checkpointing recomputes in backward), back at 1.0 after it.
+        with applied_at(self.network, batch.network_multiplier):
+            inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generators)
+            batch_size, _, h, w = inputs.latents.shape
+            self.tflop_done += step_tflop(self.dit.config, latent_hw=(h, w), text_tokens=inputs.t5_ids.shape[1],
+                                          batch=batch_size, checkpointing=self.checkpointing)
+            with self.accelerator.autocast():
+                loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
+                                         generators=generators)
+            share = batch_size / planned
+            self.accelerator.backward(loss * (share / t.gradient_accumulation_steps))
         return loss.detach() * share, list(zip(map(str, batch.paths), sigmas.tolist()))
 
     def _batches(self, progress: Progress):

@@ -5,7 +5,8 @@ and 800 of 1000, which for flow matching are σ = 0.2, 0.4, 0.6 and 0.8 (no shif
 whatever the training's σ sampling). Unlike sd-scripts, the noise is fixed per image: the held-out batches
 are always the same images in the same order (epoch 0 of the split's plan), and each batch's noise is seeded
 by the validation seed and its position, the same at every σ. Two evaluations of the same weights therefore
-give the same number, and a change between evaluations is the LoRA's doing, not the noise's.
+give the same number, and a change between evaluations is the LoRA's doing, not the noise's. Each batch is
+evaluated with the LoRA at its dataset's network_multiplier, the strength its images are trained at.
 
 An evaluation changes nothing in training: no gradients, its own generators, the global random streams
 restored afterwards, and the one model copy in forward-only mode (training/forward_only.py).
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from anima_core.training.forward_only import forward_only_mode, preserved_rng
+from anima_core.training.network import applied_at
 from anima_core.training.step import noised_loss
 
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)
@@ -53,14 +55,16 @@ def evaluate(trainer, data, *, seed: int, max_batches: int | None) -> Validation
         for index, batch in enumerate(data.epoch_batches(0)):
             if max_batches is not None and index >= max_batches:
                 break
-            inputs = trainer._inputs(batch)
-            size = inputs.latents.shape[0]
-            noise = torch.randn(inputs.latents.shape, generator=torch.Generator().manual_seed(noise_seed(seed, index)))
-            for sigma in VALIDATION_SIGMAS:
-                with trainer.accelerator.autocast():
-                    loss = noised_loss(trainer.dit, inputs, torch.full((size,), sigma), noise,
-                                       weighting=trainer.weighting, cfg=trainer.profile.training)
-                sums[sigma] += float(loss) * size
+            # held-out images of a dataset are judged at the network_multiplier they are trained at
+            with applied_at(trainer.network, batch.network_multiplier):
+                inputs = trainer._inputs(batch)
+                size = inputs.latents.shape[0]
+                noise = torch.randn(inputs.latents.shape, generator=torch.Generator().manual_seed(noise_seed(seed, index)))
+                for sigma in VALIDATION_SIGMAS:
+                    with trainer.accelerator.autocast():
+                        loss = noised_loss(trainer.dit, inputs, torch.full((size,), sigma), noise,
+                                           weighting=trainer.weighting, cfg=trainer.profile.training)
+                    sums[sigma] += float(loss) * size
             images += size
             batches += 1
     by_sigma = {sigma_label(s): total / max(images, 1) for s, total in sums.items()}

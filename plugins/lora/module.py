@@ -107,7 +107,9 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._wrapped_forward(x)
-        if self.merged or self.multiplier == 0:
+        # At multiplier 0 the branch adds nothing; in training it still runs, as in sd-scripts, so a batch at
+        # network_multiplier 0 backpropagates zero gradients instead of a loss with no graph.
+        if self.merged or (self.multiplier == 0 and not torch.is_grad_enabled()):
             return out
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out

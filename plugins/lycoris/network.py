@@ -98,6 +98,11 @@ class AnimaLycorisNetwork(nn.Module):
             else:
                 del target.module.forward
 
+    def set_multiplier(self, multiplier: float) -> None:
+        """Every module's output scale (LyCORIS modules read ``multiplier`` in their forward)."""
+        for module in self.loras.values():
+            module.multiplier = multiplier
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
