@@ -90,7 +90,7 @@ class NvmlWatch:
         from anima_tui.system_stats import probe_system
 
         while not self._stop.wait(1.0):
-            self.readings.extend({"name": g.name, "used": g.used, "total": g.total, "util": g.util}
+            self.readings.extend({"name": g.name, "used": g.used, "total": g.total, "util": g.utilisation}
                                  for g in probe_system().gpus)
 
     def __enter__(self):
@@ -130,8 +130,9 @@ def run_variant(root: Path, model, variant: str, *, steps: int, tiny: bool) -> d
     steps_events = [e for e in events if e.get("type") == "step"]
     peaks = [e["vram_peak"] for e in steps_events if e.get("vram_peak") is not None]
     checks = [e.get("message") for e in events if "self-check" in str(e.get("message", ""))]
-    # the steps after the first two (the first pays for allocations and autotuning; a preview may follow one)
-    step_times = sorted(e["s_per_it"] for e in steps_events[2:] if e.get("s_per_it"))
+    # Gaps between consecutive step events (s_per_it is the run's average so far, first step and previews
+    # included); the median leaves out the first step's allocations and the steps that rendered previews.
+    step_times = sorted(b["time"] - a["time"] for a, b in zip(steps_events[1:], steps_events[2:]))
     notes = [e["message"] for e in events if e.get("type") in ("log", "warning")
              and any(w in e.get("message", "") for w in ("bucket", "peak", "predicted", "steps/s", "model math", "DiT:"))]
     lora = Path(end["lora"]) if end and end.get("lora") else None

@@ -48,3 +48,41 @@ def test_tiny_bench_prints_a_row_per_setting_with_finite_numbers(bench, tmp_path
 def test_unknown_setting_is_refused(bench):
     with pytest.raises(SystemExit, match="unknown setting"):
         bench.parse_setting("plain+fast")
+
+
+def test_a_failing_setting_costs_only_its_own_row(bench, monkeypatch, capsys):
+    real_run = bench.Bench.run
+
+    def run(self, name):
+        if name == "gc":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(self, name)
+
+    monkeypatch.setattr(bench.Bench, "run", run)
+    rows = bench.main(["--tiny", "--steps", "1", "--settings", "plain,gc,unsloth"])
+    assert [r.setting for r in rows] == ["plain", "unsloth"]
+    assert "gc: FAILED" in capsys.readouterr().err
+
+
+def load_script(monkeypatch, name):
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_size_script_trains_saves_and_checks_through_the_cli(monkeypatch, tmp_path):
+    """The GPU end-to-end script's own path on the tiny model: a run through the command line in two buckets,
+    previews, the post-save self-check and lora-info's ComfyUI verdict all read back from the run's files."""
+    script = load_script(monkeypatch, "real_size_run")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (result,) = script.main(["--tiny", "--root", str(tmp_path), "--steps", "2", "--per-bucket", "1",
+                             "--variants", "swap18"])
+    assert result["returncode"] == 0, result["output_tail"]
+    assert result["run_end"]["status"] == "finished" and result["run_end"]["floor_fraction"] > 0
+    assert result["step_events"] == 2
+    assert any("2 bucket(s)" in line for line in result["log"])
+    assert len(result["previews"]) == 2
+    assert "self-check ok" in result["self_check"][0]
+    assert result["lora_info"] == ["ComfyUI would load every key."]

@@ -121,6 +121,23 @@ def test_predictions_match_the_sd_scripts_anchors(memory, measured):
     assert training_peak(profile(memory)) == pytest.approx(measured, rel=0.05)
 
 
+@pytest.mark.parametrize(
+    "optimizer,memory,measured",
+    [
+        ("AdamW8bit", {"gradient_checkpointing": True}, 12.94),
+        ("AdamW", {"gradient_checkpointing": True, "blocks_to_swap": 18}, 10.80),
+    ],
+)
+def test_sampling_peak_matches_the_real_size_runs_on_the_h200(optimizer, memory, measured):
+    """bench/RESULTS.md: `bench/real_size_run.py` on an H200 (1024² previews, LoRA 16 on the default targets);
+    the run's peak is the preview's VAE decode beside everything training keeps resident."""
+    prof = profile(memory, network={"args": {}}, optimizer={"optimizer_type": optimizer},
+                   sampling={"sample_prompts": "p.txt"})
+    lora_params = network_parameter_count(prof, meta_dit(DiTConfig()), create=create_network)
+    phases = plan(prof, DiTConfig(), lora_params=lora_params).phases
+    assert next(ph for ph in phases if ph.name == "sampling").peak / GIB == pytest.approx(measured, rel=0.10)
+
+
 def test_activations_grow_with_batch_and_resolution():
     base = training_peak(profile())
     assert training_peak(profile(dataset={"train_batch_size": 2})) > base

@@ -22,9 +22,14 @@ gradient and AdamW bytes (4.24 GiB) leaves ``28·P + R = 14.16 GiB`` and ``28·U
 U = 16 MiB; solving gives ``P = 31.4·U`` (so ``a ≈ 22.8``) and ``R ≈ 27.9·U``. The other three anchors check
 the model: unsloth 5.16 predicted vs 5.3 measured, swap 18 3.28 vs 3.2, swap 26 2.25 vs 2.2 (within 3%).
 
-Not calibrated (no anchor yet): the VAE's activation sizes while caching latents and decoding previews,
-the fp8 time cost, and the time costs used to rank settings (sd-scripts' measured ratios: unsloth 1.58×,
-checkpointing 2.05×, swap free up to ~65% of the blocks and +0.53 at the maximum).
+The VAE's working sets (bench/RESULTS.md, "VAE working sets"): decoding a 1024² preview took about 8.2 GiB on
+the H200 beside the resident weights in a real-size run (the run's peak, 10.80 GiB with 18 blocks swapped and
+12.94 GiB without, less the resident parts that differ by exactly the swapped blocks), about 22 full-resolution
+float maps of the widest stage's 96 channels; on the CPU a 512² decode peaked at 25 such maps and an encode at 13.
+The time costs that rank settings are our own step's on the H200 (bench/RESULTS.md, 1024², batch 1): unsloth
+1.37×, checkpointing 2.04×, fp8 1.22×, and block swap free up to 26 of 28 blocks (its copies overlap the blocks'
+compute). sd-scripts' are higher (unsloth 1.58×, checkpointing 2.05×, swap +0.53 at the maximum). Not measured:
+cpu_offload_checkpointing (estimated from its blocking copies).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ CONTEXT_ROWS = 512
 SAVED_D_UNITS = 22.8  # a: D-wide tensors each block saves for backward, besides the MLP's H-wide ones
 SAVED_CONTEXT_UNITS = 5.0  # k/v projections and k-norm internals over the 512 context rows
 RESIDUAL_UNITS = 27.9  # c: one block's backward working set plus tensors outside the blocks
-# Wan VAE: widest full-resolution stage 96 channels; about six such float maps alive at once (not calibrated).
-VAE_PEAK_CHANNELS = 6 * 96
+# Wan VAE: float maps of the widest full-resolution stage (96 channels) alive at the peak (see the docstring).
+VAE_ENCODE_PEAK_CHANNELS = 13 * 96
+VAE_DECODE_PEAK_CHANNELS = 22 * 96
 VAE_PARAMS = 126_892_531
 QWEN3_PARAMS = 596_049_920
 QWEN3_LORA_PARAMS_PER_RANK = 630_784
@@ -53,9 +59,9 @@ HEADROOM_GIB = 0.8
 
 SETTINGS_PHASES = ("training", "sampling")
 CHECKPOINTING_KINDS = ("none", "unsloth", "gradient", "cpu_offload")
-# Step time relative to no strategy, from the sd-scripts anchors (cpu_offload: blocking copies, estimated).
-_RELATIVE_TIME = {"none": 1.0, "unsloth": 1.58, "gradient": 2.05, "cpu_offload": 2.2}
-_FP8_TIME = 1.1  # dequantising each weight in forward and backward (estimate)
+# Step time relative to no strategy, measured on the H200 (cpu_offload: blocking copies, estimated).
+_RELATIVE_TIME = {"none": 1.0, "unsloth": 1.37, "gradient": 2.04, "cpu_offload": 2.2}
+_FP8_TIME = 1.22  # dequantising each weight in forward and backward
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "fp16": 2, "bf16": 2, "no": 4}
 
@@ -110,12 +116,9 @@ class Settings:
         return ", ".join(parts) or "no memory strategy"
 
     def relative_time(self, num_blocks: int) -> float:
-        """Estimated step time relative to no strategy (for ranking, see the module docstring)."""
-        time = _RELATIVE_TIME[self.checkpointing] * (_FP8_TIME if self.fp8_base else 1.0)
-        free = 0.65 * num_blocks
-        if self.blocks_to_swap > free:
-            time += 0.53 * (self.blocks_to_swap - free) / max(num_blocks - 2 - free, 1e-9)
-        return time
+        """Estimated step time relative to no strategy (for ranking, see the module docstring); swapped blocks
+        cost nothing measurable, so among equal times the fewest swapped blocks rank first."""
+        return _RELATIVE_TIME[self.checkpointing] * (_FP8_TIME if self.fp8_base else 1.0)
 
 
 @dataclass(frozen=True)
@@ -413,11 +416,11 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
     return Phase("training", parts)
 
 
-def _vae_activation_bytes(profile, width: int, height: int, batch: int) -> int:
+def _vae_activation_bytes(profile, width: int, height: int, batch: int, channels: int) -> int:
     pixels = width * height * batch
     if option(profile, "model", "vae_tiled", False):
         pixels = min(pixels, 512 * 512 * batch)
-    return VAE_PEAK_CHANNELS * pixels * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
+    return channels * pixels * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
 
 
 def _caching_phases(profile, width: int, height: int) -> list[Phase]:
@@ -430,7 +433,7 @@ def _caching_phases(profile, width: int, height: int) -> list[Phase]:
                 "caching latents",
                 {
                     "VAE weights": _file_params(profile, "vae", VAE_PARAMS) * vae_bytes,
-                    "VAE activations": _vae_activation_bytes(profile, width, height, batch),
+                    "VAE activations": _vae_activation_bytes(profile, width, height, batch, VAE_ENCODE_PEAK_CHANNELS),
                 },
                 calibrated=False,
             )
@@ -457,7 +460,7 @@ def _sampling_phase(profile, counts: ModelCounts, training: Phase, act_bytes: in
     forward = SAVED_D_UNITS * unit + 2 * tokens * counts.mlp_hidden * act_bytes
     vae_bytes = _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
     kept.setdefault("VAE weights", _file_params(profile, "vae", VAE_PARAMS) * vae_bytes)
-    kept["DiT forward / VAE decode working set"] = int(max(forward, _vae_activation_bytes(profile, width, height, 1)))
+    kept["DiT forward / VAE decode working set"] = int(max(forward, _vae_activation_bytes(profile, width, height, 1, VAE_DECODE_PEAK_CHANNELS)))
     return Phase("sampling", kept, calibrated=False)
 
 
