@@ -180,6 +180,15 @@ def test_cheapest_settings_that_fit():
     assert "caching latents alone may need" in format_plan(small)
 
 
+def test_a_gpu_plan_suggests_compiled_blocks_until_the_profile_has_them():
+    def notes(vram_gib, **model):
+        return plan(profile(model=model), DiTConfig(), vram_gib=vram_gib, lora_params=SD_SCRIPTS_LORA_16).notes
+
+    assert any("model.compile_blocks = true" in note for note in notes(80))
+    assert not any("compile_blocks" in note for note in notes(80, compile_blocks=True))
+    assert not any("compile_blocks" in note for note in notes(None))  # no card, no timing claim
+
+
 def test_overrides_name_only_what_changes():
     current = Settings("gradient")
     assert Settings("unsloth", 4).overrides(current) == [
