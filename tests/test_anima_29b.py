@@ -18,7 +18,7 @@ from training_helpers import make_run, read_events
 from anima_core.errors import ModelFileError
 from anima_core.models.dit import AnimaDiT, DiTConfig
 from anima_core.models.dit_loading import describe_dit, detect_dit_config, load_dit
-from anima_core.models.tiny import TINY_DIT, make_tiny_model, write_tiny_dit
+from anima_core.models.tiny import TINY_DIT, make_tiny_model, write_random_dit
 from anima_core.training import planner
 from anima_core.training.flops import step_tflop
 
@@ -53,7 +53,7 @@ def test_an_unknown_block_count_at_width_2048_names_both_releases(caplog):
 
 def test_rope_buffers_saved_by_sd_scripts_models_are_dropped_and_other_extras_still_refused(tmp_path):
     # sd-scripts' DiT registers its RoPE buffers as persistent (spec §1.3): files written by it carry them.
-    path = write_tiny_dit(tmp_path / "dit.safetensors")
+    path = write_random_dit(tmp_path / "dit.safetensors")
     tensors = load_file(path)
     with_buffers = {**tensors, "net.pos_embedder.seq": torch.arange(256.0),
                     "net.pos_embedder.dim_spatial_range": torch.arange(21.0),
@@ -89,7 +89,7 @@ def test_plan_and_flops_follow_the_block_count():
 def tiny_40(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny40")
     paths = make_tiny_model(root)
-    write_tiny_dit(paths.dit, config=TINY_40)
+    write_random_dit(paths.dit, config=TINY_40)
     return paths
 
 

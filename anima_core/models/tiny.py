@@ -61,7 +61,7 @@ def random_dit_state_dict(
     return model.state_dict()
 
 
-def write_tiny_dit(
+def write_random_dit(
     path: str | os.PathLike,
     config: DiTConfig = TINY_DIT,
     seed: int = 0,
@@ -137,7 +137,7 @@ def write_tiny_qwen3(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_tiny_vae(
+def write_random_vae(
     path: Path, seed: int = 0, *, base_dim: int = TINY_VAE_BASE_DIM, dtype: torch.dtype | None = None
 ) -> Path:
     """A VAE file in the released (Wan) naming (``base_dim`` 96 is the released size)."""
@@ -176,9 +176,9 @@ def make_tiny_model(
         qwen_tokenizer=directory / "qwen3",
         t5_tokenizer=directory / "t5_tokenizer",
     )
-    write_tiny_dit(paths.dit, seed=seed)
+    write_random_dit(paths.dit, seed=seed)
     write_tiny_qwen3(paths.qwen3, seed=seed)
-    write_tiny_vae(paths.vae, seed=seed)
+    write_random_vae(paths.vae, seed=seed)
     paths.t5_tokenizer.mkdir(exist_ok=True)
     copy_tokenizers(Path(tokenizer_source or PACKAGED_TOKENIZERS), paths.qwen_tokenizer, paths.t5_tokenizer)
     return paths
@@ -206,10 +206,10 @@ def make_full_size_model(
         qwen_tokenizer=directory / "qwen3_06b",
         t5_tokenizer=directory / "t5_old",
     )
-    write_tiny_dit(paths.dit, DiTConfig(), seed, dtype=torch.bfloat16, device=device)
+    write_random_dit(paths.dit, DiTConfig(), seed, dtype=torch.bfloat16, device=device)
     save_safetensors_atomic(random_qwen3_state_dict(QWEN3_06B_CONFIG, seed, std=0.02, dtype=torch.bfloat16),
                             paths.qwen3, metadata={"format": "pt"})
-    write_tiny_vae(paths.vae, seed, base_dim=FULL_VAE_BASE_DIM, dtype=torch.bfloat16)
+    write_random_vae(paths.vae, seed, base_dim=FULL_VAE_BASE_DIM, dtype=torch.bfloat16)
     paths.qwen_tokenizer.mkdir(exist_ok=True)
     paths.t5_tokenizer.mkdir(exist_ok=True)
     copy_tokenizers(Path(PACKAGED_TOKENIZERS), paths.qwen_tokenizer, paths.t5_tokenizer)
