@@ -15,12 +15,14 @@ tokens at the largest bucket, D = model width):
 * no checkpointing: ``N·P + R``; per-block checkpointing: ``N·U + P + R`` (the block inputs stay, one block
   is recomputed); CPU-offloaded or unsloth checkpointing: ``P + R`` (block inputs live in CPU memory).
 
-Calibration: ``a`` and ``c`` are the two unknowns of the two sd-scripts anchors in
-``shared/bench/ANCHORS.md`` measured without and with checkpointing (H200, 2B model, 1024², batch 1, LoRA
-rank 16 on the 280 default modules, AdamW, bf16; 18.4 and 5.6 GiB). Subtracting the exact weight, LoRA,
-gradient and AdamW bytes (4.24 GiB) leaves ``28·P + R = 14.16 GiB`` and ``28·U + P + R = 1.36 GiB`` with
-U = 16 MiB; solving gives ``P = 31.4·U`` (so ``a ≈ 22.8``) and ``R ≈ 27.9·U``. The other three anchors check
-the model: unsloth 5.16 predicted vs 5.3 measured, swap 18 3.28 vs 3.2, swap 26 2.25 vs 2.2 (within 3%).
+Calibration: ``a`` and ``c`` are the two unknowns of our own step measured on an H200 without and with
+checkpointing (bench/RESULTS.md: 2B model, 1024², batch 1, LoRA rank 16 on sd-scripts' 280 modules, AdamW,
+bf16; 18.26 and 5.33 GiB). Subtracting the exact weight, LoRA, gradient and AdamW bytes (4.24 GiB) leaves
+``28·P + R = 14.03 GiB`` and ``28·U + P + R = 1.10 GiB`` with U = 16 MiB; solving gives ``P = 31.7·U`` (so
+``a ≈ 23.1``) and ``R ≈ 10.4·U``. The other six rows check the model within 1% (swap 18 3.01 predicted vs 3.00
+measured, swap 26 1.98 vs 1.96, fp8 16.61 vs 16.53, batch 4 60.41 vs 60.21, batch 4 checkpointed 8.62 vs 8.61),
+except unsloth, 4.89 vs 5.17 (−5%: offloaded block inputs still in flight, not modelled; the headroom covers
+it). sd-scripts' own step needs more (its anchors, 18.4 and 5.6 GiB, gave ``R ≈ 27.9·U``).
 
 The VAE's working sets (bench/RESULTS.md, "VAE working sets"): decoding a 1024² preview took about 8.2 GiB on
 the H200 beside the resident weights in a real-size run (the run's peak, 10.80 GiB with 18 blocks swapped and
@@ -45,9 +47,9 @@ from anima_core.training.memory import option
 
 GIB = 2**30
 CONTEXT_ROWS = 512
-SAVED_D_UNITS = 22.8  # a: D-wide tensors each block saves for backward, besides the MLP's H-wide ones
+SAVED_D_UNITS = 23.1  # a: D-wide tensors each block saves for backward, besides the MLP's H-wide ones
 SAVED_CONTEXT_UNITS = 5.0  # k/v projections and k-norm internals over the 512 context rows
-RESIDUAL_UNITS = 27.9  # c: one block's backward working set plus tensors outside the blocks
+RESIDUAL_UNITS = 10.4  # c: one block's backward working set plus tensors outside the blocks
 # Wan VAE: float maps of the widest full-resolution stage (96 channels) alive at the peak (see the docstring).
 VAE_ENCODE_PEAK_CHANNELS = 13 * 96
 VAE_DECODE_PEAK_CHANNELS = 22 * 96
