@@ -1,6 +1,10 @@
 """Caching large datasets: compact exact in-memory caches, the memory plan, parallel = serial, progress, lazy models."""
 
+import pickle
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,6 +164,82 @@ def test_shares_divide_the_files_between_processes_without_overlap(tmp_path):
     again = FakeVAE()
     build_training_data(opts, base_dir=tmp_path).cache_latents(again, to_disk=True, batch_size=2, device="cpu")
     assert again.images_encoded == 0
+
+
+class _ThreadedGather:
+    """What ``Processes.exchange`` does between processes, between threads: every payload, pickled as
+    all_gather_object pickles it, handed to everyone in rank order."""
+
+    def __init__(self, world: int):
+        self.slots = [None] * world
+        self.meet = threading.Barrier(world, timeout=30)
+
+    def exchange(self, rank: int):
+        def exchange(payload):
+            self.slots[rank] = pickle.dumps(payload)
+            self.meet.wait()
+            gathered = [pickle.loads(b) for b in self.slots]
+            self.meet.wait()
+            return gathered
+        return exchange
+
+
+def test_in_memory_caching_divided_between_processes_gives_each_every_entry_bit_for_bit(tmp_path):
+    """Each of 2 processes encodes its share; both end with every cached entry exactly as one process caches
+    it (the same batches), an image that broke after the scan is skipped by both and reported by both, and
+    the progress counts every process's entries."""
+    _folder(tmp_path, [(64, 64), (80, 48), (96, 64), (64, 64), (48, 80), (64, 64), (64, 64)], repeats=2)
+    opts = _opts(tmp_path, train_batch_size=2, flip_aug=True, alpha_mask=True, qwen3_max_token_length=8,
+                 t5_max_token_length=6)
+    single, warned = build_training_data(opts, base_dir=tmp_path), []
+    divided = [build_training_data(replace(opts, num_processes=2, process_index=rank), base_dir=tmp_path)
+               for rank in range(2)]
+    (tmp_path / "2_chara" / "img5.png").write_bytes(b"broken after the scan")
+    single.on_warning = warned.append
+    single.cache_latents(FakeVAE(), to_disk=False, batch_size=1, device="cpu", workers=0)
+    single.cache_text(FakeTextEncoder(), to_disk=False, batch_size=1, workers=0)
+
+    gather_latents, gather_text = _ThreadedGather(2), _ThreadedGather(2)
+
+    def process(rank):
+        data = divided[rank]
+        warnings, seen, vae, encoder = [], [], FakeVAE(), FakeTextEncoder()
+        data.on_warning = warnings.append
+        data.cache_latents(vae, to_disk=False, batch_size=1, device="cpu", workers=0, share=(rank, 2),
+                           exchange=gather_latents.exchange(rank), progress=seen.append)
+        data.cache_text(encoder, to_disk=False, batch_size=1, workers=0, share=(rank, 2),
+                        exchange=gather_text.exchange(rank), progress=seen.append)
+        return data, warnings, seen, vae.images_encoded, len(encoder.captions_encoded)
+
+    with ThreadPoolExecutor(2) as pool:
+        processes = list(pool.map(process, range(2)))
+    assert [p[3] for p in processes] == [2 * 4, 2 * 2]  # images (and mirrors) 0, 2, 4, 6 and 1, 3 (5 broke)
+    assert [p[4] for p in processes] == [4, 3]
+    for data, warnings, seen, _, _ in processes:
+        assert warnings == warned and len(warned) == 1 and "img5.png" in warned[0]
+        assert data._broken == single._broken == {(0, 5)}
+        assert data._latents.keys() == single._latents.keys() and data._text.keys() == single._text.keys()
+        for key, (lat, flip, alpha) in single._latents.items():
+            mine = data._latents[key]
+            assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip((lat, flip, alpha), mine)), key
+        for key, cached in single._text.items():
+            assert all(torch.equal(a, b) and a.dtype == b.dtype
+                       for a, b in zip(cached.outputs.expand(), data._text[key].outputs.expand())), key
+        ends = [(p.phase, p.done, p.total, p.new, p.new_by_process) for p in seen if p.finished]
+        assert ends == [("latents", 7, 7, 7, [4, 3]), ("text", 7, 7, 7, [4, 3])]
+        assert seen[-1].fields()["new_by_process"] == [4, 3]
+    # one buffer per bucket still holds the bucket's entries, whichever process encoded them
+    def buffers(data):
+        return len({t.untyped_storage().data_ptr() for lat, flip, _ in data._latents.values() for t in (lat, flip)})
+
+    assert buffers(processes[0][0]) == buffers(processes[1][0]) == buffers(single) == len(single._bucket_samples(0))
+
+
+def test_in_memory_caching_divided_between_processes_needs_an_exchange(tmp_path):
+    _folder(tmp_path, [(64, 64)])
+    data = build_training_data(_opts(tmp_path), base_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs `exchange`"):
+        data.cache_latents(FakeVAE(), to_disk=False, batch_size=1, device="cpu", share=(0, 2))
 
 
 # ---- progress, lazy models, cheap reuse checks --------------------------------------------------

@@ -8,6 +8,9 @@ loaded only when something is left to encode.
 
 Multi-process training divides the work with `share=(rank, world_size)`: a process encodes only the cache
 files whose index (in a fixed order of files) is `rank` modulo `world_size`, so no file is written twice.
+In-memory caches are divided the same way over the fixed order of entries, and `exchange` (the processes'
+all-gather, `Processes.exchange`) hands every encode batch to every process as soon as it is encoded, so
+each process ends with every entry, bit for bit what it received (see `_in_step`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from anima_core.atomic import clean_leftovers, fsync_folders
 from anima_core.data import cache as caches
 from anima_core.data.buckets import crop_ltrb
 from anima_core.data.captions import fixed_caption
-from anima_core.data.compact import CachedText, Slabs, compact_text
+from anima_core.data.compact import CachedText, CompactText, Slabs, compact_text
 from anima_core.data.images import centre_framing, load_image
 from anima_core.data.progress import PhaseReporter, ProgressSink
 from anima_core.errors import DatasetError
@@ -38,6 +41,7 @@ from anima_core.errors import DatasetError
 log = logging.getLogger(__name__)
 
 Share = tuple[int, int]  # (rank, world_size)
+Exchange = Callable[[Any], list]  # this process's payload in, every process's payload (in rank order) out
 
 
 def default_workers() -> int:
@@ -69,6 +73,43 @@ def _in_share(paths: list[Path], share: Share) -> set[Path]:
     processes may be writing meanwhile), so the division is the same in every process."""
     rank, world = share
     return {p for n, p in enumerate(sorted(set(paths))) if n % world == rank}
+
+
+def _my_entries(items: list, share: Share, exchange: Exchange | None) -> list:
+    """In-memory caching divided among processes: every world-th entry of the fixed order, as for disk files."""
+    if exchange is None:
+        raise ValueError("in-memory caching divided among processes needs `exchange` to hand the shares around")
+    return [it for n, it in enumerate(items) if n % share[1] == share[0]]
+
+
+def _in_step(items: list, rounds: Iterator[list], exchange: Exchange, keep: Callable[[Any, Any], None],
+             reporter: PhaseReporter, rank: int) -> None:
+    """Encode this process's share batch by batch in step with the other processes: each round, every process
+    hands in what it encoded since the last one as [(index in `items`, result), ...] (None once it has
+    finished), gets everyone's, and keeps the others' results (its own were kept as they were encoded).
+    The rounds end when every process has finished; the reporter counts every process's entries, so the
+    main process reports the global count, and `new_by_process` says who encoded how many.
+
+    Why object collectives, one encode batch a round: they work unchanged on gloo and on NCCL (torch stages
+    the pickled bytes through the current CUDA device, which accelerate's PartialState sets per process),
+    while tensor collectives would need same-shaped tensors on the backend's device (cached rows differ in
+    shape and dtype from bucket to bucket and caption to caption, and are kept on the CPU). One encode
+    batch a round bounds each pickle by what `batch_size` already bounds (a few MB to tens of MB), so a
+    large dataset never needs one huge pickle, and the counts are global while encoding goes on. Results
+    are pickled tensors that own their data (`.clone()`): a view would carry its whole buffer."""
+    counts = reporter.by_process
+    mine = iter(rounds)
+    while True:
+        payload = next(mine, None)
+        gathered = exchange(payload)
+        if all(p is None for p in gathered):
+            return
+        for r, results in enumerate(gathered):
+            for n, result in results or ():
+                if r != rank:
+                    keep(items[n], result)
+            counts[r] += len(results or ())
+        reporter.advance(sum(len(results or ()) for results in gathered))
 
 
 def _parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
@@ -165,9 +206,11 @@ def cache_latents(
     device: Any,
     workers: int,
     share: Share = (0, 1),
+    exchange: Exchange | None = None,
     trust_existing: bool = False,
     progress: ProgressSink | None = None,
 ) -> None:
+    """`exchange`: with `share` and in memory, how the processes hand each other their encoded entries."""
     source = as_source(vae)
     items = []
     for part in parts:
@@ -183,27 +226,75 @@ def cache_latents(
         mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:
-        todo = [it for n, it in enumerate(items) if n % share[1] == share[0]]
-    by_bucket: dict[tuple[int, int], list[_LatentItem]] = {}
-    for it in todo:
-        by_bucket.setdefault(it.part.datasets[it.d].entries[it.i].placement.bucket, []).append(it)
+        todo = _my_entries(items, share, exchange)
+    by_bucket = _by_bucket(todo)
+    # in memory, one buffer per bucket sized for all its entries, whichever process encodes them
+    stores = None if to_disk else {bucket: _LatentStore(its) for bucket, its in _by_bucket(items).items()}
     reused = len(items) - len(todo) if to_disk else 0
-    reporter = PhaseReporter(progress, "latents", len(items) if share[1] == 1 else len(todo) + reused, reused=reused)
-    if todo:
+    in_step = not to_disk and share[1] > 1
+    total = len(items) if share[1] == 1 or in_step else len(todo) + reused
+    reporter = PhaseReporter(progress, "latents", total, reused=reused, world=share[1] if in_step else 1)
+    writers = None
+
+    def keep(it: _LatentItem, result) -> None:
+        if isinstance(result, str):
+            _latent_broken(it, result)
+        elif writers is not None:
+            e = it.part.datasets[it.d].entries[it.i]
+            writers.submit(it.path, _latent_write(it, e, *result))
+            it.part._latents[(it.d, it.i)] = it.path
+        else:
+            bucket = it.part.datasets[it.d].entries[it.i].placement.bucket
+            it.part._latents[(it.d, it.i)] = stores[bucket].add(*result)
+
+    def encoded() -> Iterator[list]:
+        """[(item, result), ...] per encode batch, each result kept as it comes."""
+        if not todo:
+            return
         model = source.load()
-        writers = _Writers(2) if to_disk else None
-        try:
-            with torch.no_grad():
-                for bucket, bucket_items in by_bucket.items():
-                    store = None if to_disk else _LatentStore(bucket_items)
-                    decoded = _parallel_map(_decode_for_latents, bucket_items, workers)
-                    for chunk in _chunks(decoded, batch_size):
-                        _encode_latent_chunk(model, chunk, device, writers, store)
-                        reporter.advance(len(chunk))
-        finally:
-            if writers is not None:
-                writers.close()
+        for bucket_items in by_bucket.values():
+            decoded = _parallel_map(_decode_for_latents, bucket_items, workers)
+            for chunk in _chunks(decoded, batch_size):
+                results = _encode_latent_chunk(model, chunk, device, in_memory=not to_disk)
+                for it, result in results:
+                    keep(it, result)
+                yield results
+
+    with torch.no_grad():
+        if in_step:
+            index = {id(it): n for n, it in enumerate(items)}
+            rounds = ([(index[id(it)], _owned(result)) for it, result in results] for results in encoded())
+            _in_step(items, rounds, exchange, keep, reporter, share[0])
+        else:
+            writers = _Writers(2) if to_disk and todo else None
+            try:
+                for results in encoded():
+                    reporter.advance(len(results))
+            finally:
+                if writers is not None:
+                    writers.close()
     reporter.finish()
+
+
+def _by_bucket(items: list[_LatentItem]) -> dict[tuple[int, int], list[_LatentItem]]:
+    by_bucket: dict[tuple[int, int], list[_LatentItem]] = {}
+    for it in items:
+        by_bucket.setdefault(it.part.datasets[it.d].entries[it.i].placement.bucket, []).append(it)
+    return by_bucket
+
+
+def _owned(result):
+    """A result to send: tensors that own their memory (a pickled view would carry its whole buffer)."""
+    if isinstance(result, str):
+        return result
+    if isinstance(result, CompactText):
+        return replace(result, **{f: getattr(result, f).clone() for f in ("states", "mask", "t5_ids", "t5_mask")})
+    return tuple(None if t is None else t.clone() for t in result)
+
+
+def _latent_broken(it: _LatentItem, message: str) -> None:
+    it.part._broken.add((it.d, it.i))
+    it.part._warn(message)
 
 
 def _latent_stale(it: _LatentItem, trust: bool) -> str | None:
@@ -281,6 +372,7 @@ class _LatentStore:
         self.alpha_rows = sum(it.key["alpha_mask"] for it in items)
 
     def add(self, latents: torch.Tensor, flipped: torch.Tensor | None, alpha: torch.Tensor | None):
+        """`alpha`: the uint8 mask (`_alpha_bytes`)."""
         if self.latents is None:
             self.latents = Slabs(tuple(latents.shape), torch.float32, self.rows)
         plain = self.latents.add(latents[None])[0]
@@ -288,23 +380,28 @@ class _LatentStore:
         if alpha is not None:
             if self.alpha is None:
                 self.alpha = Slabs(tuple(alpha.shape), torch.uint8, self.alpha_rows)
-            # alpha is uint8/255 exactly (images.load_image), so the round trip gives the same float32 values
-            alpha = self.alpha.add(alpha.mul(255.0).round_().to(torch.uint8)[None])[0]
+            alpha = self.alpha.add(alpha[None])[0]
         return plain, mirror, alpha
 
 
-def _encode_latent_chunk(vae: Any, chunk: list, device: Any, writers: _Writers | None, store: _LatentStore | None) -> None:
-    loaded, kept = [], []
+def _alpha_bytes(alpha: torch.Tensor | None) -> torch.Tensor | None:
+    # alpha is uint8/255 exactly (images.load_image), so the round trip gives the same float32 values
+    return None if alpha is None else alpha.mul(255.0).round_().to(torch.uint8)
+
+
+def _encode_latent_chunk(vae: Any, chunk: list, device: Any, *, in_memory: bool) -> list[tuple[_LatentItem, Any]]:
+    """(item, (latents, mirrored latents or None, alpha or None)) per image, or (item, warning) for an image
+    that cannot be loaded. In memory, alpha is the uint8 mask (`_LatentStore`); for disk, float32."""
+    results, loaded, kept = [], [], []
     for it, result in chunk:
         if isinstance(result, Exception):
             e = it.part.datasets[it.d].entries[it.i]
-            it.part._broken.add((it.d, it.i))
-            it.part._warn(f"{e.path}: skipped, cannot be loaded for latent caching ({result})")
+            results.append((it, f"{e.path}: skipped, cannot be loaded for latent caching ({result})"))
             continue
         loaded.append(result)
         kept.append(it)
     if not loaded:
-        return
+        return results
     dtype = getattr(vae, "dtype", torch.float32)
     pixels = torch.stack([p.pixels for p, _ in loaded]).to(device=device, dtype=dtype)
     latents = vae.encode(pixels).float().cpu()
@@ -316,12 +413,8 @@ def _encode_latent_chunk(vae: Any, chunk: list, device: Any, writers: _Writers |
     )
     for n, ((plain, mirror), it) in enumerate(zip(loaded, kept)):
         flip = next(flipped) if mirror is not None else None
-        if writers is not None:
-            e = it.part.datasets[it.d].entries[it.i]
-            writers.submit(it.path, _latent_write(it, e, latents[n], flip, plain.alpha))
-            it.part._latents[(it.d, it.i)] = it.path
-        else:
-            it.part._latents[(it.d, it.i)] = store.add(latents[n], flip, plain.alpha)
+        results.append((it, (latents[n], flip, _alpha_bytes(plain.alpha) if in_memory else plain.alpha)))
+    return results
 
 
 def _latent_write(it: _LatentItem, e, latents, flipped, alpha) -> Callable[[], None]:
@@ -375,9 +468,11 @@ def cache_text(
     batch_size: int,
     workers: int,
     share: Share = (0, 1),
+    exchange: Exchange | None = None,
     trust_existing: bool = False,
     progress: ProgressSink | None = None,
 ) -> None:
+    """`exchange`: with `share` and in memory, how the processes hand each other their encoded entries."""
     source = as_source(text_encoder)
     items = []
     for part in parts:
@@ -400,35 +495,58 @@ def cache_text(
         mine = _in_share([it.path for it in items], share)
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:
-        todo = [it for n, it in enumerate(items) if n % share[1] == share[0]]
+        todo = _my_entries(items, share, exchange)
     reused = len(items) - len(todo) if to_disk else 0
-    reporter = PhaseReporter(progress, "text", len(items) if share[1] == 1 else len(todo) + reused, reused=reused)
-    if todo:
+    in_step = not to_disk and share[1] > 1
+    total = len(items) if share[1] == 1 or in_step else len(todo) + reused
+    reporter = PhaseReporter(progress, "text", total, reused=reused, world=share[1] if in_step else 1)
+    slabs: dict[tuple[int, torch.dtype], Slabs] = {}
+
+    def slab_for(states: torch.Tensor) -> Slabs:
+        width = (states.shape[-1], states.dtype)
+        if width not in slabs:
+            slabs[width] = Slabs.of_bytes((states.shape[-1],), states.dtype)
+        return slabs[width]
+
+    def keep(it: _TextItem, compact: CompactText) -> None:  # another process's entry
+        compact = replace(compact, states=slab_for(compact.states).add(compact.states))
+        it.part._text[(it.d, it.i)] = CachedText(it.key["caption"], compact, None)
+
+    def encoded(writers: _Writers | None) -> Iterator[list]:
+        """[(item, CompactText or None when written to disk), ...] per encode batch, each kept as it comes."""
+        if not todo:
+            return
         encoder = source.load()
-        writers = _Writers(2) if to_disk else None
-        slabs: dict[tuple[int, torch.dtype], Slabs] = {}
         o = parts[0].opts
-        try:
-            with torch.no_grad():
-                for chunk in _chunks(todo, batch_size):
-                    outputs = encoder.encode([it.key["caption"] for it in chunk], o.qwen3_max_token_length, o.t5_max_token_length)
-                    outputs = tuple(t.detach().cpu() for t in outputs)
-                    for n, it in enumerate(chunk):
-                        row = tuple(t[n] for t in outputs)
-                        if writers is not None:
-                            writers.submit(it.path, _text_write(it, caches.text_row(*row)))
-                            it.part._text[(it.d, it.i)] = CachedText(it.key["caption"], None, it.path)
-                        else:
-                            states = row[0]
-                            width = (states.shape[-1], states.dtype)
-                            if width not in slabs:
-                                slabs[width] = Slabs.of_bytes((states.shape[-1],), states.dtype)
-                            compact = compact_text(*row, slabs[width])
-                            it.part._text[(it.d, it.i)] = CachedText(it.key["caption"], compact, None)
-                    reporter.advance(len(chunk))
-        finally:
-            if writers is not None:
-                writers.close()
+        for chunk in _chunks(todo, batch_size):
+            outputs = encoder.encode([it.key["caption"] for it in chunk], o.qwen3_max_token_length, o.t5_max_token_length)
+            outputs = tuple(t.detach().cpu() for t in outputs)
+            results = []
+            for n, it in enumerate(chunk):
+                row = tuple(t[n] for t in outputs)
+                if writers is not None:
+                    writers.submit(it.path, _text_write(it, caches.text_row(*row)))
+                    it.part._text[(it.d, it.i)] = CachedText(it.key["caption"], None, it.path)
+                    results.append((it, None))
+                else:
+                    compact = compact_text(*row, slab_for(row[0]))
+                    it.part._text[(it.d, it.i)] = CachedText(it.key["caption"], compact, None)
+                    results.append((it, compact))
+            yield results
+
+    with torch.no_grad():
+        if in_step:
+            index = {id(it): n for n, it in enumerate(items)}
+            rounds = ([(index[id(it)], _owned(c)) for it, c in results] for results in encoded(None))
+            _in_step(items, rounds, exchange, keep, reporter, share[0])
+        else:
+            writers = _Writers(2) if to_disk and todo else None
+            try:
+                for results in encoded(writers):
+                    reporter.advance(len(results))
+            finally:
+                if writers is not None:
+                    writers.close()
     reporter.finish()
 
 

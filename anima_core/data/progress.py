@@ -19,6 +19,7 @@ class PhaseProgress:
     reused: int  # items whose existing cache was kept (counted in `done`)
     elapsed_s: float
     finished: bool = False
+    new_by_process: list[int] | None = None  # in-memory caching divided among processes: who encoded how many
 
     @property
     def new(self) -> int:
@@ -38,6 +39,8 @@ class PhaseProgress:
     def fields(self) -> dict:
         """The fields of a `cache` event."""
         values = asdict(self)
+        if values["new_by_process"] is None:
+            del values["new_by_process"]
         values.update(new=self.new, rate=round(self.rate, 2), eta_s=None if self.eta_s is None else round(self.eta_s, 1))
         values["elapsed_s"] = round(self.elapsed_s, 2)
         return values
@@ -60,8 +63,12 @@ ProgressSink = Callable[[PhaseProgress], None]
 class PhaseReporter:
     """Counts one phase and calls the sink at its start, every `interval_s` and at its end."""
 
-    def __init__(self, sink: ProgressSink | None, phase: str, total: int, *, reused: int = 0, interval_s: float = 1.0):
+    def __init__(self, sink: ProgressSink | None, phase: str, total: int, *, reused: int = 0, interval_s: float = 1.0,
+                 world: int = 1):
+        """`world` > 1: the phase is divided among that many processes, counted in `by_process`."""
         self.sink = sink
+        self.world = world
+        self.by_process: list[int] | None = [0] * world if world > 1 else None
         self.phase = phase
         self.total = total
         self.done = self.reused = reused
@@ -73,7 +80,8 @@ class PhaseReporter:
     def _report(self, finished: bool) -> None:
         if self.sink is not None:
             elapsed = time.monotonic() - self.started
-            self.sink(PhaseProgress(self.phase, self.done, self.total, self.reused, elapsed, finished))
+            by_process = None if self.by_process is None else list(self.by_process)
+            self.sink(PhaseProgress(self.phase, self.done, self.total, self.reused, elapsed, finished, by_process))
 
     def advance(self, n: int = 1, *, reused: int = 0) -> None:
         self.done += n

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anima_core.data import cache as caches
 from anima_core.data import caching
-from anima_core.data.caching import Share
+from anima_core.data.caching import Exchange, Share
 from anima_core.data.captions import CaptionStep, process_caption, tag_frequency
 from anima_core.data.compact import CachedText, CompactText, stack_text
 from anima_core.data.config import resolve_datasets
@@ -285,6 +285,7 @@ class TrainingData:
         device: Any,
         workers: int | None = None,
         share: Share = (0, 1),
+        exchange: Exchange | None = None,
         trust_existing: bool = False,
         progress: ProgressSink | None = None,
     ) -> None:
@@ -292,7 +293,8 @@ class TrainingData:
 
         `vae`: the model, or a `caching.ModelSource` that loads it only if something is left to encode.
         `workers`: threads decoding images and checking disk caches (default: the CPUs; 0 or 1: none).
-        `share`: (rank, world_size), this process's part of the work (see `caching`).
+        `share`: (rank, world_size), this process's part of the work (see `caching`); in memory, `exchange`
+        (the processes' all-gather) then hands every process the others' parts.
         `trust_existing` (skip_cache_check): an existing disk cache file is used without checking its key.
         """
         parts = self._all_parts()
@@ -300,7 +302,7 @@ class TrainingData:
         caching.cache_latents(
             parts, vae, to_disk=to_disk, batch_size=batch_size, device=device,
             workers=caching.default_workers() if workers is None else workers, share=share,
-            trust_existing=trust_existing, progress=progress,
+            exchange=exchange, trust_existing=trust_existing, progress=progress,
         )
 
     def cache_text(
@@ -311,6 +313,7 @@ class TrainingData:
         batch_size: int,
         workers: int | None = None,
         share: Share = (0, 1),
+        exchange: Exchange | None = None,
         trust_existing: bool = False,
         progress: ProgressSink | None = None,
     ) -> None:
@@ -322,7 +325,7 @@ class TrainingData:
         caching.cache_text(
             parts, text_encoder, to_disk=to_disk, batch_size=batch_size,
             workers=caching.default_workers() if workers is None else workers, share=share,
-            trust_existing=trust_existing, progress=progress,
+            exchange=exchange, trust_existing=trust_existing, progress=progress,
         )
 
     # ---- epochs and batches ------------------------------------------------------------------

@@ -217,9 +217,7 @@ class Trainer:
             self.log(line)
 
     def _cache(self) -> None:
-        """Every process needs every cache. Disk caches are divided: each process encodes its share of the
-        files, and once all are written each reads the others' (the reuse check finds them fresh). In-memory
-        caches are built by every process for itself."""
+        """Every process needs every cache, and each encodes only its share (``_divided``)."""
         caching, model = self.profile.caching, self.profile.model
         vae_dtype = DTYPES[model.vae_dtype]
         te_dtype = self.text_encoder_dtype
@@ -238,9 +236,9 @@ class Trainer:
             identity = getattr(self.models, "vae_identity", None)  # without it, load first to learn the identity
             vae = ModelSource(identity(model, dtype=vae_dtype), str(vae_dtype), load_vae) if identity else load_vae()
             self.log("caching latents")
-            self._divided(placement.latents_to_disk, lambda share: self.data.cache_latents(
+            self._divided(placement.latents_to_disk, lambda share, exchange: self.data.cache_latents(
                 vae, to_disk=placement.latents_to_disk, batch_size=caching.vae_batch_size, device=self.device,
-                share=share, trust_existing=caching.skip_cache_check, progress=self._cache_progress))
+                share=share, exchange=exchange, trust_existing=caching.skip_cache_check, progress=self._cache_progress))
             del vae
             self._free()
             self.vae = None
@@ -250,20 +248,27 @@ class Trainer:
         self.text_encoder = self.models.load_text_encoder(model, dtype=te_dtype, device=self.device)
         if caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk:
             self.log("caching text-encoder outputs")
-            self._divided(placement.text_to_disk, lambda share: self.data.cache_text(
+            self._divided(placement.text_to_disk, lambda share, exchange: self.data.cache_text(
                 self.text_encoder, to_disk=placement.text_to_disk, batch_size=caching.text_encoder_batch_size,
-                share=share, trust_existing=caching.skip_cache_check, progress=self._cache_progress))
+                share=share, exchange=exchange, trust_existing=caching.skip_cache_check, progress=self._cache_progress))
             if not train_te:
                 self.text_encoder.model.to("cpu")
                 self._free()
 
     def _divided(self, to_disk: bool, cache) -> None:
-        """``cache(share)`` with this process's share of disk caching, then (after everyone's writes) all of it."""
+        """``cache(share, exchange)`` with this process's share. On disk, each process writes its share of the
+        files, and once all are written each reads the others' (the reuse check finds them fresh). In memory,
+        each encodes its share and the processes hand each other every encode batch as it is done."""
         processes = self.processes
-        if to_disk and processes.distributed:
-            cache((processes.index, processes.num_processes))
+        share = (processes.index, processes.num_processes)
+        if not processes.distributed:
+            cache(share, None)
+        elif to_disk:
+            cache(share, None)
             processes.exchange()
-        cache((0, 1))
+            cache((0, 1), None)
+        else:
+            cache(share, processes.exchange)
 
     def _cache_progress(self, progress: PhaseProgress) -> None:
         """Data phases (scan, cache checks, encoding) as `cache` events and console lines."""
