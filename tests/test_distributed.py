@@ -137,7 +137,13 @@ def test_stop_through_ctl_then_resume_is_exact_and_needs_the_same_process_count(
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output
-    end = read_events(run_dir)[-1]
+    events = read_events(run_dir)
+    # in-memory caches (the tiny profile's): each process encoded one of the 2 images and captions, and
+    # the main process reports both
+    finished = [(e["phase"], e["new"], e["total"], e["new_by_process"]) for e in events
+                if e["type"] == "cache" and e["phase"] in ("latents", "text") and e["finished"]]
+    assert finished == [("latents", 2, 2, [1, 1]), ("text", 2, 2, [1, 1])], finished
+    end = events[-1]
     assert end["type"] == "run_end" and end["status"] == "stopped" and "control file" in end["reason"], output
     stopped_at = end["step"]
     state = sorted((run_dir / "state").glob("step-*"))[-1]
