@@ -1,13 +1,17 @@
-"""`python -m distributed_worker PROFILE HOW`: a 2-process run where one process fails at its third step.
+"""`python -m distributed_worker PROFILE HOW`: a 2-process run where something goes wrong on purpose.
 
-HOW is `raise` (process 1 raises an error) or `exit` (process 0 vanishes, as if killed). Without a launcher's
-environment it starts itself twice through anima-train's launcher (as `anima-train run` does); each worker
-trains with the built-in plugins plus a loss weighting that fails as asked.
+HOW is `raise` (process 1 raises an error at its third step), `exit` (process 0 vanishes there, as if killed;
+both with the loss weighting `fails_on_purpose`) or `break` (with model.loader `breaks_img1`, process 1
+breaks img1.png of the dataset when it loads the VAE, after the scan). Without a launcher's environment it
+starts itself twice through anima-train's launcher (as `anima-train run` does); each worker trains with the
+built-in plugins plus those.
 """
 
 import os
 import sys
 from pathlib import Path
+
+from anima_plugins.anima_loader import AnimaLoader
 
 from anima_core.config import profile_from_dict
 from anima_core.config.load import read_profile_data
@@ -34,10 +38,26 @@ class FailingWeighting:
         register("fails_on_purpose", weighting)
 
 
+class BreaksImg1:
+    """The "anima" loader, but process 1 breaks img1.png of `train_data_dir` as it loads the VAE."""
+
+    class Loader(AnimaLoader):
+        def load_vae(self, model_cfg, *, dtype, device):
+            if os.environ["RANK"] == "1":
+                image = next(Path(os.environ["ANIMA_TEST_DATA"]).rglob("img1.png"))
+                image.write_bytes(b"not an image any more")
+            return super().load_vae(model_cfg, dtype=dtype, device=device)
+
+    @hookimpl
+    def register_model_loaders(self, register):
+        register("breaks_img1", self.Loader())
+
+
 def main(profile_path: str, how: str) -> int:
-    plugins = build_plugins(extra=(FailingWeighting(how),))
+    plugins = build_plugins(extra=(FailingWeighting(how), BreaksImg1()))
     path = Path(profile_path)
     profile = profile_from_dict(read_profile_data(path), source=str(path), base_dir=path.parent, plugins=plugins)
+    os.environ["ANIMA_TEST_DATA"] = str(profile.dataset.train_data_dir)
     if not under_launcher():
         run_dir = profile.saving.output_dir / "runs" / profile.logging.run_name
         return launch_workers(2, [profile_path, how], run_dir=run_dir, threads=1,

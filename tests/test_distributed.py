@@ -188,6 +188,26 @@ def test_a_failing_process_fails_the_run_naming_it(dataset, tiny_model, tmp_path
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
 
 
+def test_an_image_another_process_finds_broken_while_caching_is_reported_by_the_main_process(tmp_path, tiny_model):
+    """Process 1 finds img1 broken while caching its share in memory: both processes skip it, the main
+    process reports it, and the run trains on img0 alone."""
+    write_images(tmp_path / "data", count=2)
+    profile = write_profile(tmp_path, tiny_model, "broken", training={"max_train_steps": 1},
+                            model={"loader": "breaks_img1"})
+    tests = str(Path(__file__).parent)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [tests, ENV.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "distributed_worker", str(profile), "break"], env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    events = read_events(tmp_path / "out" / "runs" / "broken")
+    assert done.returncode == 0 and events[-1]["status"] == "finished", done.stdout + done.stderr
+    warnings = [e["message"] for e in events if e["type"] == "warning" and "img1.png" in e["message"]]
+    assert len(warnings) == 1 and "skipped, cannot be loaded for latent caching" in warnings[0], warnings
+    latents = next(e for e in events if e["type"] == "cache" and e["phase"] == "latents" and e["finished"])
+    assert latents["new_by_process"] == [1, 1]
+    (step,) = [e for e in events if e["type"] == "step"]
+    assert step["step"] == 1
+
+
 def test_a_samples_draws_depend_on_its_place_not_on_its_batch():
     """σ and noise of the sample at place 1 of a step are the same in a batch of two and alone (as process 1's
     slice, or as a second micro-batch of one), and differ at another step or another place."""

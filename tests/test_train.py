@@ -120,3 +120,29 @@ def test_signal_during_caching_stops_at_once_with_run_end(tmp_path, tiny_model):
     end = read_events(result.run_dir)[-1]
     assert end["type"] == "run_end" and end["status"] == "stopped" and "SIGTERM" in end["reason"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are given back
+
+
+def test_an_image_that_breaks_during_training_is_reported_in_the_run(tmp_path, tiny_model):
+    """img1 breaks after the scan (when the VAE loads, uncached): the steps that would train it skip it, and
+    the run says so once (warnings after start-up used to go nowhere)."""
+    from anima_plugins.anima_loader import AnimaLoader
+
+    from anima_core.hookspecs import hookimpl
+    from anima_core.plugins import build_plugins
+
+    class Breaks(AnimaLoader):
+        def load_vae(self, model_cfg, *, dtype, device):
+            (tmp_path / "data" / "2_tiny" / "img1.png").write_bytes(b"not an image any more")
+            return super().load_vae(model_cfg, dtype=dtype, device=device)
+
+    class Plugin:
+        @hookimpl
+        def register_model_loaders(self, register):
+            register("breaks", Breaks())
+
+    result = make_run(tmp_path, tiny_model, plugins=build_plugins(entry_points=False, extra=(Plugin(),)),
+                      model={"loader": "breaks"}, caching={"cache_latents": False},
+                      training={"max_train_steps": 2}).run()
+    assert result.status == "finished"
+    warnings = [e["message"] for e in read_events(result.run_dir) if e["type"] == "warning"]
+    assert len([w for w in warnings if "img1.png" in w and "skipped from now on" in w]) == 1, warnings

@@ -205,6 +205,8 @@ class Trainer:
                 self.scan_progress.append(progress)
 
         self.scan_progress: list[PhaseProgress] = []
+        self.data_warnings: list[str] = []  # a non-main process's, passed on with its next step report
+        self.reported_data_warnings: set[str] = set()
         self.data = build_training_data(data_options(self.profile, self.processes), base_dir=Path.cwd(),
                                         on_warning=self.startup_warnings.append, progress=show)
 
@@ -215,6 +217,19 @@ class Trainer:
             self.warn(message)
         for line in self.data.bucket_report():
             self.log(line)
+        for part in (self.data, self.data.validation):
+            if part is not None:
+                part.on_warning = self._data_warning
+
+    def _data_warning(self, message: str) -> None:
+        """A file that broke after the scan, found while caching or training. Only the main process writes
+        the run, so another process passes its warnings on with its next step report (``_step_report``);
+        the main process reports each once (several processes may find the same file)."""
+        if not self.processes.is_main:
+            self.data_warnings.append(message)
+        elif message not in self.reported_data_warnings:
+            self.reported_data_warnings.add(message)
+            self.warn(message)
 
     def _cache(self) -> None:
         """Every process needs every cache, and each encodes only its share (``_divided``)."""
@@ -522,8 +537,13 @@ class Trainer:
         """Every process's view of the step just computed, merged (before the optimizer step, which needs
         the loss of the whole global batch)."""
         mine = {"loss": float(torch.stack(micro_losses).sum()), "samples": samples,
-                "memory": {"device": str(self.device), **memory_stats(self.device)}}
+                "memory": {"device": str(self.device), **memory_stats(self.device)}, "warnings": self.data_warnings}
+        self.data_warnings = []
         reports = self.processes.exchange(mine)
+        if self.processes.is_main:
+            for report in reports[1:]:
+                for message in report["warnings"]:
+                    self._data_warning(message)
         return StepReport(
             loss=sum(r["loss"] for r in reports) / len(micro_losses),
             samples=[sample for r in reports for sample in r["samples"]],
