@@ -230,13 +230,9 @@ def cache_latents(
     by_bucket = _by_bucket(todo)
     # in memory, one buffer per bucket sized for all its entries, whichever process encodes them
     stores = None if to_disk else {bucket: _LatentStore(its) for bucket, its in _by_bucket(items).items()}
-    reused = len(items) - len(todo) if to_disk else 0
-    in_step = not to_disk and share[1] > 1
-    total = len(items) if share[1] == 1 or in_step else len(todo) + reused
-    reporter = PhaseReporter(progress, "latents", total, reused=reused, world=share[1] if in_step else 1)
-    writers = None
+    reporter = _reporter(progress, "latents", items, todo, to_disk, share)
 
-    def keep(it: _LatentItem, result) -> None:
+    def keep(it: _LatentItem, result, writers: _Writers | None = None) -> None:
         if isinstance(result, str):
             _latent_broken(it, result)
         elif writers is not None:
@@ -247,28 +243,47 @@ def cache_latents(
             bucket = it.part.datasets[it.d].entries[it.i].placement.bucket
             it.part._latents[(it.d, it.i)] = stores[bucket].add(*result)
 
-    def encoded() -> Iterator[list]:
+    def encoded(writers: _Writers | None) -> Iterator[list]:
         """[(item, result), ...] per encode batch, each result kept as it comes."""
-        if not todo:
-            return
         model = source.load()
         for bucket_items in by_bucket.values():
             decoded = _parallel_map(_decode_for_latents, bucket_items, workers)
             for chunk in _chunks(decoded, batch_size):
                 results = _encode_latent_chunk(model, chunk, device, in_memory=not to_disk)
                 for it, result in results:
-                    keep(it, result)
+                    keep(it, result, writers)
                 yield results
 
+    _encode_all(items, todo, encoded, to_disk=to_disk, share=share, exchange=exchange, keep=keep, reporter=reporter)
+
+
+def _reporter(progress: ProgressSink | None, phase: str, items: list, todo: list, to_disk: bool,
+              share: Share) -> PhaseReporter:
+    """Counts the encoding phase: every entry, or (caching to disk, divided) this process's share and what
+    is reused; in memory, divided, every process's entries."""
+    reused = len(items) - len(todo) if to_disk else 0
+    in_step = not to_disk and share[1] > 1
+    total = len(items) if share[1] == 1 or in_step else len(todo) + reused
+    return PhaseReporter(progress, phase, total, reused=reused, world=share[1] if in_step else 1)
+
+
+def _encode_all(items: list, todo: list, encoded: Callable[[_Writers | None], Iterator[list]], *, to_disk: bool,
+                share: Share, exchange: Exchange | None, keep: Callable[[Any, Any], None],
+                reporter: PhaseReporter) -> None:
+    """Run this process's encode batches (`encoded(writers)`, each kept as it comes) to their end: in step
+    with the other processes when an in-memory cache is divided, else alone, with background disk writes."""
+    def mine(writers: _Writers | None) -> Iterator[list]:
+        return encoded(writers) if todo else iter(())  # the model loads only for something to encode
+
     with torch.no_grad():
-        if in_step:
+        if not to_disk and share[1] > 1:
             index = {id(it): n for n, it in enumerate(items)}
-            rounds = ([(index[id(it)], _owned(result)) for it, result in results] for results in encoded())
+            rounds = ([(index[id(it)], _owned(result)) for it, result in results] for results in mine(None))
             _in_step(items, rounds, exchange, keep, reporter, share[0])
         else:
             writers = _Writers(2) if to_disk and todo else None
             try:
-                for results in encoded():
+                for results in mine(writers):
                     reporter.advance(len(results))
             finally:
                 if writers is not None:
@@ -496,10 +511,7 @@ def cache_text(
         todo = [it for it in todo if it.path in mine]
     elif share[1] > 1:
         todo = _my_entries(items, share, exchange)
-    reused = len(items) - len(todo) if to_disk else 0
-    in_step = not to_disk and share[1] > 1
-    total = len(items) if share[1] == 1 or in_step else len(todo) + reused
-    reporter = PhaseReporter(progress, "text", total, reused=reused, world=share[1] if in_step else 1)
+    reporter = _reporter(progress, "text", items, todo, to_disk, share)
     slabs: dict[tuple[int, torch.dtype], Slabs] = {}
 
     def slab_for(states: torch.Tensor) -> Slabs:
@@ -514,8 +526,6 @@ def cache_text(
 
     def encoded(writers: _Writers | None) -> Iterator[list]:
         """[(item, CompactText or None when written to disk), ...] per encode batch, each kept as it comes."""
-        if not todo:
-            return
         encoder = source.load()
         o = parts[0].opts
         for chunk in _chunks(todo, batch_size):
@@ -534,20 +544,7 @@ def cache_text(
                     results.append((it, compact))
             yield results
 
-    with torch.no_grad():
-        if in_step:
-            index = {id(it): n for n, it in enumerate(items)}
-            rounds = ([(index[id(it)], _owned(c)) for it, c in results] for results in encoded(None))
-            _in_step(items, rounds, exchange, keep, reporter, share[0])
-        else:
-            writers = _Writers(2) if to_disk and todo else None
-            try:
-                for results in encoded(writers):
-                    reporter.advance(len(results))
-            finally:
-                if writers is not None:
-                    writers.close()
-    reporter.finish()
+    _encode_all(items, todo, encoded, to_disk=to_disk, share=share, exchange=exchange, keep=keep, reporter=reporter)
 
 
 def _text_write(it: _TextItem, row: tuple[torch.Tensor, ...]) -> Callable[[], None]:
