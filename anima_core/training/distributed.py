@@ -15,6 +15,8 @@ How a run stays one run:
   with an empty slice must still take part, and it keeps memory strategies, block swap and compiled
   blocks out of the picture: they change how backward runs, not the gradients it leaves. The fused
   backward pass updates weights inside backward, before any sum, so it is refused with several processes.
+- Caching is divided: each process encodes its share of the images and captions; disk caches are then read
+  by all, in-memory ones handed around with ``exchange``, one encode batch a round (data/caching.py).
 - Once per step every process reports through ``exchange`` (stop/save requests, its loss, VRAM); all act on
   the merged report, so a stop or a save happens at the same step everywhere and is written once, by the
   main process (rank 0), which is the only one writing run files.
