@@ -1,6 +1,7 @@
 """Dataset configs, buckets and caption processing: pure logic, no images."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,10 @@ def test_json_config(tmp_path):
             "custom_attributes has no reader",
         ),
         (
+            "[[datasets]]\nresolution=512\n[[datasets.subsets]]\nimage_dir='a'\ncache_info=true\n",
+            "cache_info has no reader",
+        ),
+        (
             "[[datasets]]\nresolution=64\nenable_bucket=true\nmin_bucket_reso=32\n[[datasets.subsets]]\nimage_dir='a'\n",
             "min_bucket_reso 32 rounds down to 0",
         ),
@@ -200,6 +205,38 @@ def test_bucket_selection_and_resize():
     assert p.bucket == (256, 832) and p.resized == (256, 853)
     # the image fits 249.6x832 inside the bucket, centred
     assert crop_ltrb((256, 832), (300, 1000)) == (3, 0, 252, 832)
+
+
+def sd_scripts_make_bucket_resolutions(max_reso, min_size=256, max_size=1024, divisible=64):
+    """sd-scripts library/model_util.py make_bucket_resolutions, unchanged but for the names of its imports."""
+    max_width, max_height = max_reso
+    max_area = max_width * max_height
+    resos = set()
+    width = int(math.sqrt(max_area) // divisible) * divisible
+    resos.add((width, width))
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos.add((width, height))
+            resos.add((height, width))
+        width += divisible
+    resos = list(resos)
+    resos.sort()
+    return resos
+
+
+def test_bucket_limits_and_steps_shape_the_buckets():
+    """The dataset's min/max bucket side and step give sd-scripts' buckets; a 1000x600 image lands in its nearest."""
+    spec = _spec(min_bucket_reso=384, max_bucket_reso=768, bucket_reso_steps=128)
+    bucketer = Bucketer(spec)
+    assert bucketer.predefined == sd_scripts_make_bucket_resolutions((512, 512), 384, 768, 128)
+    assert bucketer.predefined != sd_scripts_make_bucket_resolutions((512, 512))
+    assert bucketer.place(1000, 600).bucket == (640, 384)
+    assert bucketer.place(600, 1000).bucket == (384, 640)
+    narrow = Bucketer(_spec(min_bucket_reso=256, max_bucket_reso=640, bucket_reso_steps=128))
+    assert narrow.predefined == sd_scripts_make_bucket_resolutions((512, 512), 256, 640, 128)
+    assert (256, 640) in narrow.predefined and (256, 1024) not in narrow.predefined
 
 
 def test_no_upscale_buckets():
@@ -264,6 +301,16 @@ def test_wildcards():
     assert lines == {"one", "two"}
 
 
+def test_caption_separator_splits_the_tags():
+    tags = "; ".join(f"t{i}" for i in range(8))
+    shuffled = {_cap(tags, seed=s, shuffle_caption=True, keep_tokens=1, caption_separator=";") for s in range(5)}
+    assert len(shuffled) > 1
+    for caption in shuffled:  # sd-scripts joins the shuffled tags with ", " whatever the separator
+        parts = caption.split(", ")
+        assert parts[0] == "t0" and sorted(parts) == sorted(tags.split("; "))
+    assert _cap(tags, shuffle_caption=True, keep_tokens=1) == tags  # "," finds one tag: nothing to shuffle
+
+
 def test_tag_dropout_keeps_fixed_tokens():
     assert _cap("a, b, c, d", caption_tag_dropout_rate=1.0, keep_tokens=1) == "a"
     outs = {_cap("a, b, c, d", seed=s, caption_tag_dropout_rate=0.5) for s in range(10)}
@@ -305,3 +352,77 @@ def test_dataset_defaults_are_the_profiles():
             name = renamed.get(f.name, f.name)
             if f.default is not MISSING and hasattr(options, name):
                 assert f.default == getattr(options, name), (spec.__name__, f.name)
+
+
+# ---- every key reaches the resolved spec -----------------------------------------------------------------
+
+# A value away from the default for every key the dataset config resolves (subset -> dataset -> [general]).
+CONFIG_VALUES = {
+    "batch_size": 3, "bucket_no_upscale": True, "bucket_reso_steps": 32, "enable_bucket": True, "max_bucket_reso": 1536,
+    "min_bucket_reso": 320, "validation_seed": 5, "validation_split": 0.25, "resolution": [512, 768],
+    "network_multiplier": 0.5, "resize_interpolation": "nearest", "color_aug": True, "flip_aug": True,
+    "num_repeats": 4, "random_crop": True, "shuffle_caption": True, "keep_tokens": 2, "keep_tokens_separator": "|||",
+    "secondary_separator": ";;;", "caption_separator": ";", "enable_wildcard": True, "token_warmup_min": 2,
+    "token_warmup_step": 10, "caption_prefix": "p", "caption_suffix": "s", "caption_dropout_every_n_epochs": 2,
+    "caption_dropout_rate": 0.5, "caption_tag_dropout_rate": 0.25, "caption_extension": ".cap", "class_tokens": "sks",
+}
+# Refused when set (test_bad_configs_are_refused_with_the_reason), or the subset's own structure (tested with images).
+NOT_RESOLVED = {"face_crop_aug_range", "custom_attributes", "cache_info", "image_dir", "is_reg", "metadata_file", "alpha_mask"}
+
+
+def _resolved(spec: DatasetSpec, key: str):
+    subset = spec.subsets[0]
+    value = getattr(subset, key) if hasattr(subset, key) else getattr(spec, key)
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("level", ["subset", "dataset", "general"])
+def test_every_dataset_config_key_reaches_the_resolved_spec(tmp_path, level):
+    from anima_core.data import config as dataset_config
+
+    allowed = {
+        "subset": {**dataset_config.SUBSET_ASCENDABLE_KEYS, **dataset_config.DREAMBOOTH_ASCENDABLE_KEYS},
+        "dataset": {**dataset_config.DATASET_KEYS, **dataset_config.SUBSET_ASCENDABLE_KEYS,
+                    **dataset_config.DREAMBOOTH_ASCENDABLE_KEYS},
+        "general": dataset_config.GENERAL_KEYS,
+    }[level]
+    every = set(dataset_config.GENERAL_KEYS) | set(dataset_config.DREAMBOOTH_SUBSET_ONLY_KEYS)
+    assert every - NOT_RESOLVED == set(CONFIG_VALUES), "give the new key a value in CONFIG_VALUES"
+    for key in sorted(set(allowed) - NOT_RESOLVED):
+        tables = {"general": {}, "dataset": {} if key == "resolution" else {"resolution": 512},
+                  "subset": {"image_dir": "a"}}
+        tables[level][key] = CONFIG_VALUES[key]
+        config = {"general": tables["general"], "datasets": [{**tables["dataset"], "subsets": [tables["subset"]]}]}
+        (spec,) = load_dataset_config(config, DataOptions(), tmp_path, "test")
+        assert _resolved(spec, key) == CONFIG_VALUES[key], f"{key} set in the {level} table"
+
+
+# A value away from the default for every [dataset] key of the profile.
+PROFILE_VALUES = {
+    **{k: v for k, v in CONFIG_VALUES.items() if k not in ("batch_size", "num_repeats", "network_multiplier", "class_tokens")},
+    "train_data_dir": "train", "reg_data_dir": "reg", "train_batch_size": 3,
+    "dataset_repeats": 4, "prior_loss_weight": 0.5, "alpha_mask": True, "max_data_loader_n_workers": 2,
+    "persistent_data_loader_workers": True, "bad_image_policy": "error",
+}
+
+
+def test_every_profile_dataset_key_reaches_the_data_options(tmp_path):
+    """profile [dataset] -> DataOptions -> the resolved dataset (where the key is a dataset or subset value)."""
+    from anima_core.config.schema import DatasetTable, Profile
+    from anima_core.data.config import resolve_datasets
+    from anima_core.training.trainer import data_options
+
+    # dataset_config replaces the folder form: tests/test_data_images.py::test_dataset_config_with_finetuning_metadata
+    assert set(PROFILE_VALUES) | {"dataset_config"} == set(DatasetTable.model_fields), "give the new key a value"
+    for folder in ("train/2_sks", "reg/1_person"):
+        (tmp_path / folder).mkdir(parents=True)
+    opts = data_options(Profile(dataset=DatasetTable(**PROFILE_VALUES)))
+    spec_names = {"train_batch_size": "batch_size"}
+    (spec,) = resolve_datasets(opts, tmp_path)[0]
+    for key, value in PROFILE_VALUES.items():
+        got = getattr(opts, key)
+        assert (list(got) if isinstance(got, tuple) else str(got) if isinstance(got, Path) else got) == value, key
+        name = spec_names.get(key, key)
+        if key != "dataset_repeats" and (hasattr(spec, name) or hasattr(spec.subsets[0], name)):
+            assert _resolved(spec, name) == value, f"{key} does not reach the resolved dataset"
+    assert [s.is_reg for s in spec.subsets] == [False, True]

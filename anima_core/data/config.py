@@ -298,6 +298,11 @@ def _check_dataset(spec: DatasetSpec, where: str, problems: list[str]) -> None:
             problems.append(f"{sw}: resize_interpolation '{s.resize_interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
         if s.face_crop_aug_range is not None:
             problems.append(f"{sw}: face_crop_aug_range is not supported by anima-train; remove it.")
+        if s.cache_info:
+            problems.append(
+                f"{sw}: cache_info has no reader in anima-train (sd-scripts writes the image sizes to a file to start "
+                "faster; anima-train reads every image at start); remove it or set it to false."
+            )
         if s.custom_attributes:
             problems.append(
                 f"{sw}: custom_attributes has no reader in anima-train (sd-scripts hands them only to training code "

@@ -209,7 +209,8 @@ _add("--validation_split", target="dataset.validation_split", convert=v.as_float
 _add("--validation_seed", target="dataset.validation_seed", convert=v.as_int)
 _add("--max_data_loader_n_workers", target="dataset.max_data_loader_n_workers", convert=v.as_int)
 _add("--persistent_data_loader_workers", "switch", "dataset.persistent_data_loader_workers")
-_add("--cache_info", "switch", ignored=HOST + " (anima-train keeps its own scan cache)")
+_add("--cache_info", "switch", ignored=HOST + " (sd-scripts writes the image sizes to a file to start faster; "
+     "anima-train reads every image at start)")
 _add("--face_crop_aug_range", ignored=UNSUPPORTED + " (face-centred crops)")
 _add("--in_json", ignored=UNSUPPORTED + " as a flag; put metadata_file in the dataset config")
 _add("--dataset_class", ignored=UNSUPPORTED + " (custom dataset classes)")
