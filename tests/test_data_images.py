@@ -299,6 +299,40 @@ def test_loader_workers_give_the_same_batches(tmp_path):
     )
     assert _same(list(workers.epoch_batches(0, 2)), list(inline.epoch_batches(0, 2)))
     assert _same(list(workers.epoch_batches(1)), list(inline.epoch_batches(1)))
+    # the batches came from worker processes, and the same workers served both epochs
+    assert inline._loader is None
+    assert (workers._loader.num_workers, workers._loader.persistent_workers) == (2, True)
+    first = workers._loader
+    list(workers.epoch_batches(2))
+    assert workers._loader is first
+    fresh = build_training_data(_opts(tmp_path, train_batch_size=2, max_data_loader_n_workers=1), base_dir=tmp_path)
+    list(fresh.epoch_batches(0))
+    first = fresh._loader
+    list(fresh.epoch_batches(1))
+    assert fresh._loader is not first  # without persistent workers each epoch starts its own
+
+
+def test_caption_extension_and_class_tokens_choose_the_caption(tmp_path):
+    """The caption is the file with caption_extension; an image without one is captioned with the class tokens."""
+    folder = _folder(tmp_path, [(64, 64), (64, 64)], name="sks girl", caption=None)
+    (folder / "img0.cap").write_text("from the cap file", encoding="utf-8")
+    (folder / "img0.txt").write_text("from the txt file", encoding="utf-8")
+    for extension, first in ((".cap", "from the cap file"), (".txt", "from the txt file")):
+        data = build_training_data(_opts(tmp_path, caption_extension=extension, enable_bucket=False), base_dir=tmp_path)
+        captions = {Path(p).name: c for b in data.epoch_batches(0) for p, c in zip(b.paths, b.captions)}
+        assert captions == {"img0.png": first, "img1.png": "sks girl"}, extension
+
+
+def test_resize_interpolation_is_the_named_filter(tmp_path):
+    """A 64x64 image trained at 32x32 is shrunk with the filter named (PIL's, as sd-scripts uses for these names)."""
+    _folder(tmp_path, [(64, 64)])
+    image = Image.open(next(tmp_path.rglob("*.png"))).convert("RGB")
+    for name, pil_filter in (("nearest", Image.Resampling.NEAREST), ("bicubic", Image.Resampling.BICUBIC), (None, Image.Resampling.BOX)):
+        data = build_training_data(_opts(tmp_path, resolution=32, enable_bucket=False, resize_interpolation=name),
+                                   base_dir=tmp_path)
+        (batch,) = list(data.epoch_batches(0))
+        expected = torch.from_numpy(np.array(image.resize((32, 32), pil_filter))).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.equal(batch.pixels[0], expected), name
 
 
 # ---- caches ------------------------------------------------------------------------------------
