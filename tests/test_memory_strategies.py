@@ -345,3 +345,37 @@ def test_fp8_computes_in_bf16():
     assert out.dtype == torch.bfloat16
     # Same bf16 weights and ops: identical up to bf16 rounding of the dequantisation product.
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("memory, enabled", [
+    ({}, []),
+    ({"gradient_checkpointing": True}, ["gradient_checkpointing"]),
+    ({"cpu_offload_checkpointing": True}, ["cpu_offload_checkpointing"]),
+    ({"unsloth_offload_checkpointing": True}, ["unsloth_offload_checkpointing"]),
+    ({"blocks_to_swap": 2}, ["blocks_to_swap"]),
+    ({"fp8_base": True}, ["fp8_base"]),
+    ({"fp8_base_unet": True}, ["fp8_base"]),  # sd-scripts' name for the same thing
+], ids=["none", "gradient_checkpointing", "cpu_offload_checkpointing", "unsloth_offload_checkpointing",
+        "blocks_to_swap", "fp8_base", "fp8_base_unet"])
+def test_each_memory_key_of_a_profile_enables_its_strategy(memory, enabled):
+    """The strategies a run applies are those whose key the profile sets (the trainer asks each `enabled`)."""
+    from anima_core.config.schema import Profile
+
+    prof = Profile.model_validate({"memory": memory})
+    chosen = [cls(prof) for cls in STRATEGIES if cls.enabled(prof)]
+    assert sorted(s.name for s in chosen) == enabled
+    if enabled == ["fp8_base"]:
+        dit = build_dit(2)
+        apply_memory_strategies(chosen, dit, device="cpu")
+        assert dict(dit.named_parameters())["blocks.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    if enabled in ([], ["gradient_checkpointing"]):  # checkpointing runs each block again in backward
+        dit, runs = build_dit(2), []
+
+        def innermost(index, block, x, *args):
+            runs.append(index)
+            return block(x, *args)
+
+        dit.set_block_runner(innermost)
+        apply_memory_strategies(chosen, dit, device="cpu")
+        train_step(dit, attach_lora(dit))
+        assert runs == ([0, 1, 1, 0] if enabled else [0, 1])
