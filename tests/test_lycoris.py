@@ -312,3 +312,44 @@ def test_sampling_merges_the_file_as_comfyui_and_removes_it_exactly(trained):
         assert all(torch.equal(after[k], v) for k, v in before.items())
     finally:
         trainer.network.apply_to()
+
+
+# arg -> (algo, value in the profile, the LyCORIS module keyword it must become)
+LIBRARY_KWARGS = {
+    "factor": ("lokr", 2, {"factor": 2}),
+    "decompose_both": ("lokr", True, {"decompose_both": True}),
+    "full_matrix": ("lokr", True, {"full_matrix": True}),
+    "unbalanced_factorization": ("lokr", True, {"unbalanced_factorization": True}),
+    "use_scalar": ("locon", True, {"use_scalar": True}),
+    "rs_lora": ("locon", True, {"rs_lora": True}),
+    "rank_dropout_scale": ("locon", True, {"rank_dropout_scale": True}),
+}
+
+
+def module_signature(module) -> tuple:
+    """What the args decide: the tensors' shapes, the scale, the trained scalar and the rank-dropout rescaling."""
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    scalar = getattr(module, "scalar", None)
+    return (shapes, float(getattr(module, "scale", 0.0)), getattr(module, "rank_dropout_scale", None),
+            None if scalar is None else (float(scalar.detach()), scalar.requires_grad))
+
+
+def test_lycoris_args_change_the_modules(tiny_model):
+    """Each LyCORIS arg reaches the library's module as the keyword LyCORIS itself takes: the network's module
+    equals one the library builds with that keyword, and differs from the one it builds without."""
+    from anima_core.config.schema import NetworkTable
+    from anima_core.models import load_dit
+    from anima_plugins.lycoris.network import create_network
+    from anima_plugins.lycoris.package import module_classes
+
+    dit = load_dit(tiny_model.dit, dtype=torch.float32)
+    for arg, (algo, value, library_kwargs) in LIBRARY_KWARGS.items():
+        network = create_network(NetworkTable(module="lycoris", dim=4, alpha=2.0, args={"algo": algo, arg: value}),
+                                 dit=dit, text_encoder=None, train_text_encoder=False)
+        target = network.targets[-1]
+        built = network.loras[target.name]
+        library = module_classes()[algo]
+        reference = library(target.name, target.module, multiplier=1.0, lora_dim=target.rank, alpha=2.0, **library_kwargs)
+        plain = library(target.name, target.module, multiplier=1.0, lora_dim=target.rank, alpha=2.0)
+        assert module_signature(built) == module_signature(reference), arg
+        assert module_signature(built) != module_signature(plain), f"{arg} changes nothing on {target.name}"
