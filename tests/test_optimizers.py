@@ -91,6 +91,24 @@ def test_ema_average_and_swap_are_exact():
     assert torch.equal(layer.weight, trained)
 
 
+def test_ema_options_set_the_decay_the_interval_and_the_device():
+    """The profile's EMA: shadow = decay·shadow + (1 − decay)·weight every ema_every_n_steps optimizer steps, kept
+    in CPU memory with ema_device = "cpu" and on the training device otherwise."""
+    from anima_core.training.ema import build_ema
+
+    layer = torch.nn.Linear(3, 2, bias=False)
+    start = layer.weight.detach().clone()
+    ema = build_ema(OptimizerTable(ema_decay=0.75, ema_every_n_steps=3, ema_device="cpu"), layer, torch.device("meta"))
+    assert ema.shadow["weight"].device.type == "cpu"
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert [ema.update(step) for step in (1, 2, 3)] == [False, False, True]
+    assert torch.allclose(ema.shadow["weight"], 0.75 * start + 0.25 * (start + 1.0))
+    on_device = build_ema(OptimizerTable(ema_decay=0.5), layer, torch.device("meta"))
+    assert on_device.shadow["weight"].device.type == "meta"
+    assert build_ema(OptimizerTable(), layer, torch.device("cpu")) is None
+
+
 def test_schedule_free_saves_its_eval_weights(tmp_path, tiny_model):
     trainer = make_run(tmp_path, tiny_model, optimizer={"optimizer_type": "AdamWScheduleFree"},
                        training={"max_train_steps": 2}, saving={"save_state": False})
