@@ -58,6 +58,7 @@ CASES = {
     "unet_lr": ({}, {"optimizer": {"unet_lr": 3e-3}}),
     "mlp_lr": ({}, {"optimizer": {"mlp_lr": 3e-3}}),
     "self_attn_lr": ({}, {"optimizer": {"self_attn_lr": 3e-3}}),
+    "cross_attn_lr": ({}, {"optimizer": {"cross_attn_lr": 3e-3}}),
     "max_grad_norm": ({}, {"optimizer": {"max_grad_norm": 1e-4}}),
     "optimizer_args.weight_decay": ({}, {"optimizer": {"optimizer_args": {"weight_decay": 0.9}}}),
     "flip_aug": ({}, {"dataset": {"flip_aug": True}}),
@@ -67,9 +68,13 @@ CASES = {
     "caption_suffix": ({}, {"dataset": {"caption_suffix": "sketch"}}),
     "shuffle_caption": ({}, SHUFFLED),
     "keep_tokens": (SHUFFLED, {"dataset": {"keep_tokens": 2}}),
+    # with ";" as the separator the captions are one tag each: nothing left to shuffle
+    "caption_separator": (SHUFFLED, {"dataset": {"caption_separator": ";"}}),
     "caption_tag_dropout_rate": ({}, {"dataset": {"caption_tag_dropout_rate": 0.5}}),
     "dataset.caption_dropout_rate": ({}, {"dataset": {"caption_dropout_rate": 0.5}}),
     "resolution": ({}, {"dataset": {"resolution": 32}}),
+    # square images in a 64x32 frame: the centre crop against a random one
+    "random_crop": ({"dataset": {"resolution": [64, 32]}}, {"dataset": {"random_crop": True}}),
 }
 
 
