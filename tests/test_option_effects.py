@@ -155,3 +155,179 @@ def test_model_compile_blocks_compiles_the_trainers_dit(tmp_path, tiny_model, mo
         assert result.status == "finished"
         assert len(compiled) == int(flag)
     assert all(block._compiled_call_impl is not None for block in compiled[0].blocks)
+
+
+def test_model_and_caching_options_reach_the_loaders(tmp_path, tiny_model, caplog, monkeypatch):
+    """One run through a recording model loader: model.loader picks it; the DiT, VAE and text encoder come with the
+    profile's dtypes, tokenizers, attention, VAE chunking and tiling; the caches encode vae_batch_size images and
+    text_encoder_batch_size captions per call; extra_strategies and full_bf16 reach the trained network."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from anima_plugins.anima_loader import AnimaLoader
+
+    calls: dict[str, list] = {"dit": [], "vae": [], "vae_batches": [], "text_batches": []}
+
+    class RecordingLoader(AnimaLoader):
+        def load_dit(self, model_cfg, *, dtype, device):
+            calls["dit"].append(dtype)
+            return super().load_dit(model_cfg, dtype=dtype, device=device)
+
+        def load_vae(self, model_cfg, *, dtype, device):
+            vae = super().load_vae(model_cfg, dtype=dtype, device=device)
+            calls["vae"].append((dtype, vae.identity()))
+            encode = vae.encode
+            vae.encode = lambda pixels: calls["vae_batches"].append(len(pixels)) or encode(pixels)
+            return vae
+
+        def load_text_encoder(self, model_cfg, *, dtype, device):
+            te = super().load_text_encoder(model_cfg, dtype=dtype, device=device)
+            calls["tokenizers"] = (Path(te.qwen_tokenizer.name_or_path), Path(te.t5_tokenizer.name_or_path))
+            encode = te.encode
+            te.encode = lambda captions, *a, **k: calls["text_batches"].append(len(captions)) or encode(captions, *a, **k)
+            return te
+
+    class Plugin:
+        @hookimpl
+        def register_model_loaders(self, register):
+            register("recording", RecordingLoader())
+
+    plugins = build_plugins(entry_points=False, extra=(Plugin(),))
+    qwen_copy = shutil.copytree(tiny_model.qwen_tokenizer, tmp_path / "qwen_tokenizer")  # not the one beside qwen3
+    t5_copy = shutil.copytree(tiny_model.t5_tokenizer, tmp_path / "t5_tokenizer")
+    monkeypatch.setattr("anima_core.models.attention.package_available", lambda module: False)
+    with caplog.at_level(logging.WARNING):
+        trainer = make_run(tmp_path, tiny_model, plugins=plugins, training={"max_train_steps": 1, "full_bf16": True},
+                           model={"loader": "recording", "qwen3_tokenizer": str(qwen_copy),
+                                  "t5_tokenizer": str(t5_copy), "transformer_dtype": "bfloat16", "vae_dtype": "bfloat16",
+                                  "vae_chunk_size": 16, "vae_tiled": True, "attn_mode": "flash", "split_attn": True},
+                           caching={"vae_batch_size": 2, "text_encoder_batch_size": 1},
+                           memory={"extra_strategies": ["gradient_checkpointing"]})
+        result = trainer.run()
+    assert result.status == "finished"
+    assert calls["dit"] == [torch.bfloat16]
+    assert calls["tokenizers"] == (qwen_copy, t5_copy)
+    ((vae_dtype, identity),) = calls["vae"]
+    assert vae_dtype == torch.bfloat16 and "chunk=16;tiled=True" in identity
+    assert calls["vae_batches"] == [2] and calls["text_batches"] == [1, 1]  # two images
+    cached = {e["phase"] for e in read_events(result.run_dir) if e["type"] == "cache" and e["finished"]}
+    assert {"latents", "text"} <= cached  # cache_latents and cache_text_encoder_outputs (the tiny profile's)
+    assert "flash-attn is not installed" in caplog.text  # flash asked for, SDPA used
+    assert all(block.self_attn.backend.split for block in trainer.dit.blocks)
+    assert [s.name for s in trainer.strategies] == ["gradient_checkpointing"]
+    assert {p.dtype for p in trainer.network.parameters()} == {torch.bfloat16}
+
+
+def run_with_console(root, tiny_model, **tables):
+    """make_run, printing to a captured console: (result, what it printed)."""
+    import io
+
+    from rich.console import Console
+
+    from anima_core.config import profile_from_dict
+    from anima_core.training.trainer import Trainer
+    from training_helpers import tiny_profile_data
+
+    write_images(root / "data")
+    plugins = build_plugins(entry_points=False)
+    out = io.StringIO()
+    console = Console(file=out, width=300, force_terminal=False)
+    trainer = Trainer(profile_from_dict(tiny_profile_data(root, tiny_model, **tables), plugins=plugins), plugins,
+                      console=console)
+    return trainer.run(), out.getvalue()
+
+
+def test_saving_options_shape_the_saved_file(tmp_path, tiny_model):
+    """Where the LoRA lands and what it holds: output_dir / output_name.safetensors in save_precision, the
+    modelspec and ss_ metadata keys sd-scripts writes for the metadata options, the run directory named run_name,
+    the newest keep_last_n_states states;
+    progress = "rich" draws a bar instead of the plain step lines."""
+    import re
+
+    from safetensors import safe_open
+
+    from anima_core.training.state import list_states
+
+    result, printed = run_with_console(
+        tmp_path, tiny_model, training={"max_train_steps": 3},
+        saving={"output_dir": str(tmp_path / "elsewhere"), "output_name": "mine", "save_precision": "fp16",
+                "save_every_n_steps": 1, "keep_last_n_states": 1,
+                "metadata_title": "Title", "metadata_author": "Author", "metadata_description": "About",
+                "metadata_license": "CC0", "metadata_tags": "a, b", "training_comment": "Comment"},
+        logging={"run_name": "named-run", "progress": "rich"})
+    assert result.lora_path == tmp_path / "elsewhere" / "mine.safetensors"
+    assert result.run_dir == tmp_path / "elsewhere" / "runs" / "named-run"
+    with safe_open(result.lora_path, "pt") as f:  # save_model_as: a safetensors file
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        meta = f.metadata()
+    assert dtypes == {torch.float16}
+    assert (meta["modelspec.title"], meta["modelspec.author"], meta["modelspec.description"], meta["modelspec.license"],
+            meta["modelspec.tags"], meta["ss_training_comment"]) == ("Title", "Author", "About", "CC0", "a, b", "Comment")
+    # save_state (on by default) wrote a resumable state with each save, of which keep_last_n_states = 1 keeps the last
+    assert [p.name for p in list_states(result.run_dir / "state")] == ["step-00000003"]
+    assert not re.search(r"step \d+/\d+ epoch", printed)  # the bar, not a plain line
+    assert "finished at step 3" in printed
+
+
+def test_epoch_options_set_the_length_the_saves_and_the_previews(tmp_path, tiny_model):
+    """Two images in two steps an epoch: max_train_epochs = 3 trains 6 steps whatever max_train_steps says; an
+    epoch save after epochs 1 and 2 of which save_last_n_epochs = 1 keeps the newer (sd-scripts removes the save
+    of epoch e - every x n); previews after epoch 2 and at the end; no_metadata leaves the essential keys; plain
+    progress prints every log_every_n_steps steps and the last; the run directory is named after output_name;
+    save_state = false writes no resumable state."""
+    from safetensors import safe_open
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1girl --w 32 --h 32 --s 1\n")
+    result, printed = run_with_console(
+        tmp_path, tiny_model, training={"max_train_steps": 100, "max_train_epochs": 3},
+        saving={"save_every_n_epochs": 1, "save_last_n_epochs": 1, "no_metadata": True, "training_comment": "x",
+                "save_state": False},
+        sampling={"sample_prompts": str(prompts), "sample_every_n_epochs": 2},
+        logging={"run_name": None, "progress": "plain", "log_every_n_steps": 4})
+    assert result.status == "finished" and result.step == 6
+    assert not list((result.run_dir / "state").iterdir())  # no resumable state, not even at the end
+    assert sorted(p.name for p in result.lora_path.parent.glob("*.safetensors")) == ["lora-000002.safetensors", "lora.safetensors"]
+    samples = [e for e in read_events(result.run_dir) if e["type"] == "sample"]
+    assert [(e["step"], e["epoch"]) for e in samples] == [(4, 2), (6, 3)]
+    with safe_open(result.lora_path, "pt") as f:
+        meta = f.metadata()
+    assert "ss_network_dim" in meta and "ss_training_comment" not in meta and "ss_learning_rate" not in meta
+    assert [line.split(" epoch")[0] for line in printed.splitlines() if line.startswith("step ")] == ["step 4/6", "step 6/6"]
+    assert result.run_dir.name.endswith("-lora") and result.run_dir.name != "run"
+
+
+def test_process_options_reach_the_process_group_and_torch(tmp_path, tiny_model, monkeypatch):
+    """training.device names the device (no CUDA is touched until the run starts); num_cpu_threads_per_process
+    sets torch's CPU threads; under a launcher, the process group is joined with
+    ddp_timeout minutes (accelerate's PartialState timeout, as sd-scripts passes --ddp_timeout)."""
+    from datetime import timedelta
+
+    import accelerate
+    import pytest
+
+    from anima_core.training import trainer as trainer_module
+
+    assert make_run(tmp_path / "gpu", tiny_model, training={"device": "cuda:1"}).device == torch.device("cuda:1")
+    trainer = make_run(tmp_path, tiny_model, training={"num_cpu_threads_per_process": 2, "ddp_timeout": 7})
+    assert trainer.device == torch.device("cpu")
+    threads = torch.get_num_threads()
+    try:
+        trainer._join_processes()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+    class Joined(Exception):
+        pass
+
+    def partial_state(**options):
+        raise Joined(options)
+
+    monkeypatch.setattr(trainer_module, "under_launcher", lambda: True)
+    monkeypatch.setattr(trainer_module, "worker_threads", lambda threads: None)
+    monkeypatch.setattr(accelerate, "PartialState", partial_state)
+    with pytest.raises(Joined) as joined:
+        trainer._join_processes()
+    assert joined.value.args[0]["timeout"] == timedelta(minutes=7)
