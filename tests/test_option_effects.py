@@ -331,3 +331,24 @@ def test_process_options_reach_the_process_group_and_torch(tmp_path, tiny_model,
     with pytest.raises(Joined) as joined:
         trainer._join_processes()
     assert joined.value.args[0]["timeout"] == timedelta(minutes=7)
+
+
+def test_skip_cache_check_makes_the_trainer_trust_disk_caches(tmp_path, tiny_model):
+    """caching.skip_cache_check: a text cache file whose caption has changed is re-encoded, unless the profile
+    says to trust existing files (as sd-scripts' --skip_cache_check does)."""
+    from anima_core.config import profile_from_dict
+    from anima_core.training.trainer import Trainer
+    from training_helpers import tiny_profile_data
+
+    def text_caching(run_name, **caching):
+        plugins = build_plugins(entry_points=False)
+        data = tiny_profile_data(tmp_path, tiny_model, logging={"run_name": run_name},
+                                 caching={"cache_text_encoder_outputs_to_disk": True, **caching})
+        result = Trainer(profile_from_dict(data, plugins=plugins), plugins, cache_only=True).run()
+        return [e for e in read_events(result.run_dir) if e["type"] == "cache" and e["phase"] == "text"][-1]
+
+    write_images(tmp_path / "data")
+    assert text_caching("first")["new"] == 2
+    (tmp_path / "data" / "2_tiny" / "img0.txt").write_text("1girl, a caption written after caching\n")
+    assert text_caching("trusted", skip_cache_check=True)["new"] == 0
+    assert text_caching("checked")["new"] == 1

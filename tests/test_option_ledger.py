@@ -125,7 +125,8 @@ LEDGER: dict[str, list[str]] = {
     "caching.cache_text_encoder_outputs_to_disk": [DCA + "test_run_with_cached_latents_does_not_load_the_vae"],
     "caching.vae_batch_size": [E + "test_model_and_caching_options_reach_the_loaders"],
     "caching.text_encoder_batch_size": [E + "test_model_and_caching_options_reach_the_loaders"],
-    "caching.skip_cache_check": [DCA + "test_skip_cache_check_trusts_existing_files"],
+    "caching.skip_cache_check": [DCA + "test_skip_cache_check_trusts_existing_files",
+                                 E + "test_skip_cache_check_makes_the_trainer_trust_disk_caches"],
     # ---- [network] ----------------------------------------------------------------------------------------
     "network.module": [LY + "test_run_trains_saves_and_self_checks_against_comfyui"],
     "network.dim": [S + "[network.dim]"],
