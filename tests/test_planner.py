@@ -196,6 +196,28 @@ def test_cheapest_settings_that_fit():
     assert "caching latents alone may need" in format_plan(small)
 
 
+# bench/RESULTS.md, H200, 1024², batch 1: median s/step of each setting over the plain step's 0.2466 s.
+H200_STEP_S = {"plain": 0.2466, "gc": 0.5032, "unsloth": 0.3373, "swap18": 0.4930, "swap26": 0.4343, "fp8": 0.2998}
+
+
+@pytest.mark.parametrize(
+    "settings,measured",
+    [
+        (Settings("gradient"), "gc"),
+        (Settings("unsloth"), "unsloth"),
+        (Settings(fp8_base=True), "fp8"),
+        (Settings("gradient", blocks_to_swap=18), "swap18"),
+    ],
+)
+def test_step_time_ratios_that_rank_settings_are_the_h200s(settings, measured):
+    assert settings.relative_time(28) == pytest.approx(H200_STEP_S[measured] / H200_STEP_S["plain"], rel=0.03)
+
+
+def test_swapped_blocks_cost_no_step_time_so_the_fewest_swapped_rank_first():
+    # swap26 measured faster than gc (0.434 against 0.503 s, within the steps' spread): no penalty, never a bonus
+    assert Settings("gradient", blocks_to_swap=26).relative_time(28) == Settings("gradient").relative_time(28)
+
+
 def test_a_gpu_plan_suggests_compiled_blocks_until_the_profile_has_them():
     def notes(vram_gib, **model):
         return plan(profile(model=model), DiTConfig(), vram_gib=vram_gib, lora_params=SD_SCRIPTS_LORA_16).notes
