@@ -3,6 +3,7 @@
     python bench/bench_data.py                          # N = 1000, 5000, 20000; table last
     python bench/bench_data.py --sizes 1000 --side 256  # one size
     python bench/bench_data.py --json out.json
+    git worktree add /tmp/before 0c54742 && python bench/bench_data.py --code /tmp/before   # an older commit
 
 Each N runs in a fresh process (so peak RSS is its own). The images are random-noise JPEGs of a few sizes
 around `--side` (several buckets), each with a caption of 5-40 tags, generated once into `--root` and reused.
@@ -122,10 +123,15 @@ class StandInTextEncoder:
 
 def run_one(root: Path, n: int, side: int, batch: int) -> dict:
     """One N in this process: every phase, serial then parallel where both exist."""
-    from anima_core.data import DataOptions, build_training_data, caching
-    from anima_core.data.memory import latent_cache_bytes, text_cache_bytes
+    from anima_core.data import DataOptions, build_training_data
 
     torch.set_num_threads(1)
+    try:
+        from anima_core.data import caching
+    except ImportError:  # --code names a checkout from before parallel caching: its phases only
+        return run_before(root, n, side, batch, DataOptions, build_training_data)
+    from anima_core.data.memory import latent_cache_bytes, text_cache_bytes
+
     data_dir = root / f"n{n}"
     opts = DataOptions(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
                        max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
@@ -172,6 +178,39 @@ def run_one(root: Path, n: int, side: int, batch: int) -> dict:
             "rss_growth_gib": round(growth / 2**30, 3), "phases": results, "cpus": default}
 
 
+def run_before(root: Path, n: int, side: int, batch: int, options, build) -> dict:
+    """The phases an older checkout has (commit 0c54742: one scan thread, decoding on the main thread)."""
+    data_dir = root / f"n{n}"
+    opts = options(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
+                   max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
+                   max_data_loader_n_workers=0, seed=1, qwen3_max_token_length=512, t5_max_token_length=512)
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+    results: list[dict] = []
+    with Phase("scan, serial", n, results):
+        data = build(opts, base_dir=data_dir)
+    with Phase("latents in memory, serial", n, results):
+        data.cache_latents(StandInVAE(), to_disk=False, batch_size=batch, device="cpu")
+    rss_before = rss_bytes()
+    with Phase("text in memory", n, results):
+        data.cache_text(StandInTextEncoder(), to_disk=False, batch_size=32)
+    growth = rss_bytes() - rss_before
+    with Phase("epoch from memory caches", n, results):
+        batches = sum(1 for _ in data.epoch_batches(0))
+    del data
+    disk = build(opts, base_dir=data_dir)
+    with Phase("latents to disk", n, results):
+        disk.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
+    again = build(opts, base_dir=data_dir)
+    with Phase("reuse check (all cached)", n, results):
+        again.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
+    for cache in data_dir.rglob("*_anima.npz"):
+        cache.unlink()
+    return {"n": n, "side": side, "batches": batches, "cache_gib": 0, "latent_gib": 0, "text_gib": 0,
+            "rss_growth_gib": round(growth / 2**30, 3), "phases": results, "cpus": 1, "code": str(Path(build.__code__.co_filename).parent)}
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| N | phase | s | images/s | peak RSS GiB |", "| --- | --- | --- | --- | --- |"]
     for run in runs:
@@ -193,6 +232,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="vae_batch_size and train_batch_size")
     parser.add_argument("--root", default="/tmp/anima-bench-data", help="where the synthetic images are kept")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--code", help="time this checkout's anima_core instead (a worktree of an older commit)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one N in this process
     args = parser.parse_args()
     root = Path(args.root)
@@ -204,8 +244,10 @@ def main() -> None:
         started = time.perf_counter()
         make_dataset(root, n, args.side)
         print(f"N={n}: images ready ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--side", str(args.side), "--batch",
-                              str(args.batch), "--root", str(root)], check=True, capture_output=True, text=True)
+        env = {**os.environ, "PYTHONPATH": str(Path(args.code).resolve())} if args.code else None
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--side", str(args.side), "--batch",
+                              str(args.batch), "--root", str(root)], check=True, capture_output=True, text=True,
+                             env=env, cwd=args.code)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(table(runs[-1:]), file=sys.stderr, flush=True)
     if args.json:

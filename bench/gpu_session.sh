@@ -4,6 +4,7 @@
 # its own time limit so one hang cannot cost the others. Results go to $OUT (default /tmp/gpu_out).
 #
 #   bash bench/gpu_session.sh              # with anima-train installed (pip install -e '.[cuda]')
+#   bash bench/gpu_session.sh nccl latent_cache     # only these steps (names below)
 #
 # On a machine where the project cannot be installed, put the wheels of the missing packages in .whl/ first:
 # they are installed into /tmp/site, and the checkout is used in place (plugins/ as anima_plugins).
@@ -27,10 +28,25 @@ step() {  # name, seconds, command...
   nvidia-smi
   python3 -c "import torch, transformers, diffusers, bitsandbytes, accelerate; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'accelerate', accelerate.__version__)"
 } >"$OUT/env.txt" 2>&1
-step bench 200 python3 bench/bench_train.py --steps 8 --warmup 3 --json "$OUT/bench.json" \
-  --settings plain,gc,unsloth,swap18,swap26,fp8,b4,b4_gc
-step real_size 200 python3 bench/real_size_run.py --root /tmp/real-size --json "$OUT/real_size.json"
-step bench_compile 120 python3 bench/bench_train.py --steps 8 --warmup 3 --json "$OUT/bench_compile.json" \
-  --settings plain+compile,gc+compile
-step profile_plain 30 python3 bench/bench_train.py --profile plain --steps 3 --warmup 2
-step profile_gc 30 python3 bench/bench_train.py --profile gc --steps 3 --warmup 2
+run_bench() {
+  step bench 200 python3 bench/bench_train.py --steps 8 --warmup 3 --json "$OUT/bench.json" \
+    --settings plain,gc,unsloth,swap18,swap26,fp8,b4,b4_gc
+}
+run_real_size() { step real_size 200 python3 bench/real_size_run.py --root /tmp/real-size --json "$OUT/real_size.json"; }
+run_compile() {
+  step bench_compile 120 python3 bench/bench_train.py --steps 8 --warmup 3 --json "$OUT/bench_compile.json" \
+    --settings plain+compile,gc+compile
+}
+run_profiles() {
+  step profile_plain 30 python3 bench/bench_train.py --profile plain --steps 3 --warmup 2
+  step profile_gc 30 python3 bench/bench_train.py --profile gc --steps 3 --warmup 2
+}
+# One run as before and the same run started by torchrun: one process in an NCCL group (issue 19).
+run_nccl() {
+  step nccl 260 python3 bench/real_size_run.py --root /tmp/real-size --variants adamw8bit --launchers none,torchrun \
+    --steps 30 --json "$OUT/nccl.json"
+}
+run_latent_cache() { step latent_cache 150 python3 bench/bench_latent_cache.py --n 96 --json "$OUT/latent_cache.json"; }
+for name in "${@:-bench real_size compile profiles}"; do
+  for one in $name; do "run_$one"; done
+done

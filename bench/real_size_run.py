@@ -2,6 +2,7 @@
 
     python bench/real_size_run.py --root /tmp/real-size --json real_size.json     # on the GPU (~2 GB VRAM free)
     python bench/real_size_run.py --tiny --root /tmp/real-size-smoke              # the same path on the CPU
+    python bench/real_size_run.py --root /tmp/rs --variants adamw8bit --launchers none,torchrun   # + under torchrun
 
 It writes a random Anima 2B set in the released file formats (``make_full_size_model``: bf16 DiT with its
 adapter under ``net.``, the single Qwen3 file, the Wan-named VAE, the packaged tokenizers), a synthetic captioned
@@ -53,7 +54,7 @@ def write_dataset(folder: Path, buckets: dict[str, tuple[int, int]], per_bucket:
     return folder
 
 
-def profile_for(root: Path, model, variant: str, *, steps: int, tiny: bool) -> dict:
+def profile_for(root: Path, model, variant: str, name: str, *, steps: int, tiny: bool) -> dict:
     optimizer, memory = VARIANTS[variant]
     if tiny:  # the tiny DiT has 4 blocks; bitsandbytes' 8-bit optimizers need CUDA
         memory = {**memory, "blocks_to_swap": min(memory.get("blocks_to_swap", 0), 2)}
@@ -71,9 +72,9 @@ def profile_for(root: Path, model, variant: str, *, steps: int, tiny: bool) -> d
         "optimizer": {"learning_rate": 1e-4, **optimizer},
         "training": {"max_train_steps": steps, "seed": 42, **({"mixed_precision": "no", "device": "cpu"} if tiny else {})},
         "memory": memory,
-        "saving": {"output_dir": str(root / "output" / variant), "output_name": f"real_size_{variant}"},
+        "saving": {"output_dir": str(root / "output" / name), "output_name": f"real_size_{variant}"},
         "sampling": {"sample_prompts": str(root / "prompts.txt"), "sample_every_n_steps": max(1, steps // 2)},
-        "logging": {"log_every_n_steps": 5, "run_name": variant},
+        "logging": {"log_every_n_steps": 5, "run_name": name},
     }
 
 
@@ -115,15 +116,20 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_variant(root: Path, model, variant: str, *, steps: int, tiny: bool) -> dict:
-    profile_path = root / f"{variant}.toml"
-    profile_path.write_text(tomli_w.dumps(profile_for(root, model, variant, steps=steps, tiny=tiny)))
+def run_variant(root: Path, model, variant: str, *, steps: int, tiny: bool, launcher: str = "none") -> dict:
+    """``launcher`` "torchrun": one process started by torch's launcher, so the run joins a process group
+    (NCCL on a GPU) through the multi-process code path."""
+    name = variant if launcher == "none" else f"{variant}-{launcher}"
+    profile_path = root / f"{name}.toml"
+    profile_path.write_text(tomli_w.dumps(profile_for(root, model, variant, name, steps=steps, tiny=tiny)))
     command = [sys.executable, "-m", "anima_core.cli", "run", str(profile_path)]
+    if launcher == "torchrun":
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     started = time.perf_counter()
     with NvmlWatch() as watch:
         completed = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    run_dir = root / "output" / variant / "runs" / variant
+    run_dir = root / "output" / name / "runs" / name
     events = read_events(run_dir)
     end = next((e for e in reversed(events) if e.get("type") == "run_end"), None)
     steps_events = [e for e in events if e.get("type") == "step"]
@@ -140,9 +146,11 @@ def run_variant(root: Path, model, variant: str, *, steps: int, tiny: bool) -> d
         shown = subprocess.run([sys.executable, "-m", "anima_core.cli", "lora-info", str(lora)],
                                capture_output=True, text=True)
         info = [line for line in shown.stdout.splitlines() if "ComfyUI" in line and "module" not in line]
-    previews = sorted(str(p.relative_to(root)) for p in (root / "output" / variant).rglob("*.png"))
+    previews = sorted(str(p.relative_to(root)) for p in (root / "output" / name).rglob("*.png"))
+    start = next((e for e in events if e.get("type") == "run_start"), {})
     return {
-        "variant": variant,
+        "variant": name,
+        "process_group": start.get("process_group"),
         "returncode": completed.returncode,
         "wall_s": round(wall, 1),
         "run_end": end,
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--per-bucket", type=int, default=4, help="images per aspect bucket")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--launchers", default="none", help="none, torchrun, or both (none,torchrun)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -185,8 +194,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (root / "prompts.txt").write_text(f"1girl, colorful background --w {side} --h {side} --d 1 --s 8\n")
     results = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        results.append(run_variant(root, model, variant, steps=args.steps, tiny=args.tiny))
-        print(json.dumps(results[-1], indent=1), flush=True)
+        for launcher in args.launchers.split(","):
+            results.append(run_variant(root, model, variant, steps=args.steps, tiny=args.tiny, launcher=launcher))
+            print(json.dumps(results[-1], indent=1), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results

@@ -74,12 +74,14 @@ def load_script(monkeypatch, name):
 
 def test_real_size_script_trains_saves_and_checks_through_the_cli(monkeypatch, tmp_path):
     """The GPU end-to-end script's own path on the tiny model: a run through the command line in two buckets,
-    previews, the post-save self-check and lora-info's ComfyUI verdict all read back from the run's files."""
+    started by torchrun (one process in a gloo group: the multi-process path), previews, the post-save
+    self-check and lora-info's ComfyUI verdict all read back from the run's files."""
     script = load_script(monkeypatch, "real_size_run")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     (result,) = script.main(["--tiny", "--root", str(tmp_path), "--steps", "2", "--per-bucket", "1",
-                             "--variants", "swap18"])
+                             "--variants", "swap18", "--launchers", "torchrun"])
     assert result["returncode"] == 0, result["output_tail"]
+    assert result["variant"] == "swap18-torchrun" and result["process_group"] == "gloo"
     assert result["run_end"]["status"] == "finished" and result["run_end"]["floor_fraction"] > 0
     assert result["step_events"] == 2
     assert any("2 bucket(s)" in line for line in result["log"])

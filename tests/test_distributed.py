@@ -102,6 +102,7 @@ def test_detached_two_process_run_trains_the_one_process_lora(dataset, tiny_mode
     events = read_events(launch.run_dir)
     start = events[0]
     assert start["type"] == "run_start" and start["num_processes"] == 2 and start["total_steps"] == 4
+    assert start["process_group"] == "gloo"
     steps = [e for e in events if e["type"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     assert all(len(e["processes"]) == 2 for e in steps)

@@ -17,6 +17,7 @@ def test_tiny_run_learns_and_writes_everything(tmp_path, tiny_model):
     events = read_events(result.run_dir)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end" and events[-1]["status"] == "finished"
+    assert events[0]["num_processes"] == 1 and events[0]["process_group"] is None  # no launcher, no group
     assert all(e["v"] == 1 for e in events)
     losses = [e["loss"] for e in events if e["type"] == "step"]
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))

@@ -183,6 +183,18 @@ class _LatentItem:
     path: Path | None  # the disk cache file
 
 
+def latent_items(parts: list[Any], source: ModelSource, *, to_disk: bool) -> list[_LatentItem]:
+    """Every image of `parts` to cache, with its cache key (and its disk cache file when `to_disk`)."""
+    items = []
+    for part in parts:
+        for d, ds in enumerate(part.datasets):
+            for i, e in enumerate(ds.entries):
+                s = ds.spec.subsets[e.subset_index]
+                path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height)) if to_disk else None
+                items.append(_LatentItem(part, d, i, _latent_key(e, s, ds.spec, source), path))
+    return items
+
+
 def _latent_key(e, s, ds_spec, source: ModelSource) -> dict:
     return {
         "image_sha256": e.facts.sha256,
@@ -212,13 +224,7 @@ def cache_latents(
 ) -> None:
     """`exchange`: with `share` and in memory, how the processes hand each other their encoded entries."""
     source = as_source(vae)
-    items = []
-    for part in parts:
-        for d, ds in enumerate(part.datasets):
-            for i, e in enumerate(ds.entries):
-                s = ds.spec.subsets[e.subset_index]
-                path = caches.latent_cache_path(e.path, (e.facts.width, e.facts.height)) if to_disk else None
-                items.append(_LatentItem(part, d, i, _latent_key(e, s, ds.spec, source), path))
+    items = latent_items(parts, source, to_disk=to_disk)
     todo = items
     if to_disk:
         _remove_leftovers(items)

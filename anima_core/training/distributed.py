@@ -82,6 +82,11 @@ class Processes:
     def distributed(self) -> bool:
         return self.num_processes > 1
 
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend (nccl, gloo) under a launcher; None for a plain one-process run."""
+        return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
     @classmethod
     def single(cls, device: torch.device) -> Processes:
         return cls(1, 0, 0, device)

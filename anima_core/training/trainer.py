@@ -785,7 +785,7 @@ class Trainer:
         self.display.total = self.total_steps
         self.events.emit(
             "run_start", run_id=self.run_dir.name, pid=os.getpid(), device=str(self.device),
-            num_processes=self.processes.num_processes,
+            num_processes=self.processes.num_processes, process_group=self.processes.backend,
             total_steps=self.total_steps, total_epochs=self.num_epochs, profile=str(self.run_dir / "profile.toml"),
             versions={"anima_train": __version__, "torch": torch.__version__, "python": platform.python_version()})
         self._report_startup()
