@@ -3,6 +3,7 @@
     python bench/bench_data.py                          # N = 1000, 5000, 20000; table last
     python bench/bench_data.py --sizes 1000 --side 256  # one size
     python bench/bench_data.py --json out.json
+    python bench/bench_data.py --sizes 1000,5000 --repeat 3         # each phase's fastest of 3 runs
     git worktree add /tmp/before 0c54742 && python bench/bench_data.py --code /tmp/before   # an older commit
 
 Each N runs in a fresh process (so peak RSS is its own). The images are random-noise JPEGs of a few sizes
@@ -34,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SIZES = ((256, 256), (320, 192), (192, 320), (288, 224))
+# Every shape a little larger than the buckets at `--side`, so each image is placed (none is too small for the
+# smallest bucket) and resized down on loading, as photos are.
+SIZES = ((320, 320), (384, 240), (240, 384), (352, 272))
 WORDS = ("1girl", "solo", "long hair", "smile", "looking at viewer", "outdoors", "sky", "cloud", "dress", "flower",
          "blue eyes", "short hair", "standing", "sitting", "holding", "hat", "ribbon", "school uniform", "night")
 
@@ -74,11 +77,12 @@ class Phase:
 def make_dataset(root: Path, n: int, side: int) -> Path:
     from PIL import Image
 
-    folder = root / f"n{n}" / "1_bench"
+    top = root / f"n{n}-s{side}"
+    folder = top / "1_bench"
     done = folder / ".complete"
     if done.is_file():
-        return root / f"n{n}"
-    shutil.rmtree(root / f"n{n}", ignore_errors=True)
+        return top
+    shutil.rmtree(top, ignore_errors=True)
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -89,7 +93,7 @@ def make_dataset(root: Path, n: int, side: int) -> Path:
         tags = rng.choice(len(WORDS), size=int(rng.integers(5, 40)), replace=True)
         (folder / f"{i:06d}.txt").write_text(", ".join(WORDS[t] for t in tags))
     done.touch()
-    return root / f"n{n}"
+    return top
 
 
 class StandInVAE:
@@ -121,18 +125,25 @@ class StandInTextEncoder:
         return states, mask, ids, t5_mask
 
 
+def every_image_placed(data, n: int) -> None:
+    """A rate is per image of the dataset: one the scan skipped would make every phase look faster."""
+    placed = sum(len(ds.entries) for ds in data.datasets)
+    if placed != n:
+        raise SystemExit(f"only {placed} of the {n} images were placed in a bucket; the rates would be wrong")
+
+
 def run_one(root: Path, n: int, side: int, batch: int) -> dict:
     """One N in this process: every phase, serial then parallel where both exist."""
     from anima_core.data import DataOptions, build_training_data
 
     torch.set_num_threads(1)
     try:
-        from anima_core.data import caching
+        from anima_core.data import parallel
     except ImportError:  # --code names a checkout from before parallel caching: its phases only
         return run_before(root, n, side, batch, DataOptions, build_training_data)
     from anima_core.data.memory import latent_cache_bytes, text_cache_bytes
 
-    data_dir = root / f"n{n}"
+    data_dir = root / f"n{n}-s{side}"
     opts = DataOptions(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
                        max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
                        max_data_loader_n_workers=0, seed=1, qwen3_max_token_length=512, t5_max_token_length=512)
@@ -140,14 +151,15 @@ def run_one(root: Path, n: int, side: int, batch: int) -> dict:
         if path.is_file():
             path.read_bytes()
     results: list[dict] = []
-    default = caching.default_workers()
-    real_default = caching.default_workers
-    caching.default_workers = lambda: 1  # the scan's thread count: one thread, as before
+    default = parallel.default_workers()
+    real_default = parallel.default_workers
+    parallel.default_workers = lambda: 1  # the scan's thread count: one thread, as before
     with Phase("scan, serial", n, results):
         build_training_data(opts, base_dir=data_dir)
-    caching.default_workers = real_default
+    parallel.default_workers = real_default
     with Phase(f"scan, parallel ({default} threads)", n, results):
         data = build_training_data(opts, base_dir=data_dir)
+    every_image_placed(data, n)
 
     serial = build_training_data(opts, base_dir=data_dir)
     with Phase("latents in memory, serial", n, results):
@@ -180,7 +192,7 @@ def run_one(root: Path, n: int, side: int, batch: int) -> dict:
 
 def run_before(root: Path, n: int, side: int, batch: int, options, build) -> dict:
     """The phases an older checkout has (commit 0c54742: one scan thread, decoding on the main thread)."""
-    data_dir = root / f"n{n}"
+    data_dir = root / f"n{n}-s{side}"
     opts = options(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
                    max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
                    max_data_loader_n_workers=0, seed=1, qwen3_max_token_length=512, t5_max_token_length=512)
@@ -190,6 +202,7 @@ def run_before(root: Path, n: int, side: int, batch: int, options, build) -> dic
     results: list[dict] = []
     with Phase("scan, serial", n, results):
         data = build(opts, base_dir=data_dir)
+    every_image_placed(data, n)
     with Phase("latents in memory, serial", n, results):
         data.cache_latents(StandInVAE(), to_disk=False, batch_size=batch, device="cpu")
     rss_before = rss_bytes()
@@ -211,11 +224,26 @@ def run_before(root: Path, n: int, side: int, batch: int, options, build) -> dic
             "rss_growth_gib": round(growth / 2**30, 3), "phases": results, "cpus": 1, "code": str(Path(build.__code__.co_filename).parent)}
 
 
+def fastest(tries: list[dict]) -> dict:
+    """One N's runs merged: each phase's fastest time (the run least disturbed by the rest of the machine),
+    the highest peak RSS and RSS growth of any run, and how far the slowest run of the phase was from it."""
+    merged = dict(tries[0], repeats=len(tries), rss_growth_gib=max(t["rss_growth_gib"] for t in tries))
+    phases = []
+    for n, phase in enumerate(tries[0]["phases"]):
+        runs = [t["phases"][n] for t in tries]
+        best = min(runs, key=lambda p: p["seconds"])
+        phases.append(dict(best, peak_rss_gib=max(p["peak_rss_gib"] for p in runs),
+                           slowest_s=max(p["seconds"] for p in runs)))
+    merged["phases"] = phases
+    return merged
+
+
 def table(runs: list[dict]) -> str:
-    lines = ["| N | phase | s | images/s | peak RSS GiB |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| N | phase | s | images/s | peak RSS GiB | slowest of the repeats, s |", "| --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         for p in run["phases"]:
-            lines.append(f"| {run['n']} | {p['phase']} | {p['seconds']} | {p['images_per_s']} | {p['peak_rss_gib']} |")
+            lines.append(f"| {run['n']} | {p['phase']} | {p['seconds']} | {p['images_per_s']} | {p['peak_rss_gib']} | "
+                         f"{p.get('slowest_s', '')} |")
     lines += ["", "| N | in-memory caches (estimate): latents + text | RSS growth while caching in memory | ratio |",
               "| --- | --- | --- | --- |"]
     for run in runs:
@@ -233,6 +261,8 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/anima-bench-data", help="where the synthetic images are kept")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--code", help="time this checkout's anima_core instead (a worktree of an older commit)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each N this many times (each in a fresh process) and keep each phase's fastest run")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one N in this process
     args = parser.parse_args()
     root = Path(args.root)
@@ -245,10 +275,13 @@ def main() -> None:
         make_dataset(root, n, args.side)
         print(f"N={n}: images ready ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
         env = {**os.environ, "PYTHONPATH": str(Path(args.code).resolve())} if args.code else None
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--side", str(args.side), "--batch",
-                              str(args.batch), "--root", str(root)], check=True, capture_output=True, text=True,
-                             env=env, cwd=args.code)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        tries = []
+        for _ in range(args.repeat):
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--side",
+                                  str(args.side), "--batch", str(args.batch), "--root", str(root)],
+                                 check=True, capture_output=True, text=True, env=env, cwd=args.code)
+            tries.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(fastest(tries))
         print(table(runs[-1:]), file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))

@@ -45,11 +45,11 @@ def encode_rate(vae, side: int, batch: int, device: torch.device, repeats: int) 
 
 
 def decode_rate(data, vae, workers: int) -> float:
-    from anima_core.data import caching
+    from anima_core.data import caching, parallel
 
     items = caching.latent_items(data._all_parts(), caching.as_source(vae), to_disk=False)
     started = time.perf_counter()
-    for _ in caching._parallel_map(caching._decode_for_latents, items, workers):
+    for _ in parallel.parallel_map(caching._decode_for_latents, items, workers, chunk=4):
         pass
     return len(items) / (time.perf_counter() - started)
 
@@ -83,7 +83,7 @@ def main() -> None:
     data = build_training_data(opts, base_dir=data_dir)
     for path in data_dir.rglob("*.jpg"):  # the files in the OS cache for every phase
         path.read_bytes()
-    threads = caching.default_workers()
+    threads = parallel.default_workers()
     rows = []
     row = {"phase": "decode (CPU side)", "threads": threads, "images_per_s": round(decode_rate(data, vae, threads), 1)}
     rows.append(row)

@@ -77,6 +77,63 @@ def test_in_memory_latents_share_one_buffer_per_bucket_and_match_the_estimate(tm
         assert torch.allclose(FakeVAE().encode(a.pixels), b.latents, atol=1e-6)
 
 
+class RecordingVAE(FakeVAE):
+    """Keeps every pixel batch it is asked to encode."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def encode(self, pixels):
+        self.batches.append(pixels.clone())
+        return super().encode(pixels)
+
+
+def _modes_folder(root):
+    """An RGB photo-like image resized on loading, an RGBA one, a palette image with transparency and a grey one."""
+    from PIL import Image
+
+    folder = root / "1_modes"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (80, 96, 4), dtype=np.uint8)
+    Image.fromarray(rgba[..., :3]).save(folder / "rgb.png")
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    palette = Image.fromarray(rgba[..., :3]).quantize(16)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    Image.fromarray(rgba[..., 0], "L").save(folder / "grey.png")
+    for name in ("rgb", "rgba", "palette", "grey"):
+        (folder / f"{name}.txt").write_text(name)
+    return root
+
+
+@pytest.mark.parametrize("alpha_mask", [False, True])
+def test_the_vae_gets_the_pixels_training_would_load_mirrors_included(tmp_path, alpha_mask):
+    """Caching hands the batch to the device as bytes and makes floats there, and builds each mirror by
+    flipping the decoded image: both must be bit-equal to `load_image` (decode, resize, crop, flip, to floats)
+    as the uncached training path runs it, whatever the image's mode."""
+    from anima_core.data.images import centre_framing, load_image
+
+    root = _modes_folder(tmp_path)
+    data = build_training_data(_opts(root, flip_aug=True, alpha_mask=alpha_mask, train_batch_size=4), base_dir=root)
+    vae = RecordingVAE()
+    data.cache_latents(vae, to_disk=False, batch_size=4, device="cpu", workers=2)
+    entries = data.datasets[0].entries
+    expected = []
+    for e in entries:
+        for flip in (False, True):
+            img = load_image(e.path, e.placement, centre_framing(e.placement, flip), interpolation=None, alpha_mask=alpha_mask)
+            expected.append(img.pixels)
+    got = [p for batch in vae.batches for p in batch]
+    assert len(entries) == (4 if alpha_mask else 3)  # a palette with transparency needs alpha_mask
+    assert len(got) == len(expected) == 2 * len(entries)
+    for n, pixels in enumerate(expected):
+        what = ("mirror of " if n % 2 else "") + entries[n // 2].path.name
+        assert any(g.shape == pixels.shape and torch.equal(g, pixels) for g in got), f"cached pixels of {what} differ"
+    assert all(batch.is_contiguous() for batch in vae.batches)
+
+
 # ---- the memory plan ----------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Datasets on real (tiny) image files: checks, step counts, caches, batches and resume determinism."""
 
+import io
 import hashlib
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from anima_core.data import DataOptions, build_training_data
+from anima_core.data.images import BadImage, check_image
 from anima_core.errors import DatasetError
 from anima_core.models.tokenizer_files import load_qwen_tokenizer
 
@@ -431,3 +433,44 @@ def test_text_cache_refuses_per_sample_caption_options(tmp_path):
     data = build_training_data(_opts(tmp_path, shuffle_caption=True, caption_dropout_every_n_epochs=2), base_dir=tmp_path)
     with pytest.raises(DatasetError, match="shuffle_caption, caption_dropout_every_n_epochs"):
         data.cache_text(FakeTextEncoder(), to_disk=False, batch_size=1)
+
+
+def _full_decode_fails(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - any failure of the full decode
+        return True
+    return False
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_the_jpeg_check_refuses_exactly_what_a_full_decode_refuses(tmp_path, progressive):
+    """The scan decodes JPEGs at 1/8 scale (every coefficient still read, little of the inverse DCT): cut and
+    damaged files must pass or fail it as they pass or fail a full decode, and a whole file gives its real size."""
+    rng = np.random.default_rng(5)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90,
+                                                                              progressive=progressive)
+    good = buffer.getvalue()
+    variants = {"whole": good}
+    for fraction in (0.3, 0.6, 0.9, 0.99):
+        variants[f"cut at {fraction}"] = good[: int(len(good) * fraction)]
+    for start in (0.4, 0.7):
+        damaged = bytearray(good)
+        at = int(len(good) * start)
+        damaged[at : at + 64] = bytes(64)
+        variants[f"zeroed at {start}"] = bytes(damaged)
+    variants["no end marker"] = good[:-2]
+    outcomes = {}
+    for name, data in variants.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        try:
+            facts = check_image(path, alpha_mask=False)
+            outcomes[name] = False
+            assert (facts.width, facts.height) == (160, 96)
+        except BadImage:
+            outcomes[name] = True
+        assert outcomes[name] == _full_decode_fails(data), name
+    assert not outcomes["whole"] and outcomes["cut at 0.6"]  # the cases are not all alike

@@ -16,17 +16,15 @@ each process ends with every entry, bit for bit what it received (see `_in_step`
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from anima_core.atomic import clean_leftovers, fsync_folders
@@ -34,7 +32,8 @@ from anima_core.data import cache as caches
 from anima_core.data.buckets import crop_ltrb
 from anima_core.data.captions import fixed_caption
 from anima_core.data.compact import CachedText, CompactText, Slabs, compact_text
-from anima_core.data.images import centre_framing, load_image
+from anima_core.data.images import centre_framing, read_image, to_alpha, to_pixels
+from anima_core.data.parallel import chunks, parallel_map
 from anima_core.data.progress import PhaseReporter, ProgressSink
 from anima_core.errors import DatasetError
 
@@ -42,15 +41,6 @@ log = logging.getLogger(__name__)
 
 Share = tuple[int, int]  # (rank, world_size)
 Exchange = Callable[[Any], list]  # this process's payload in, every process's payload (in rank order) out
-
-
-def default_workers() -> int:
-    """Threads for decoding and checking: every CPU this process may use, at most 16."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(16, cpus))
 
 
 @dataclass
@@ -110,26 +100,6 @@ def _in_step(items: list, rounds: Iterator[list], exchange: Exchange, keep: Call
                     keep(items[n], result)
             counts[r] += len(results or ())
         reporter.advance(sum(len(results or ()) for results in gathered))
-
-
-def _parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
-    """fn over items, results in order; with workers > 1 up to 4 × workers items are in flight."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="anima-cache")
-    pending: deque[Future] = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Writers:
@@ -253,8 +223,8 @@ def cache_latents(
         """[(item, result), ...] per encode batch, each result kept as it comes."""
         model = source.load()
         for bucket_items in by_bucket.values():
-            decoded = _parallel_map(_decode_for_latents, bucket_items, workers)
-            for chunk in _chunks(decoded, batch_size):
+            decoded = parallel_map(_decode_for_latents, bucket_items, workers, chunk=4)
+            for chunk in chunks(decoded, batch_size):
                 results = _encode_latent_chunk(model, chunk, device, in_memory=not to_disk)
                 for it, result in results:
                     keep(it, result, writers)
@@ -347,7 +317,7 @@ def _reuse_checked(items: list, workers: int, progress: ProgressSink | None, pha
     """The items whose disk cache must be (re)built; `stale` records the reusable ones as it checks them."""
     reporter = PhaseReporter(progress, phase, len(items))
     todo = []
-    for it, reason in zip(items, _parallel_map(stale, items, workers)):
+    for it, reason in zip(items, parallel_map(stale, items, workers, chunk=32)):
         if reason is not None:
             todo.append(it)
         reporter.advance(1, reused=reason is None)
@@ -355,32 +325,16 @@ def _reuse_checked(items: list, workers: int, progress: ProgressSink | None, pha
     return todo
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _decode_for_latents(it: _LatentItem):
-    """(item, plain image, mirrored image or None) or (item, exception) when the file cannot be loaded now."""
+    """(item, image as uint8) or (item, exception) when the file cannot be loaded now. The mirror (flip_aug) is
+    this image flipped: the centre crop is symmetric, so it equals decoding again with the flip."""
     e = it.part.datasets[it.d].entries[it.i]
     s = it.part.datasets[it.d].spec.subsets[e.subset_index]
-    interp = it.key["interpolation"]
     try:
-        plain = load_image(e.path, e.placement, centre_framing(e.placement), interpolation=interp, alpha_mask=s.alpha_mask)
-        mirror = (
-            load_image(e.path, e.placement, centre_framing(e.placement, True), interpolation=interp, alpha_mask=False)
-            if s.flip_aug
-            else None
-        )
+        return it, read_image(e.path, e.placement, centre_framing(e.placement), interpolation=it.key["interpolation"],
+                              alpha_mask=s.alpha_mask)
     except Exception as exc:  # noqa: BLE001 - a file changed or broke after the scan: drop it, keep caching
         return it, exc
-    return it, (plain, mirror)
 
 
 class _LatentStore:
@@ -393,7 +347,7 @@ class _LatentStore:
         self.alpha_rows = sum(it.key["alpha_mask"] for it in items)
 
     def add(self, latents: torch.Tensor, flipped: torch.Tensor | None, alpha: torch.Tensor | None):
-        """`alpha`: the uint8 mask (`_alpha_bytes`)."""
+        """`alpha`: the uint8 mask, as `images.read_image` reads it."""
         if self.latents is None:
             self.latents = Slabs(tuple(latents.shape), torch.float32, self.rows)
         plain = self.latents.add(latents[None])[0]
@@ -405,14 +359,12 @@ class _LatentStore:
         return plain, mirror, alpha
 
 
-def _alpha_bytes(alpha: torch.Tensor | None) -> torch.Tensor | None:
-    # alpha is uint8/255 exactly (images.load_image), so the round trip gives the same float32 values
-    return None if alpha is None else alpha.mul(255.0).round_().to(torch.uint8)
-
-
 def _encode_latent_chunk(vae: Any, chunk: list, device: Any, *, in_memory: bool) -> list[tuple[_LatentItem, Any]]:
     """(item, (latents, mirrored latents or None, alpha or None)) per image, or (item, warning) for an image
-    that cannot be loaded. In memory, alpha is the uint8 mask (`_LatentStore`); for disk, float32."""
+    that cannot be loaded. In memory, alpha is the uint8 mask (`_LatentStore`); for disk, float32.
+
+    The batch goes to the device as uint8 and becomes [-1, 1] floats there (`images.to_pixels`, the same
+    arithmetic as training's loader): a quarter of the bytes to copy, and no float work for the CPU."""
     results, loaded, kept = [], [], []
     for it, result in chunk:
         if isinstance(result, Exception):
@@ -424,17 +376,16 @@ def _encode_latent_chunk(vae: Any, chunk: list, device: Any, *, in_memory: bool)
     if not loaded:
         return results
     dtype = getattr(vae, "dtype", torch.float32)
-    pixels = torch.stack([p.pixels for p, _ in loaded]).to(device=device, dtype=dtype)
-    latents = vae.encode(pixels).float().cpu()
-    mirrors = [m for _, m in loaded if m is not None]
-    flipped = (
-        iter(vae.encode(torch.stack([m.pixels for m in mirrors]).to(device=device, dtype=dtype)).float().cpu())
-        if mirrors
-        else iter(())
-    )
-    for n, ((plain, mirror), it) in enumerate(zip(loaded, kept)):
-        flip = next(flipped) if mirror is not None else None
-        results.append((it, (latents[n], flip, _alpha_bytes(plain.alpha) if in_memory else plain.alpha)))
+    rgb = torch.from_numpy(np.stack([image.rgb for image in loaded])).to(device)
+    latents = vae.encode(to_pixels(rgb).to(dtype)).float().cpu()
+    mirrored = [n for n, it in enumerate(kept) if it.key["flip"]]
+    flipped = iter(vae.encode(to_pixels(rgb[mirrored].flip(-2)).to(dtype)).float().cpu()) if mirrored else iter(())
+    for n, (image, it) in enumerate(zip(loaded, kept)):
+        flip = next(flipped) if it.key["flip"] else None
+        alpha = None if image.alpha is None else torch.from_numpy(image.alpha)
+        if alpha is not None:  # 1xHxW: uint8 in memory (the float values are exactly bytes / 255), float on disk
+            alpha = alpha.unsqueeze(0) if in_memory else to_alpha(alpha)
+        results.append((it, (latents[n], flip, alpha)))
     return results
 
 
@@ -534,7 +485,7 @@ def cache_text(
         """[(item, CompactText or None when written to disk), ...] per encode batch, each kept as it comes."""
         encoder = source.load()
         o = parts[0].opts
-        for chunk in _chunks(todo, batch_size):
+        for chunk in chunks(todo, batch_size):
             outputs = encoder.encode([it.key["caption"] for it in chunk], o.qwen3_max_token_length, o.t5_max_token_length)
             outputs = tuple(t.detach().cpu() for t in outputs)
             results = []

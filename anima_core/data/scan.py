@@ -6,7 +6,6 @@ import json
 import math
 import random
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from anima_core.data.buckets import Bucketer, Placement
 from anima_core.data.captions import add_prefix_suffix
 from anima_core.data.config import DatasetSpec, SubsetSpec
 from anima_core.data.images import IMAGE_EXTENSIONS, BadImage, ImageFacts, check_image
+from anima_core.data.parallel import parallel_map
 from anima_core.data.progress import PhaseReporter, ProgressSink
 from anima_core.errors import DatasetError
 
@@ -210,13 +210,11 @@ def scan_dataset(
         except OSError as e:
             return f"cannot be read: {e}"
 
-    # decoding and hashing release the GIL, so threads scale with the cores
     reporter = PhaseReporter(progress, "scan", len(candidates))
     results = []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for facts in pool.map(check, candidates):
-            results.append(facts)
-            reporter.advance()
+    for facts in parallel_map(check, candidates, workers, chunk=32):
+        results.append(facts)
+        reporter.advance()
     reporter.finish()
 
     entries: list[ImageEntry] = []

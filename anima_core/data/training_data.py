@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from anima_core.data import cache as caches
-from anima_core.data import caching
+from anima_core.data import caching, parallel
 from anima_core.data.caching import Exchange, Share
 from anima_core.data.captions import CaptionStep, process_caption, tag_frequency
 from anima_core.data.compact import CachedText, CompactText, stack_text
@@ -301,7 +301,7 @@ class TrainingData:
         caching.refuse_uncacheable_latents(parts)
         caching.cache_latents(
             parts, vae, to_disk=to_disk, batch_size=batch_size, device=device,
-            workers=caching.default_workers() if workers is None else workers, share=share,
+            workers=parallel.default_workers() if workers is None else workers, share=share,
             exchange=exchange, trust_existing=trust_existing, progress=progress,
         )
 
@@ -324,7 +324,7 @@ class TrainingData:
         caching.refuse_uncacheable_text(parts)
         caching.cache_text(
             parts, text_encoder, to_disk=to_disk, batch_size=batch_size,
-            workers=caching.default_workers() if workers is None else workers, share=share,
+            workers=parallel.default_workers() if workers is None else workers, share=share,
             exchange=exchange, trust_existing=trust_existing, progress=progress,
         )
 
@@ -355,7 +355,7 @@ class TrainingData:
         cached = self._latents[key]
         if isinstance(cached, Path):
             return caches.load_latents(cached, entry.placement.bucket, flip)
-        latents, flipped, alpha = cached  # alpha: uint8 in memory, as images.load_image reads it
+        latents, flipped, alpha = cached  # alpha: uint8 in memory, as images.read_image reads it
         return (flipped if flip else latents), None if alpha is None else alpha.float().div_(255.0)
 
     def load_batch(self, epoch: int, k: int) -> tuple[Batch | None, list[tuple[tuple[int, int], str]]]:
@@ -519,7 +519,7 @@ def build_training_data(
     tokens = TokenCheck(tokenizer, opts.qwen3_max_token_length, t5_tokenizer, opts.t5_max_token_length)
     problems: list[tuple[Path, str]] = []
     warnings: list[str] = []
-    workers = caching.default_workers()
+    workers = parallel.default_workers()
 
     def warn(message: str) -> None:
         warnings.append(message)
