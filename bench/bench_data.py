@@ -274,7 +274,10 @@ def main() -> None:
         started = time.perf_counter()
         make_dataset(root, n, args.side)
         print(f"N={n}: images ready ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
-        env = {**os.environ, "PYTHONPATH": str(Path(args.code).resolve())} if args.code else None
+        env = None
+        if args.code:  # the other checkout first; what else the path holds (installed packages) after it
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(args.code).resolve()),
+                                                                            os.environ.get("PYTHONPATH")]))}
         tries = []
         for _ in range(args.repeat):
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", str(n), "--side",

@@ -44,6 +44,16 @@ def encode_rate(vae, side: int, batch: int, device: torch.device, repeats: int) 
     return batch * repeats / (time.perf_counter() - started)
 
 
+def decode_rate_vae(vae, latents, device: torch.device, repeats: int = 4) -> float:
+    vae.decode(latents)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        vae.decode(latents)
+    _sync(device)
+    return latents.shape[0] * repeats / (time.perf_counter() - started)
+
+
 def decode_rate(data, vae, workers: int) -> float:
     from anima_core.data import caching, parallel
 
@@ -65,7 +75,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    from anima_core.data import DataOptions, build_training_data, caching
+    from anima_core.data import DataOptions, build_training_data, parallel
     from anima_core.models.tiny import FULL_VAE_BASE_DIM, TINY_VAE_BASE_DIM, write_random_vae
     from anima_core.models.vae import load_vae
 
@@ -88,6 +98,23 @@ def main() -> None:
     row = {"phase": "decode (CPU side)", "threads": threads, "images_per_s": round(decode_rate(data, vae, threads), 1)}
     rows.append(row)
     rows.append({"phase": "decode (CPU side)", "threads": 1, "images_per_s": round(decode_rate(data, vae, 1), 1)})
+    # The loader runs the causal 3D convolutions of a one-frame input as 2D ones; diffusers' own path, for the
+    # comparison (rate and how far its latents are from ours):
+    reference = load_vae(vae_path, dtype=dtype, device=device)
+    for module in reference.vae.modules():
+        vars(module).pop("forward", None)
+    pixels = torch.rand((1, 3, args.side, args.side), device=device).mul_(2).sub_(1)
+    ours, theirs = vae.encode(pixels), reference.encode(pixels)
+    pixels_ours, pixels_theirs = vae.decode(ours), reference.decode(ours)
+    rows.append({"phase": "encode (VAE alone, diffusers' 3D convolutions)", "batch": 1,
+                 "images_per_s": round(encode_rate(reference, args.side, 1, device, 8), 1),
+                 "latents_max_abs_diff": float((ours - theirs).abs().max()),
+                 "latents_std": float(theirs.std()),
+                 "decoded_max_abs_diff": float((pixels_ours - pixels_theirs).abs().max())})
+    rows.append({"phase": "decode (VAE alone)", "images_per_s": round(decode_rate_vae(vae, ours, device), 2)})
+    rows.append({"phase": "decode (VAE alone, diffusers' 3D convolutions)",
+                 "images_per_s": round(decode_rate_vae(reference, ours, device), 2)})
+    del reference
     for batch in (int(b) for b in args.batches.split(",")):
         rows.append({"phase": "encode (VAE alone)", "batch": batch,
                      "images_per_s": round(encode_rate(vae, args.side, batch, device, max(2, 16 // batch)), 1)})

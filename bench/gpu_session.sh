@@ -46,7 +46,14 @@ run_nccl() {
   step nccl 260 python3 bench/real_size_run.py --root /tmp/real-size --variants adamw8bit --launchers none,torchrun \
     --steps 30 --json "$OUT/nccl.json"
 }
-run_latent_cache() { step latent_cache 150 python3 bench/bench_latent_cache.py --n 96 --json "$OUT/latent_cache.json"; }
+run_latent_cache() { step latent_cache 120 python3 bench/bench_latent_cache.py --n 96 --json "$OUT/latent_cache.json"; }
+# Issue 24's data-path rates on two otherwise idle cores: this checkout against commit 0c54742, which must be
+# unpacked in .before/ first (git archive 0c54742 anima_core | tar -x -C .before).
+run_data_2cores() {
+  step data_before 150 taskset -c 0,1 python3 bench/bench_data.py --sizes 1000,5000 --code .before \
+    --json "$OUT/data_before.json"
+  step data_after 150 taskset -c 0,1 python3 bench/bench_data.py --sizes 1000,5000 --repeat 2 --json "$OUT/data_after.json"
+}
 for name in "${@:-bench real_size compile profiles}"; do
   for one in $name; do "run_$one"; done
 done

@@ -134,3 +134,24 @@ def test_every_shipped_tokenizer_file_is_package_data():
     assert len(files) >= 9 and "tokenizers/NOTICE.md" in files and "tokenizers/LICENSE-Apache-2.0.txt" in files
     unshipped = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs["anima_core.models"])]
     assert unshipped == []
+
+
+def test_single_frame_convolutions_equal_diffusers_3d_ones(tiny_model, monkeypatch):
+    """Images are one-frame videos to the VAE: its causal 3D convolutions run as 2D ones with the kernel's last
+    temporal slice (the others meet only the causal zero padding). Encode and decode must match diffusers' own
+    3D path, and no 3D convolution may run."""
+    fast = load_vae(tiny_model.vae)
+    reference = load_vae(tiny_model.vae)
+    patched = [m for m in reference.vae.modules() if "forward" in vars(m)]
+    assert len(patched) > 10
+    for module in patched:
+        del module.forward  # back to diffusers' QwenImageCausalConv3d.forward
+    pixels = torch.rand(2, 3, 40, 56) * 2 - 1
+    latents = reference.encode(pixels)
+    decoded = reference.decode(latents)
+    calls = []
+    conv3d = torch.nn.functional.conv3d
+    monkeypatch.setattr(torch.nn.functional, "conv3d", lambda *a, **k: calls.append(1) or conv3d(*a, **k))
+    torch.testing.assert_close(fast.encode(pixels), latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.decode(latents), decoded, rtol=1e-5, atol=1e-5)
+    assert not calls

@@ -186,6 +186,32 @@ def enable_height_chunking(vae: torch.nn.Module, rows: int) -> None:
             module._conv_forward = _height_chunked_conv_forward(module, rows)
 
 
+def _single_frame_forward(conv: torch.nn.Conv3d):
+    """A forward for one of the VAE's causal 3D convolutions that, for a single frame with nothing cached (every
+    image encode and decode: the VAE sees pictures as one-frame videos), runs the equivalent 2D convolution.
+
+    Causal padding puts kernel_t - 1 zero frames before the frame, so only the kernel's last temporal slice
+    meets data: the 3D convolution multiplies two thirds of a 3x3x3 kernel by zeros. The 2D convolution with
+    that slice computes the same sums without them (equal up to the order of float additions)."""
+    original = conv.forward
+    pad_w, _, pad_h, _, pad_front, _ = conv._padding
+
+    def forward(x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[2] != 1 or cache_x is not None or pad_front != conv.kernel_size[0] - 1 or conv.stride[0] != 1:
+            return original(x, cache_x)
+        out = F.conv2d(x[:, :, 0], conv.weight[:, :, -1], conv.bias, conv.stride[1:], (pad_h, pad_w),
+                       conv.dilation[1:], conv.groups)
+        return out[:, :, None]
+
+    return forward
+
+
+def enable_single_frame_convs(vae: torch.nn.Module) -> None:
+    for module in vae.modules():
+        if type(module).__name__ == "QwenImageCausalConv3d":
+            module.forward = _single_frame_forward(module)
+
+
 def _file_identity(path: Path, chunk_size: int | None, tiled: bool) -> str:
     stat = path.stat()
     return f"vae={path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};chunk={chunk_size};tiled={tiled}"
@@ -228,7 +254,9 @@ def load_vae(
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"VAE chunk size must be a positive number of rows, got {chunk_size}")
-        enable_height_chunking(vae, chunk_size)
+        enable_height_chunking(vae, chunk_size)  # on the 3D convolutions, as sd-scripts chunks them
+    else:
+        enable_single_frame_convs(vae)
     if tiled:
         vae.enable_tiling()
     return AnimaVAE(vae, _file_identity(path, chunk_size, tiled))
