@@ -125,6 +125,30 @@ class StandInTextEncoder:
         return states, mask, ids, t5_mask
 
 
+def prepare(options, root: Path, n: int, side: int, batch: int):
+    """The dataset folder and its options; every phase starts with the files in the OS cache, the first too."""
+    data_dir = root / f"n{n}-s{side}"
+    opts = options(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
+                   max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
+                   max_data_loader_n_workers=0, seed=1, qwen3_max_token_length=512, t5_max_token_length=512)
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+    return data_dir, opts
+
+
+def disk_phases(build, opts, data_dir: Path, n: int, batch: int, results: list[dict], label: str) -> None:
+    """New disk caches, then a second run that finds every file cached; the files are removed after."""
+    disk = build(opts, base_dir=data_dir)
+    with Phase(label, n, results):
+        disk.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
+    again = build(opts, base_dir=data_dir)
+    with Phase("reuse check (all cached)", n, results):
+        again.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
+    for cache in data_dir.rglob("*_anima.npz"):
+        cache.unlink()
+
+
 def every_image_placed(data, n: int) -> None:
     """A rate is per image of the dataset: one the scan skipped would make every phase look faster."""
     placed = sum(len(ds.entries) for ds in data.datasets)
@@ -143,13 +167,7 @@ def run_one(root: Path, n: int, side: int, batch: int) -> dict:
         return run_before(root, n, side, batch, DataOptions, build_training_data)
     from anima_core.data.memory import latent_cache_bytes, text_cache_bytes
 
-    data_dir = root / f"n{n}-s{side}"
-    opts = DataOptions(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
-                       max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
-                       max_data_loader_n_workers=0, seed=1, qwen3_max_token_length=512, t5_max_token_length=512)
-    for path in data_dir.rglob("*"):  # every phase starts with the files in the OS cache, the first one too
-        if path.is_file():
-            path.read_bytes()
+    data_dir, opts = prepare(DataOptions, root, n, side, batch)
     results: list[dict] = []
     default = parallel.default_workers()
     real_default = parallel.default_workers
@@ -177,14 +195,7 @@ def run_one(root: Path, n: int, side: int, batch: int) -> dict:
         batches = sum(1 for _ in data.epoch_batches(0))
     del data
 
-    disk = build_training_data(opts, base_dir=data_dir)
-    with Phase(f"latents to disk ({default} threads)", n, results):
-        disk.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
-    again = build_training_data(opts, base_dir=data_dir)
-    with Phase("reuse check (all cached)", n, results):
-        again.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
-    for cache in data_dir.rglob("*_anima.npz"):
-        cache.unlink()
+    disk_phases(build_training_data, opts, data_dir, n, batch, results, f"latents to disk ({default} threads)")
     return {"n": n, "side": side, "batches": batches, "cache_gib": round((lat + txt) / 2**30, 3),
             "latent_gib": round(lat / 2**30, 3), "text_gib": round(txt / 2**30, 3),
             "rss_growth_gib": round(growth / 2**30, 3), "phases": results, "cpus": default}
@@ -192,13 +203,7 @@ def run_one(root: Path, n: int, side: int, batch: int) -> dict:
 
 def run_before(root: Path, n: int, side: int, batch: int, options, build) -> dict:
     """The phases an older checkout has (commit 0c54742: one scan thread, decoding on the main thread)."""
-    data_dir = root / f"n{n}-s{side}"
-    opts = options(train_data_dir=str(data_dir), resolution=side, enable_bucket=True, min_bucket_reso=side // 2,
-                   max_bucket_reso=side * 2, bucket_reso_steps=32, caption_extension=".txt", train_batch_size=batch,
-                   max_data_loader_n_workers=0, seed=1, qwen3_max_token_length=512, t5_max_token_length=512)
-    for path in data_dir.rglob("*"):
-        if path.is_file():
-            path.read_bytes()
+    data_dir, opts = prepare(options, root, n, side, batch)
     results: list[dict] = []
     with Phase("scan, serial", n, results):
         data = build(opts, base_dir=data_dir)
@@ -212,14 +217,7 @@ def run_before(root: Path, n: int, side: int, batch: int, options, build) -> dic
     with Phase("epoch from memory caches", n, results):
         batches = sum(1 for _ in data.epoch_batches(0))
     del data
-    disk = build(opts, base_dir=data_dir)
-    with Phase("latents to disk", n, results):
-        disk.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
-    again = build(opts, base_dir=data_dir)
-    with Phase("reuse check (all cached)", n, results):
-        again.cache_latents(StandInVAE(), to_disk=True, batch_size=batch, device="cpu")
-    for cache in data_dir.rglob("*_anima.npz"):
-        cache.unlink()
+    disk_phases(build, opts, data_dir, n, batch, results, "latents to disk")
     return {"n": n, "side": side, "batches": batches, "cache_gib": 0, "latent_gib": 0, "text_gib": 0,
             "rss_growth_gib": round(growth / 2**30, 3), "phases": results, "cpus": 1, "code": str(Path(build.__code__.co_filename).parent)}
 

@@ -181,15 +181,7 @@ def to_alpha(alpha: torch.Tensor) -> torch.Tensor:
     return alpha.float().div_(255.0).unsqueeze(0)
 
 
-def load_image(
-    path: Path,
-    placement: Placement,
-    framing: Framing,
-    *,
-    interpolation: str | None,
-    alpha_mask: bool,
-    color_rng: np.random.Generator | None = None,
-) -> LoadedImage:
-    """`read_image`, as float tensors for training."""
-    raw = read_image(path, placement, framing, interpolation=interpolation, alpha_mask=alpha_mask, color_rng=color_rng)
+def load_image(path: Path, placement: Placement, framing: Framing, **options) -> LoadedImage:
+    """`read_image` (with its keyword options), as float tensors for training."""
+    raw = read_image(path, placement, framing, **options)
     return LoadedImage(to_pixels(torch.from_numpy(raw.rgb)), None if raw.alpha is None else to_alpha(torch.from_numpy(raw.alpha)))
