@@ -112,3 +112,25 @@ def test_a_dropped_caption_is_the_empty_captions_encoding(text_encoder):
             row = reference[0] if i in dropped else reference[i]
             assert torch.equal(getattr(out, name)[i], row), (i, name)
     assert torch.equal(drop_captions(inputs, 0.0, sample_generators(0, 0, range(8))).t5_ids, t5_ids)
+
+
+@pytest.mark.parametrize("random_strength", [False, True])
+def test_input_perturbation_strength_is_gamma_or_uniform_below_it(random_strength):
+    """ip_noise_gamma adds γ·ξ to the noise the DiT sees (ξ standard normal); with
+    ip_noise_gamma_random_strength, γ is scaled per sample by u ~ U(0, 1) (sd-scripts' `torch.rand`).
+    Each sample's perturbation has standard deviation γ·u, so over many samples u must look uniform."""
+    from anima_core.training.step import _perturbation
+
+    gamma = 0.4
+    cfg = TrainingTable(ip_noise_gamma=gamma, ip_noise_gamma_random_strength=random_strength)
+    strengths = []
+    for seed in range(400):
+        generator = torch.Generator().manual_seed(seed)
+        strengths.append(float(_perturbation((16, 16, 16), cfg, generator).std()) / gamma)
+    u = torch.tensor(sorted(strengths))
+    if not random_strength:
+        assert torch.allclose(u, torch.ones_like(u), atol=0.08)
+        return
+    uniform = (torch.arange(400) + 0.5) / 400
+    assert (u - uniform).abs().max() < 0.1  # the empirical quantiles follow U(0, 1)
+    assert u.min() >= 0 and u.max() < 1.05 and abs(float(u.mean()) - 0.5) < 0.05
