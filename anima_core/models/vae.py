@@ -207,7 +207,7 @@ def _single_frame_forward(conv: torch.nn.Conv3d):
 
 
 def enable_single_frame_convs(vae: torch.nn.Module) -> None:
-    for module in vae.modules():
+    for module in vae.modules():  # by name, so a diffusers release that moves the class still matches
         if type(module).__name__ == "QwenImageCausalConv3d":
             module.forward = _single_frame_forward(module)
 
