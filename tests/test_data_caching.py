@@ -366,15 +366,17 @@ def test_reuse_check_reads_only_the_keys(tmp_path, monkeypatch):
     data.cache_latents(FakeVAE(), to_disk=True, batch_size=2, device="cpu")
     data.cache_text(FakeTextEncoder(), to_disk=True, batch_size=2)
 
+    import zipfile
+
     read = []
-    real = np.lib.format.read_array
-    monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **kw: read.append(real(*a, **kw)) or read[-1])
+    real = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **kw: read.append(str(name)) or real(self, name, *a, **kw))
     vae, te = FakeVAE(), FakeTextEncoder()
     again = build_training_data(opts, base_dir=tmp_path)
     again.cache_latents(vae, to_disk=True, batch_size=2, device="cpu")
     again.cache_text(te, to_disk=True, batch_size=2)
     assert vae.images_encoded == 0 and te.captions_encoded == []
-    assert len(read) == 4 and all(a.dtype.kind == "U" for a in read)  # the 4 JSON keys, no tensor
+    assert len(read) == 4 and all(name.startswith("anima_key") for name in read)  # the 4 JSON keys, no tensor
 
 
 def test_validate_and_plan_print_the_cache_memory(tmp_path, tiny_model, capsys):
@@ -471,3 +473,29 @@ def test_loader_workers_see_the_compact_in_memory_caches(tmp_path):
         assert a.paths == b.paths and a.captions == b.captions
         assert torch.equal(a.latents, b.latents) and torch.equal(a.alpha_masks, b.alpha_masks)
         assert all(torch.equal(x, y) for x, y in zip(a.text, b.text))
+
+
+def test_a_cache_files_key_reads_back_exactly_whatever_wrote_it(tmp_path):
+    """The reuse check reads a cache file's key without numpy's header parser when the key is the one-string
+    .npy that we write; the key comes back exactly (captions in any script), a key numpy wrote in another
+    layout still reads through numpy, and a file lacking a tensor or holding a broken key counts as not cached."""
+    from anima_core.data import cache as caches
+
+    key = {"caption": "1girl, 桜の木の下, café, 🌸 smile", "encoder": "qwen3", "qwen3_max_token_length": 512}
+    outputs = (torch.zeros(2, 4), torch.ones(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+               torch.ones(3, dtype=torch.int64))
+    ours = tmp_path / "a_anima_te.npz"
+    caches.store_text(ours, key, outputs, 0.0)
+    assert caches.stored_text_key(ours) == key
+
+    arrays = dict(np.load(ours))
+    big_endian = tmp_path / "b_anima_te.npz"
+    np.savez(big_endian, **{**arrays, "anima_key": arrays["anima_key"].astype(">U200")})
+    assert caches.stored_text_key(big_endian) == key  # not our layout: numpy reads it
+
+    missing = tmp_path / "c_anima_te.npz"
+    np.savez(missing, **{k: v for k, v in arrays.items() if k != "prompt_embeds"})
+    broken = tmp_path / "d_anima_te.npz"
+    np.savez(broken, **{**arrays, "anima_key": np.array('{"caption": ')})
+    assert caches.stored_text_key(missing) is None and caches.stored_text_key(broken) is None
+    assert caches.stored_text_key(tmp_path / "absent_anima_te.npz") is None

@@ -6,6 +6,7 @@ any field makes the entry stale, and the field names say why it is rebuilt.
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -69,12 +70,25 @@ def read_stored_key(path: Path, key_name: str, required: tuple[str, ...]) -> dic
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:  # lazy: members are read on access
-            if key_name not in data.files or any(name not in data.files for name in required):
+        with zipfile.ZipFile(path) as archive:
+            members = set(archive.namelist())
+            if any(f"{name}.npy" not in members for name in (key_name, *required)):
                 return None
-            return json.loads(str(data[key_name]))
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, json.JSONDecodeError):
+            return json.loads(_npy_text(archive.read(f"{key_name}.npy")))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def _npy_text(member: bytes) -> str:
+    """The string in a .npy member that holds one string, as `_key_array` writes it (version 1.0, little-endian
+    '<U'); anything else goes through numpy. Why not numpy always: its header parser (ast.literal_eval) was
+    two thirds of checking a cache file, and the reuse check of a large dataset is this, once per file."""
+    if member[:6] == b"\x93NUMPY" and member[6:8] == b"\x01\x00":
+        end = 10 + int.from_bytes(member[8:10], "little")
+        header = member[10:end]
+        if b"'descr': '<U" in header and b"'shape': ()" in header:
+            return member[end:].decode("utf-32-le").rstrip("\x00")
+    return str(np.lib.format.read_array(io.BytesIO(member), allow_pickle=False))
 
 
 def _key_array(key: dict) -> np.ndarray:
