@@ -88,3 +88,27 @@ def test_real_size_script_trains_saves_and_checks_through_the_cli(monkeypatch, t
     assert len(result["previews"]) == 2
     assert "self-check ok" in result["self_check"][0]
     assert result["lora_info"] == ["ComfyUI would load every key."]
+
+
+def test_data_bench_keeps_each_phases_fastest_run_and_refuses_skipped_images(monkeypatch, tmp_path):
+    """bench_data's --repeat merge (fastest time, highest RSS, the slowest run kept beside it) and its guard
+    against rates per image that the scan never placed."""
+    script = load_script(monkeypatch, "bench_data")
+
+    def run(seconds, peak, growth):
+        return {"n": 10, "rss_growth_gib": growth, "phases": [
+            {"phase": "scan", "seconds": seconds, "images_per_s": 10 / seconds, "peak_rss_gib": peak}]}
+
+    merged = script.fastest([run(2.0, 0.5, 0.1), run(1.0, 0.3, 0.2), run(4.0, 0.4, 0.1)])
+    (scan,) = merged["phases"]
+    assert (scan["seconds"], scan["images_per_s"], scan["peak_rss_gib"], scan["slowest_s"]) == (1.0, 10.0, 0.5, 4.0)
+    assert merged["repeats"] == 3 and merged["rss_growth_gib"] == 0.2
+
+    script.make_dataset(tmp_path, 8, 1024)  # at 1024 the bench once lost half its shapes below the smallest bucket
+    from anima_core.data import DataOptions, build_training_data
+
+    data_dir, opts = script.prepare(DataOptions, tmp_path, 8, 1024, 2)
+    data = build_training_data(opts, base_dir=data_dir)
+    script.every_image_placed(data, 8)
+    with pytest.raises(SystemExit, match="only 8 of the 9 images"):
+        script.every_image_placed(data, 9)
