@@ -26,7 +26,7 @@ def _profile(args):
 
 def cmd_run(args) -> int:
     from anima_core.config import load_profile
-    from anima_core.config.preflight import preflight
+    from anima_core.preflight import preflight
     from anima_core.plugins import default_plugins
     from anima_core.training.distributed import under_launcher
     from anima_core.training.trainer import Trainer
@@ -65,7 +65,7 @@ def _launch_processes(profile, args) -> int:
 
 def cmd_validate(args) -> int:
     from anima_core.config import load_profile
-    from anima_core.config.preflight import preflight
+    from anima_core.preflight import preflight
     from anima_core.errors import ProfileError
     from anima_core.plugins import default_plugins
 

@@ -406,7 +406,7 @@ def test_vae_disable_cache_is_explained_not_mapped():
 ])
 def test_run_time_rules_of_sd_scripts_are_written_into_the_profile(line, expected, note):
     from anima_core.config.schema import OptimizerTable
-    from anima_core.training.schedules import schedule_problems
+    from anima_core.config.optimizer_rules import schedule_problems
 
     result = imported(line)
     optimizer = {k: v for k, v in result.data["optimizer"].items() if k != "learning_rate"}

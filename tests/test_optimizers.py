@@ -11,7 +11,8 @@ from anima_core.config.schema import OptimizerTable
 from anima_core.errors import AnimaError
 from anima_core.plugins import build_plugins
 from anima_core.training.ema import WeightEMA
-from anima_core.training.optim import apply_max_norm, create_optimizer, optimizer_factory
+from anima_core.config.optimizer_rules import optimizer_factory
+from anima_core.training.optim import apply_max_norm, create_optimizer
 from anima_core.training.state import list_states
 
 STEPS = 4

@@ -11,7 +11,8 @@ from anima_core.config.schema import OptimizerTable
 from anima_core.errors import AnimaError
 from anima_core.plugins import build_plugins
 from anima_core.training.optim import create_optimizer
-from anima_core.training.schedules import build_scheduler, rates_used, rebase_rates, schedule_problems
+from anima_core.config.optimizer_rules import schedule_problems
+from anima_core.training.schedules import build_scheduler, rates_used, rebase_rates
 
 LR, TOTAL = 0.5, 40
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from anima_core.config.optimizer_rules import optimizer_problems
 from anima_core.config.schema import Profile
 from anima_core.plugins import Plugins, UnknownNameError, default_plugins
 
@@ -85,8 +86,6 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
         network = None
     if hasattr(network, "validate"):  # a network plugin may check its own args and requirements
         problems += network.validate(profile)
-    from anima_core.training.optim import optimizer_problems  # imports torch: only when plugin checks run
-
     problems += optimizer_problems(profile, plugins)
     for entry in plugins.registry("register_memory_strategies").entries.values():
         strategy = entry.obj
@@ -112,7 +111,27 @@ def _logging_problems(profile: Profile, plugins: Plugins) -> list[str]:
 
 
 def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:
-    from anima_core.training.distributed import process_problems  # imports torch: not when the TUI starts
-
     return (_file_problems(profile) + _option_problems(profile) + process_problems(profile)
             + _plugin_problems(profile, plugins or default_plugins()))
+
+
+def process_problems(profile: Profile, num_processes: int | None = None) -> list[str]:
+    """What several processes cannot do. Memory strategies (checkpointing, CPU offload, block swap, fp8)
+    and compiled blocks are all allowed: they change how forward and backward run on each process, not
+    the LoRA gradients that are summed after backward. ``num_processes``: a launcher's count (default: the
+    profile's)."""
+    t = profile.training
+    if (num_processes or t.num_processes) == 1:
+        return []
+    problems = []
+    if profile.optimizer.fused_backward_pass:
+        problems.append(
+            "optimizer.fused_backward_pass: updates each weight inside backward, before the processes' gradients "
+            "are summed, so the processes would drift apart; turn it off with training.num_processes > 1"
+        )
+    if t.device not in ("auto", "cuda", "cpu"):
+        problems.append(
+            f"training.device: {t.device!r} names one device, but each process takes the GPU of its local rank; "
+            "use auto or cuda (or cpu) with training.num_processes > 1 (CUDA_VISIBLE_DEVICES picks the GPUs)"
+        )
+    return problems

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from anima_core.config.schema import TABLES, Profile
 from anima_core.errors import AnimaError
 from anima_core.plugins import default_plugins
-from anima_core.training.schedules import KNOBS, USES_WARMUP, is_schedule_free, uses_relative_step
+from anima_core.config.optimizer_rules import KNOBS, USES_WARMUP, is_schedule_free, uses_relative_step
 from anima_core.kohya import values as v
 from anima_core.kohya.command_line import split_command_line
 from anima_core.kohya.launcher import read_launcher

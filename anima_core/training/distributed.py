@@ -184,28 +184,6 @@ class Processes:
                                            for rank, error in failures), stopped=stopped)
 
 
-def process_problems(profile, num_processes: int | None = None) -> list[str]:
-    """What several processes cannot do. Memory strategies (checkpointing, CPU offload, block swap, fp8)
-    and compiled blocks are all allowed: they change how forward and backward run on each process, not
-    the LoRA gradients that are summed after backward. ``num_processes``: a launcher's count (default: the
-    profile's)."""
-    t = profile.training
-    if (num_processes or t.num_processes) == 1:
-        return []
-    problems = []
-    if profile.optimizer.fused_backward_pass:
-        problems.append(
-            "optimizer.fused_backward_pass: updates each weight inside backward, before the processes' gradients "
-            "are summed, so the processes would drift apart; turn it off with training.num_processes > 1"
-        )
-    if t.device not in ("auto", "cuda", "cpu"):
-        problems.append(
-            f"training.device: {t.device!r} names one device, but each process takes the GPU of its local rank; "
-            "use auto or cuda (or cpu) with training.num_processes > 1 (CUDA_VISIBLE_DEVICES picks the GPUs)"
-        )
-    return problems
-
-
 # ---- starting the workers --------------------------------------------------------------------------
 
 

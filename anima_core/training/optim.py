@@ -3,81 +3,14 @@ schedule-free train/eval modes, and max-norm regularisation of LoRA weights."""
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from contextlib import contextmanager
 
 import torch
 
 from anima_core.errors import AnimaError
 from anima_core.plugins import Plugins
-from anima_core.training.schedules import is_schedule_free, schedule_problems, unwrapped, uses_relative_step
-
-
-def _registered(plugins: Plugins, name: str):
-    """The registered factory for ``name``; sd-scripts compares optimizer names without case."""
-    registry = plugins.registry("register_optimizers")
-    for known, canonical in [*((n, n) for n in registry.entries), *registry.aliases.items()]:
-        if known.lower() == name.lower():
-            return registry.get(canonical)
-    return None
-
-
-def _import_class(plugins: Plugins, path: str):
-    """A `module.Class` path, or (as sd-scripts does) a bare name from torch.optim."""
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name) if module_name else torch.optim
-        return getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
-        names = plugins.registry("register_optimizers").names()
-        close = difflib.get_close_matches(path, names, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close and not module_name else ""
-        raise AnimaError(
-            f"optimizer.optimizer_type = {path!r}: neither a registered optimizer nor importable ({exc}); {hint}Give one "
-            f"of {', '.join(names)}, a torch.optim class, or an importable `module.Class` (install its package first)."
-        ) from None
-
-
-def optimizer_factory(plugins: Plugins, name: str):
-    """``factory(param_groups, lr, args) -> Optimizer`` for a registered name, a torch.optim name or a class path."""
-    factory = _registered(plugins, name)
-    if factory is not None:
-        return factory
-    cls = _import_class(plugins, name)
-    return lambda groups, lr, args: cls(groups, lr=lr, **args)
-
-
-def optimizer_problems(profile, plugins: Plugins) -> list[str]:
-    """Optimizer, schedule and EMA settings that cannot work together; each names its key and what to do."""
-    o, problems = profile.optimizer, []
-    try:
-        optimizer_factory(plugins, o.optimizer_type)
-    except AnimaError as exc:
-        problems.append(str(exc))
-    if o.fused_backward_pass:
-        if o.optimizer_type.lower() != "adafactor":
-            problems.append("optimizer.fused_backward_pass: works only with optimizer_type = 'Adafactor' (as in sd-scripts)")
-        if profile.training.gradient_accumulation_steps > 1:
-            problems.append("optimizer.fused_backward_pass: cannot be combined with gradient_accumulation_steps > 1")
-    if uses_relative_step(o):
-        group_rates = [k for k in ("unet_lr", "text_encoder_lr", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "llm_adapter_lr")
-                       if getattr(o, k) is not None]
-        if group_rates:
-            problems.append(
-                f"optimizer.{group_rates[0]}: Adafactor with relative_step computes one rate for every parameter, so per-group "
-                "rates cannot apply (sd-scripts drops them); remove them, or set optimizer_args relative_step = false"
-            )
-    if o.ema_decay is not None and is_schedule_free(o):
-        problems.append(
-            f"optimizer.ema_decay: {o.optimizer_type} already averages the weights (its eval weights are what is saved); remove ema_decay"
-        )
-    if not o.ema_decay:
-        for key, default in (("ema_every_n_steps", 1), ("ema_device", "device"), ("ema_save", "lora"),
-                             ("ema_for_previews", False), ("ema_for_validation", False)):
-            if getattr(o, key) != default:
-                problems.append(f"optimizer.{key}: has no effect without ema_decay; set ema_decay or remove it")
-    return problems + schedule_problems(o)
+from anima_core.config.optimizer_rules import optimizer_factory
+from anima_core.training.schedules import unwrapped
 
 
 def create_optimizer(plugins: Plugins, optimizer_cfg, param_groups: list[dict]) -> torch.optim.Optimizer:

@@ -11,21 +11,8 @@ from __future__ import annotations
 import importlib
 import torch
 
+from anima_core.config.optimizer_rules import is_schedule_free, schedule_problems, uses_relative_step
 from anima_core.errors import AnimaError
-
-# Which optional knobs each schedule reads; every other schedule must leave them at their defaults.
-USES_WARMUP = {"constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt",
-               "cosine_with_min_lr", "warmup_stable_decay"}
-USES_CYCLES = {"cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay"}
-USES_MIN_LR_RATIO = {"cosine_with_min_lr", "warmup_stable_decay"}
-KNOBS = (  # (key, values that change nothing, schedules that read it); a 0.0 floor is the unset one
-    ("lr_decay_steps", (0,), {"warmup_stable_decay"}),
-    ("lr_scheduler_num_cycles", (1,), USES_CYCLES),
-    ("lr_scheduler_power", (1.0,), {"polynomial"}),
-    ("lr_scheduler_min_lr_ratio", (None, 0.0), USES_MIN_LR_RATIO),
-    ("lr_scheduler_timescale", (None,), {"inverse_sqrt"}),
-)
-
 
 def steps_or_fraction(value: float, total_steps: int) -> int:
     """sd-scripts' int_or_float rule: below 1 a fraction of all steps (rounded down), else a step count."""
@@ -36,64 +23,6 @@ def steps_or_fraction(value: float, total_steps: int) -> int:
 
 def warmup_steps_for(lr_warmup_steps: float, total_steps: int) -> int:
     return steps_or_fraction(lr_warmup_steps, total_steps)
-
-
-def uses_relative_step(optimizer_cfg) -> bool:
-    """Adafactor computes its own rate unless told otherwise (sd-scripts' default, and warmup_init implies it)."""
-    if optimizer_cfg.optimizer_type.lower() not in ("adafactor", "transformers.optimization.adafactor"):
-        return False
-    args = optimizer_cfg.optimizer_args
-    return bool(args.get("relative_step", True) or args.get("warmup_init", False))
-
-
-def is_schedule_free(optimizer_cfg) -> bool:
-    """sd-scripts' rule: an optimizer whose name ends in ScheduleFree brings its own schedule."""
-    return optimizer_cfg.optimizer_type.lower().endswith("schedulefree")
-
-
-def schedule_problems(optimizer_cfg) -> list[str]:
-    """Schedule settings that cannot take effect, each naming the key and what to do."""
-    o = optimizer_cfg
-    kind, problems = o.lr_scheduler, []
-    warmup_given = bool(o.lr_warmup_steps)
-    if o.lr_scheduler_type:
-        if kind != "constant":
-            problems.append(f"optimizer.lr_scheduler_type = {o.lr_scheduler_type!r} replaces lr_scheduler; leave lr_scheduler at 'constant'")
-        if warmup_given:
-            problems.append("optimizer.lr_warmup_steps: a scheduler class given by lr_scheduler_type takes no warmup (sd-scripts refuses it); set it to 0")
-        kind = None
-    elif is_schedule_free(o):
-        if kind != "constant" or warmup_given:
-            problems.append(
-                f"optimizer.lr_scheduler: {o.optimizer_type} brings its own schedule, so lr_scheduler must be 'constant' with "
-                "lr_warmup_steps = 0 (give its warmup as optimizer_args warmup_steps)"
-            )
-        kind = None
-    elif uses_relative_step(o):
-        if kind not in ("constant", "adafactor") or warmup_given:
-            problems.append(
-                "optimizer.lr_scheduler: Adafactor with relative_step (its default) computes its own rate, and sd-scripts then "
-                "uses the 'adafactor' schedule without warmup; set lr_scheduler = 'adafactor' and lr_warmup_steps = 0, or "
-                "optimizer_args relative_step = false to use a schedule"
-            )
-        kind = None
-    elif kind == "adafactor":
-        problems.append(
-            "optimizer.lr_scheduler: 'adafactor' reports Adafactor's own relative-step rate; it needs optimizer_type = 'Adafactor' "
-            "without relative_step = false"
-        )
-        kind = None
-    elif warmup_given and kind not in USES_WARMUP:
-        problems.append(f"optimizer.lr_warmup_steps: {kind!r} has no warmup (sd-scripts refuses it); use 'constant_with_warmup' or set it to 0")
-    if kind == "cosine_with_min_lr" and o.lr_scheduler_min_lr_ratio is None:
-        problems.append("optimizer.lr_scheduler_min_lr_ratio: 'cosine_with_min_lr' needs it (the floor as a fraction of the rate)")
-    if kind == "piecewise_constant" and "step_rules" not in o.lr_scheduler_args:
-        problems.append("optimizer.lr_scheduler_args: 'piecewise_constant' needs step_rules, e.g. \"1:10,0.1:20,0.01\"")
-    schedule = kind or ("lr_scheduler_type" if o.lr_scheduler_type else f"{o.optimizer_type}'s own schedule")
-    for key, inert, readers in KNOBS:
-        if getattr(o, key) not in inert and kind not in readers:
-            problems.append(f"optimizer.{key}: only {', '.join(sorted(readers))} read it, not {schedule}; remove it")
-    return problems
 
 
 def _import_scheduler_class(path: str):

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from anima_core import __version__
 from anima_core.atomic import atomic_write_text, clean_leftovers
+from anima_core.config.checks import process_problems
 from anima_core.config.load import profile_to_toml
 from anima_core.config.schema import Profile
 from anima_core.data import DataOptions, PhaseProgress, build_training_data
@@ -41,7 +42,6 @@ from anima_core.training.distributed import (
     LaunchError,
     ProcessFailure,
     Processes,
-    process_problems,
     under_launcher,
     worker_threads,
 )

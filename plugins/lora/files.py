@@ -20,6 +20,8 @@ from safetensors.torch import save as safetensors_bytes
 from anima_core.atomic import atomic_write_bytes
 from anima_core.errors import AnimaError
 
+LONG_METADATA = 200  # characters of one metadata value shown by lora-info
+
 # (down suffix, up suffix) pairs ComfyUI accepts for a plain LoRA, kohya first.
 PAIR_SUFFIXES = (
     (".lora_down.weight", ".lora_up.weight"),
@@ -123,3 +125,14 @@ def write_lora_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
 
 def metadata_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def metadata_lines(metadata: dict[str, str]) -> list[str]:
+    """The file's metadata for ``lora-info``, long values cut."""
+    lines = ["", "metadata:"]
+    for key in sorted(metadata):
+        value = metadata[key]
+        if len(value) > LONG_METADATA:
+            value = value[:LONG_METADATA] + f"... ({len(value)} characters)"
+        lines.append(f"  {key} = {value}")
+    return lines

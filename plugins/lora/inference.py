@@ -10,27 +10,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .files import LoRAFile, LoRAFileError, read_lora_file
-from .keymap import Address, comfy_key_map, resolver_key_map, structural_address
+from anima_plugins.lycoris.apply import merge_lycoris_file
+from anima_plugins.lycoris.info import is_lycoris_file
+
+from .files import LoRAFile, LoRAFileError, metadata_lines, read_lora_file
+from .keymap import Address, comfy_key_map, module_at, resolver_key_map, structural_address
 from .module import LoRAModule
 
 KOHYA_BLOCK = re.compile(r"lora_unet_blocks_(\d+)_")
-LONG_METADATA = 200  # characters of one metadata value shown by lora-info
 
 
 def _te_model(text_encoder) -> nn.Module | None:
     return None if text_encoder is None else getattr(text_encoder, "model", text_encoder)
-
-
-def module_at(address: Address, dit: nn.Module, te_model: nn.Module | None) -> nn.Module | None:
-    part, path = address
-    root = dit if part == "dit" else te_model
-    if root is None:
-        return None
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 @dataclass
@@ -55,9 +46,6 @@ def apply_lora_files(
     Every key of every file must land on a Linear of the model with matching shapes, or LoRAFileError
     names the keys (a silently half-applied LoRA would make samples misleading).
     """
-    from anima_plugins.lycoris.apply import merge_lycoris_file  # lycoris builds on this plugin, not the reverse
-    from anima_plugins.lycoris.info import is_lycoris_file
-
     te_model = _te_model(text_encoder)
     key_map = resolver_key_map(dit, te_model)
     adapters: list = []  # LoRAModule forward patches and merged LyCORIS modules, both with remove()
@@ -261,14 +249,3 @@ def lora_info(path: str | os.PathLike, dit: nn.Module | None = None, text_encode
         lines.append("ComfyUI would load every key.")
     lines += metadata_lines(lora_file.metadata)
     return "\n".join(lines)
-
-
-def metadata_lines(metadata: dict[str, str]) -> list[str]:
-    """The file's metadata for ``lora-info``, long values cut."""
-    lines = ["", "metadata:"]
-    for key in sorted(metadata):
-        value = metadata[key]
-        if len(value) > LONG_METADATA:
-            value = value[:LONG_METADATA] + f"... ({len(value)} characters)"
-        lines.append(f"  {key} = {value}")
-    return lines

@@ -82,3 +82,14 @@ def _dotted_candidates(underscored: str) -> list[str]:
     if len(parts) <= 14:  # Anima names have at most 8 parts; longer names are not Anima layers
         walk(1, parts[0])
     return results
+
+
+def module_at(address: Address, dit: nn.Module, te_model: nn.Module | None) -> nn.Module | None:
+    part, path = address
+    root = dit if part == "dit" else te_model
+    if root is None:
+        return None
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None

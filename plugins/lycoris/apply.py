@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from anima_plugins.lora.files import LoRAFileError, read_lora_file
-from anima_plugins.lora.inference import module_at
-from anima_plugins.lora.keymap import resolver_key_map
+from anima_plugins.lora.keymap import module_at, resolver_key_map
 
 from .formats import FormatError, comfy_bias_difference, comfy_weight, group_modules
 

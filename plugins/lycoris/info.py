@@ -8,8 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from anima_plugins.lora.files import read_lora_file
-from anima_plugins.lora.inference import metadata_lines
+from anima_plugins.lora.files import metadata_lines, read_lora_file
 from anima_plugins.lora.keymap import comfy_key_map, structural_address
 
 from .formats import LYCORIS_ONLY, FormatError, group_modules

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from anima_plugins.lora.files import LoRAFileError, read_lora_file
-from anima_plugins.lora.inference import module_at
-from anima_plugins.lora.keymap import Address, comfy_key_map
+from anima_plugins.lora.keymap import Address, comfy_key_map, module_at
 
 from .formats import FormatError, comfy_bias_difference, comfy_weight, group_modules
 
