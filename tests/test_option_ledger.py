@@ -41,6 +41,7 @@ OPT = "tests/test_optimizers.py::"
 SCH = "tests/test_schedules.py::"
 FL = "tests/test_flow.py::"
 TR = "tests/test_trackers.py::"
+ES = "tests/test_option_effect_sizes.py::"  # the size of the effect: a share of draws, a scale, a range
 VA = "tests/test_validation.py::"
 # Keys of the dataset config that are also [dataset] keys are resolved by one lookup (subset, dataset, [general],
 # profile); this test proves each reaches the resolved spec, the test named beside it what the spec does with it.
@@ -129,8 +130,8 @@ LEDGER: dict[str, list[str]] = {
                                  E + "test_skip_cache_check_makes_the_trainer_trust_disk_caches"],
     # ---- [network] ----------------------------------------------------------------------------------------
     "network.module": [LY + "test_run_trains_saves_and_self_checks_against_comfyui"],
-    "network.dim": [S + "[network.dim]"],
-    "network.alpha": [S + "[network.alpha]"],
+    "network.dim": [S + "[network.dim]", ES + "test_network_alpha_over_dim_is_the_scale_of_every_module"],
+    "network.alpha": [S + "[network.alpha]", ES + "test_network_alpha_over_dim_is_the_scale_of_every_module"],
     "network.dropout": [S + "[network.dropout]", E + "test_network_dropout_drops_the_down_projection_as_sd_scripts_does"],
     "network.args": [S + "[rank_dropout]", LS + "test_arg_forms_of_both_generations"],
     "network.weights": [LN + "test_file_reloads_and_reproduces_the_trained_output", LY + "test_network_weights_continue_from_the_file"],
@@ -301,8 +302,11 @@ LEDGER: dict[str, list[str]] = {
     "network.args.train_block_indices": [S + "[train_block_indices]", LS + "test_train_block_indices"],
     "network.args.train_llm_adapter": [LS + "test_llm_adapter_blocks_join_with_train_llm_adapter"],
     "network.args.verbose": [LN + "test_reg_lrs_override_and_verbose_table"],
-    "network.args.rank_dropout": [S + "[rank_dropout]", LN + "test_lora_module_formula_and_rank_dropout_on_5d_input"],
-    "network.args.module_dropout": [S + "[module_dropout]", LN + "test_dropouts_in_training_mode_run_through_the_dit"],
+    "network.args.rank_dropout": [S + "[rank_dropout]", LN + "test_lora_module_formula_and_rank_dropout_on_5d_input",
+                                   ES + "test_rank_dropout_zeroes_that_share_of_ranks_per_sample_and_rescales_the_rest"],
+    "network.args.module_dropout": [S + "[module_dropout]", LN + "test_dropouts_in_training_mode_run_through_the_dit",
+                                     ES + "test_module_dropout_skips_that_share_of_the_modules_in_training_only",
+                                     ES + "test_a_skipped_module_gives_exactly_the_base_output_and_a_kept_one_the_whole_lora"],
     "network.args.loraplus_lr_ratio": [LY + "test_loraplus_and_component_rates_group_the_parameters"],
     "network.args.loraplus_unet_lr_ratio": [LN + "test_component_learning_rates_loraplus_and_freezing"],
     "network.args.loraplus_text_encoder_lr_ratio": [LN + "test_component_learning_rates_loraplus_and_freezing"],

@@ -1,0 +1,148 @@
+"""Options whose effect has a size, measured: the share of LoRA modules a step skips, of ranks, captions and tags
+dropped, of images flipped, where crops fall, how tags are shuffled, what the LoRA scale is.
+
+test_option_sensitivity.py proves an option reaches the training (the LoRA differs); it cannot tell an option
+that does its job from one that does something else (issue #32: module_dropout disabled at the line that
+applies it left every test green). Each test here asserts what the option is documented to do. Shares are
+counted over many draws from fixed seeds and compared with p within 4.5 binomial standard deviations: a correct
+implementation fails that for fewer than 1 seed in 100,000, a rate off by the tolerance fails it always.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_lora_network import dit_inputs, net_cfg, opt_cfg, tiny_dit
+
+from anima_core.data import DataOptions, build_training_data
+from anima_core.data.captions import CaptionStep, process_caption
+from anima_core.data.config import SubsetSpec
+from anima_plugins.lora import create_network
+from anima_plugins.lora.module import LoRAModule
+
+
+def assert_share(hits: int, draws: int, p: float, what: str) -> None:
+    tolerance = 4.5 * math.sqrt(p * (1 - p) / draws)
+    assert abs(hits / draws - p) <= tolerance, f"{what}: {hits}/{draws} = {hits / draws:.3f}, expected {p} ± {tolerance:.3f}"
+
+
+# ---- LoRA modules (plugins/lora/module.py) -----------------------------------------------------------------
+
+
+def _count_branch_calls(network) -> list[int]:
+    """A counter of LoRA branches run: lora_down is called once for each module that is not skipped."""
+    calls = [0]
+    for lora in network.loras.values():
+        lora.lora_down.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _dit_forwards(dit, count: int) -> None:
+    with torch.no_grad():
+        for _ in range(count):
+            dit(*dit_inputs())
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_module_dropout_skips_that_share_of_the_modules_in_training_only(p):
+    """module_dropout: in a training step each LoRA module is skipped (its branch adds nothing) with probability p,
+    independently; in eval mode, and at p = 0, every module runs."""
+    dit = tiny_dit()
+    network = create_network(net_cfg({"module_dropout": str(p), "target_preset": "sd-scripts"}), dit=dit,
+                             text_encoder=None, train_text_encoder=False)
+    network.apply_to()
+    calls = _count_branch_calls(network)
+    modules, forwards = len(network.loras), 50
+    network.eval()
+    _dit_forwards(dit, 3)
+    assert calls[0] == 3 * modules  # every module's branch runs once a forward
+    calls[0] = 0
+    network.train()
+    torch.manual_seed(11)
+    _dit_forwards(dit, forwards)
+    assert_share(forwards * modules - calls[0], forwards * modules, p, f"modules skipped at module_dropout {p}")
+
+    plain_dit = tiny_dit()
+    plain = create_network(net_cfg({"target_preset": "sd-scripts"}), dit=plain_dit, text_encoder=None,
+                           train_text_encoder=False)
+    plain.apply_to()
+    plain_calls = _count_branch_calls(plain)
+    plain.train()
+    _dit_forwards(plain_dit, 5)
+    assert plain_calls[0] == 5 * modules  # without module_dropout a training step runs every module
+
+
+def test_a_skipped_module_gives_exactly_the_base_output_and_a_kept_one_the_whole_lora():
+    linear = torch.nn.Linear(8, 6)
+    lora = LoRAModule("x", linear, rank=4, alpha=2.0, module_dropout=0.5)
+    torch.nn.init.normal_(lora.lora_up.weight)
+    lora.apply_to()
+    x = torch.randn(5, 8)
+    base = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    full = base + 0.5 * lora.lora_up(lora.lora_down(x))
+    lora.train()
+    torch.manual_seed(0)
+    outs = [linear(x) for _ in range(400)]
+    skipped = sum(torch.equal(out, base) for out in outs)
+    kept = sum(torch.allclose(out, full, atol=1e-6) for out in outs)
+    assert skipped + kept == len(outs)
+    assert_share(skipped, len(outs), 0.5, "forwards skipped at module_dropout 0.5")
+    lora.eval()
+    assert all(torch.allclose(linear(x), full, atol=1e-6) for _ in range(20))
+    lora.train()
+    lora.module_dropout = 0.0
+    assert all(torch.allclose(linear(x), full, atol=1e-6) for _ in range(20))
+
+
+@pytest.mark.parametrize("p", [0.25, 0.6])
+def test_rank_dropout_zeroes_that_share_of_ranks_per_sample_and_rescales_the_rest(p):
+    """rank_dropout: in training each (sample, rank) of the down projection is zeroed with probability p, the same
+    for every token of the sample, and the kept ranks are scaled by 1 / (1 - p) so the expected output is the
+    eval output."""
+    rank, batch, tokens = 16, 64, 3
+    linear = torch.nn.Linear(8, rank, bias=False)
+    lora = LoRAModule("x", linear, rank=rank, alpha=4.0, multiplier=0.5, rank_dropout=p)
+    with torch.no_grad():
+        lora.lora_up.weight.copy_(torch.eye(rank))  # the branch's output is its hidden state: ranks stay readable
+    lora.apply_to()
+    x = torch.randn(batch, tokens, 8)
+    base, hidden = linear.weight @ x.unsqueeze(-1), lora.lora_down(x)
+    base = base.squeeze(-1)
+    scale = 0.5 * (4.0 / rank)
+    lora.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        delta = linear(x) - base
+    kept = torch.isclose(delta, hidden * scale / (1 - p), atol=1e-6)
+    zeroed = delta.abs() <= 1e-7
+    assert bool((kept | zeroed).all()), "each rank is either zeroed or kept at scale / (1 - p)"
+    assert bool((zeroed == zeroed[:, :1]).all()), "one decision per sample and rank, for every token"
+    assert_share(int(zeroed[:, 0].sum()), batch * rank, p, f"ranks zeroed at rank_dropout {p}")
+    lora.eval()
+    with torch.no_grad():
+        assert torch.allclose(linear(x) - base, hidden * scale, atol=1e-6)
+
+
+@pytest.mark.parametrize(("alpha", "scale"), [(2.0, 2.0 / 8), (16.0, 2.0), (None, 1.0 / 8), (0, 1.0)])
+def test_network_alpha_over_dim_is_the_scale_of_every_module(alpha, scale):
+    """network.alpha / network.dim scales each module's up·down (sd-scripts: alpha defaults to 1, and 0 means no
+    scaling); network.dim is every module's rank."""
+    dit = tiny_dit()
+    network = create_network(net_cfg({"target_preset": "sd-scripts"}, dim=8, alpha=alpha), dit=dit, text_encoder=None,
+                             train_text_encoder=False)
+    network.apply_to()
+    network.eval()
+    torch.manual_seed(4)
+    for name, lora in network.loras.items():
+        assert (lora.lora_down.out_features, lora.lora_up.in_features) == (8, 8), name
+        torch.nn.init.normal_(lora.lora_up.weight)
+        x = torch.randn(2, lora.lora_down.in_features)
+        target = lora.target
+        with torch.no_grad():
+            delta = target(x) - torch.nn.functional.linear(x, target.weight, target.bias)
+            assert torch.allclose(delta, scale * lora.lora_up(lora.lora_down(x)), atol=1e-5), name
