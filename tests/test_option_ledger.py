@@ -314,6 +314,8 @@ LEDGER: dict[str, list[str]] = {
     "network.args.include_patterns": [LS + "test_sd_scripts_patterns_and_reg_dims"],
     "network.args.network_reg_dims": [LS + "test_sd_scripts_patterns_and_reg_dims"],
     "network.args.network_reg_lrs": [LN + "test_reg_lrs_override_and_verbose_table"],
+    "network.args.fused": ["tests/test_fused_lora.py::test_the_fused_arg_selects_the_path_and_auto_is_off_on_the_cpu",
+                           "tests/test_fused_lora.py::test_a_short_training_trains_the_same_lora_fused_on_and_off"],
     # ---- network args of the lycoris plugin (the selection args above are shared) -----------------------------
     "network.args.lycoris.algo": [LY + "test_every_key_is_a_form_comfyui_maps"],
     "network.args.lycoris.factor": [LY + "test_lycoris_args_change_the_modules"],

@@ -28,7 +28,8 @@ FLOAT_ARGS = (
     "loraplus_unet_lr_ratio",
     "loraplus_text_encoder_lr_ratio",
 )
-KNOWN_ARGS = (
+# The args that pick layers, ranks, rates and dropouts (the lycoris network shares these), then lora_anima's own.
+SELECTION_ARGS = (
     *COMPONENT_DIM_ARGS,
     "emb_dims",
     "train_block_indices",
@@ -41,6 +42,8 @@ KNOWN_ARGS = (
     "network_reg_lrs",
     "target_preset",
 )
+KNOWN_ARGS = (*SELECTION_ARGS, "fused")
+FUSED_VALUES = ("auto", "true", "false")
 
 
 class NetworkArgsError(AnimaError):
@@ -64,6 +67,7 @@ class NetworkArgs:
     include_patterns: tuple[str, ...] = ()
     reg_dims: tuple[tuple[str, int], ...] = ()  # first matching regex wins
     reg_lrs: tuple[tuple[str, float], ...] = ()
+    fused: bool | None = None  # the fused LoRA GEMM: True, False, or None = auto (on for layers on a GPU)
 
 
 def arg_error(name: str, value: object, expected: str) -> NetworkArgsError:
@@ -79,6 +83,14 @@ def as_bool(name: str, value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise arg_error(name, value, "true or false")
+
+
+def _as_fused(value: object) -> bool | None:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in FUSED_VALUES):
+        return as_bool("fused", value)
+    raise arg_error("fused", value, "true, false or \"auto\"")
 
 
 def _as_int(name: str, value: object, *, minimum: int = 0) -> int:
@@ -206,6 +218,7 @@ def parse_network_args(raw: dict[str, object] | None) -> NetworkArgs:
         reg_lrs=_as_pairs("network_reg_lrs", raw["network_reg_lrs"], _as_float)
         if "network_reg_lrs" in raw
         else (),
+        fused=_as_fused(raw.get("fused", "auto")),
     )
 
 

@@ -92,10 +92,17 @@ class AnimaLoRANetwork(nn.Module):
                     dropout=dropout,
                     rank_dropout=args.rank_dropout,
                     module_dropout=args.module_dropout,
+                    fused=wants_fused(args, t),
                 )
                 for t in targets
             }
         )
+        swapped = getattr(dit, "_block_swapper", None) is not None
+        for t in targets:
+            if swapped and t.part == "dit" and t.path.startswith("blocks."):
+                # Block swap points the block's weights at its own copies every step: a stacked buffer would
+                # be a second copy of each weight.
+                self.loras[t.name].refuse_fusing("blocks_to_swap moves this block's weights between its own copies")
         self._last_groups: list[GroupPlan] = []
         self._frozen: list[str] = []
 
@@ -112,6 +119,22 @@ class AnimaLoRANetwork(nn.Module):
     def remove(self) -> None:
         for lora in reversed(list(self.loras.values())):
             lora.remove()
+
+    def fused_lines(self) -> list[str]:
+        """How many modules run the fused GEMM, and why the others do not (after ``apply_to``)."""
+        asked = [lora for lora in self.loras.values() if lora.fused]
+        if not asked:
+            return []
+        fused = sum(lora.fused_reason is None for lora in asked)
+        lines = [f"  fused LoRA GEMM: {fused} of {len(self.loras)} modules"]
+        reasons: dict[str, int] = {}
+        for lora in asked:
+            if lora.fused_reason is not None:
+                reasons[lora.fused_reason] = reasons.get(lora.fused_reason, 0) + 1
+        lines += [f"    plain path for {count}: {reason}" for reason, count in reasons.items()]
+        if self.dropout or self.args.rank_dropout or self.args.module_dropout:
+            lines.append("    training steps take the plain path: dropout, rank_dropout or module_dropout is set")
+        return lines
 
     def set_multiplier(self, multiplier: float) -> None:
         for lora in self.loras.values():
@@ -152,6 +175,7 @@ class AnimaLoRANetwork(nn.Module):
             f"{sum(p.numel() for p in self.parameters()):,} parameters"
         ]
         lines += group_lines(self._last_groups, self._frozen)
+        lines += self.fused_lines()
         if self.args.verbose:
             lines.append(f"  {'module':<64} {'rank':>5} {'alpha':>7}")
             for target in self.targets:
@@ -234,6 +258,13 @@ class AnimaLoRANetwork(nn.Module):
                 lora.lora_up.weight.copy_(pair.up)
                 lora.alpha.fill_(pair.alpha if pair.alpha is not None else lora.rank)
                 lora.refresh_scale()
+
+
+def wants_fused(args: NetworkArgs, target: Target) -> bool:
+    """The fused GEMM for this module: the ``fused`` arg, or with ``auto`` (the default) when the layer is on a GPU."""
+    if args.fused is not None:
+        return args.fused
+    return target.module.weight.device.type == "cuda"
 
 
 def _opt(cfg, name: str, default: float) -> float:

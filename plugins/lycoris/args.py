@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anima_plugins.lora.args import KNOWN_ARGS as SELECTION_ARGS
+from anima_plugins.lora.args import SELECTION_ARGS
 from anima_plugins.lora.args import NetworkArgs, NetworkArgsError, arg_error, as_bool, parse_network_args
 
 ALGORITHMS = ("lokr", "loha", "locon", "lora", "full")  # lora is LyCORIS's name for LoCon on Linear layers
