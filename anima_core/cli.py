@@ -32,8 +32,16 @@ def cmd_run(args) -> int:
     from anima_core.training.trainer import Trainer
 
     # Every problem knowable without training, before anything is cached (the run scans the images itself).
-    profile = load_profile(args.profile, args.set, preflight=lambda p, earlier: preflight(
-        p, default_plugins(), scan_images=False, earlier=earlier).problems)
+    found = []
+
+    def check(profile, earlier):
+        found.append(preflight(profile, default_plugins(), scan_images=False, earlier=earlier))
+        return found[-1].problems
+
+    profile = load_profile(args.profile, args.set, preflight=check)
+    # The trainer states its own notes (the precision); what it cannot know is said here.
+    for note in (n for result in found for n in result.notes if n.startswith("network.weights:")):
+        console.print(Text("warning: ", style="yellow") + Text(note), soft_wrap=True)
     if profile.training.num_processes > 1 and not under_launcher():
         return _launch_processes(profile, args)
     trainer = Trainer(profile, default_plugins(), resume=args.resume, allow_lr_change=args.allow_lr_change,
@@ -131,8 +139,13 @@ def cmd_lora_info(args) -> int:
     from anima_plugins.lora import lora_info
     from anima_plugins.lycoris.info import is_lycoris_file, lycoris_info
 
+    dit = None
+    if args.dit:
+        from anima_core.models import load_dit
+
+        dit = load_dit(args.dit, device="meta")  # the header alone: names and shapes, no weights
     info = lycoris_info if is_lycoris_file(args.file) else lora_info
-    print(info(Path(args.file)))
+    print(info(Path(args.file), dit))
     return 0
 
 
@@ -254,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lora-info", help="show a LoRA file's modules, ranks, metadata and ComfyUI compatibility")
     p.add_argument("file")
+    p.add_argument("--dit", help="a DiT file (only its header is read): say whether the LoRA was made for it")
     p.set_defaults(func=cmd_lora_info)
 
     p = sub.add_parser("import-kohya", help="turn an anima_train_network.py command line into a profile")
@@ -289,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5-tokenizer", help="T5 tokenizer folder (default: the shipped one)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a LoRA to apply, at STRENGTH (default 1.0); repeatable")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply a --lora made for another model (e.g. Anima 2B on 2.9B) instead of refusing it")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (sd-scripts options like --n --w --h --d --s --l --fs allowed)")
     p.add_argument("-o", "--output", required=True, type=Path,
                    help="image file (.png/.jpg/.webp) for one prompt; otherwise a folder for sample_NN_SEED.png files")

@@ -34,9 +34,12 @@ def _loader(profile: Profile, plugins: Plugins):
         return None  # already reported by the profile checks
 
 
-def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: bool, reported: set[str]) -> list[str]:
-    """Each model file loaded onto the meta device: names, shapes and dtypes from the header, strictly matched.
-    Keys in ``reported`` already have a problem (a missing file) and are not checked again."""
+def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: bool, reported: set[str],
+                        notes: list[str] | None = None) -> list[str]:
+    """Each model file loaded onto the meta device: names, shapes and dtypes from the header, strictly matched; the
+    DiT against ``network.weights`` (the model the LoRA was made for). Keys in ``reported`` already have a problem
+    (a missing file) and are not checked again. ``notes`` receives what is worth saying but not refused."""
+    notes = [] if notes is None else notes
     model = profile.model
     loader = _loader(profile, plugins)
     if loader is None:
@@ -69,6 +72,8 @@ def model_file_problems(profile: Profile, plugins: Plugins, skip_tokenizers: boo
         if key == "model.dit":
             problems += _dit_problems(profile, loaded, adapter_given=model.llm_adapter is not None or
                                       profile.model.llm_adapter is not None)
+            if profile.network.weights is not None and "network.weights" not in reported:
+                problems += network_weights_problems(profile, loaded, notes)
     return problems
 
 
@@ -88,6 +93,42 @@ def _dit_problems(profile: Profile, dit, adapter_given: bool) -> list[str]:
         except AnimaError as exc:
             problems.append(str(exc))
     return problems
+
+
+def network_weights_problems(profile: Profile, dit, notes: list[str]) -> list[str]:
+    """``network.weights`` against the DiT at hand (a meta-device load): a LoRA made for another model (Anima 2B on
+    2.9B, another block count) is refused unless ``network.allow_other_model``; one whose keys reach blocks this
+    DiT lacks is refused either way (those modules have nowhere to go); the blocks the file has must be those the
+    profile's network selects, or loading it would fail after caching."""
+    from anima_plugins.lora.files import LoRAFileError
+    from anima_plugins.lora.model_match import DIFFERENT, UNKNOWN, block_ranges, match_lora, selected_blocks
+
+    network = profile.network
+    try:
+        match = match_lora(network.weights, dit)
+    except LoRAFileError as exc:
+        return [f"network.weights: {exc}"]
+    if match.missing:
+        return [f"network.weights: {match.message} Their modules have nowhere to go, so it cannot be continued on "
+                "this DiT, whatever network.allow_other_model says: use the DiT it was made for, or start without "
+                "network.weights."]
+    if match.verdict == DIFFERENT and not network.allow_other_model:
+        return [f"network.weights: {match.message} Use the DiT it was made for, or set network.allow_other_model = "
+                "true to continue it on this one anyway (block N of the file onto block N here), or start without "
+                "network.weights."]
+    if match.verdict == DIFFERENT:
+        notes.append(f"network.weights: {match.message} Continued on this DiT anyway (network.allow_other_model = true).")
+    elif match.verdict == UNKNOWN:
+        notes.append(f"network.weights: {match.message} Make sure it was made for this DiT.")
+    selected = selected_blocks(network, dit)
+    reached = set(match.lora.reached)
+    if selected is None or selected == reached:
+        return []
+    fix = (f'set network.args.train_block_indices = "{block_ranges(reached)}"' if reached
+           else "use the network args the file was trained with")
+    return [f"network.weights: {match.name} has modules on DiT block(s) {block_ranges(reached) or 'none'}, but the "
+            f"profile's network selects block(s) {block_ranges(selected) or 'none'} of this DiT; continuing needs the "
+            f"same blocks: {fix}, or start without network.weights."]
 
 
 def device_problems(profile: Profile, device: torch.device) -> list[str]:
@@ -162,7 +203,8 @@ def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier:
     model = profile.model
     tokenizers = tokenizer_problems(model.qwen3_tokenizer, model.t5_tokenizer, model.qwen3)
     reported = {p.split(":", 1)[0] for p in earlier}
-    result.problems += model_file_problems(profile, plugins, skip_tokenizers=bool(tokenizers), reported=reported)
+    result.problems += model_file_problems(profile, plugins, skip_tokenizers=bool(tokenizers), reported=reported,
+                                           notes=result.notes)
     result.problems += [p for p in tokenizers if p.split(":", 1)[0] not in reported]
     try:
         device = resolve_device(profile.training.device)

@@ -136,6 +136,8 @@ LEDGER: dict[str, list[str]] = {
     "network.args": [S + "[rank_dropout]", LS + "test_arg_forms_of_both_generations"],
     "network.weights": [LN + "test_file_reloads_and_reproduces_the_trained_output", LY + "test_network_weights_continue_from_the_file"],
     "network.train_unet_only": ["tests/test_train.py::test_text_encoder_lora_trains_when_not_cached"],
+    "network.allow_other_model": ["tests/test_lora_model_match.py::test_validate_names_the_mismatch_and_run_refuses_before_caching",
+                                  "tests/test_lora_model_match.py::test_run_continues_on_another_model_when_the_profile_allows_it"],
     # ---- [optimizer] --------------------------------------------------------------------------------------
     "optimizer.optimizer_type": ["tests/test_train.py::test_other_optimizers_train", OPT + "test_optimizer_names_follow_sd_scripts"],
     "optimizer.optimizer_args": [S + "[optimizer_args.weight_decay]"],

@@ -125,6 +125,13 @@ class NetworkTable(Table):
         description="Network args of the guide (self_attn_dim, cross_attn_dim, mlp_dim, mod_dim, llm_adapter_dim, emb_dims, train_block_indices, train_llm_adapter, rank_dropout, module_dropout, loraplus_*_ratio, verbose) and of current sd-scripts (include/exclude_patterns, network_reg_dims, network_reg_lrs).",
     )
     weights: Optional[Path] = Field(None, description="Continue from this LoRA file (network_weights).")
+    allow_other_model: bool = Field(
+        False,
+        description="Continue network.weights on a DiT other than the one the LoRA was made for (its anima_dit "
+        "metadata: Anima 2B vs 2.9B, another block count); block N of the file goes onto block N of this DiT. "
+        "false: validate and run refuse, naming both models. A file whose keys reach blocks this DiT lacks is "
+        "refused either way.",
+    )
     train_unet_only: bool = Field(False, description="Train only the DiT (and adapter); leave Qwen3 without LoRA (network_train_unet_only).")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.text import Text
 
 from anima_core.atomic import atomic_path
 from anima_core.errors import AnimaError
@@ -50,6 +51,29 @@ def output_path(output: Path, count: int, index: int, seed: int) -> Path:
     return output / f"sample_{index:02d}_{seed}.png"
 
 
+def check_lora_models(dit_path, loras: list[tuple[Path, float]], *, allow_other_model: bool, console) -> None:
+    """Each ``--lora`` against the DiT's header, before any weight loads: a LoRA made for another model (Anima 2B on
+    2.9B, another block count) is refused unless ``--allow-other-model``, since its images would look like the
+    LoRA's effect while it sits on blocks it was not trained on; one whose keys reach blocks the DiT lacks cannot
+    be applied at all; one that does not record its model gets a warning."""
+    if not loras:
+        return
+    from anima_core.models import load_dit
+    from anima_plugins.lora.model_match import DIFFERENT, UNKNOWN, match_lora
+
+    dit = load_dit(dit_path, device="meta")
+    for path, _ in loras:
+        match = match_lora(path, dit)
+        if match.missing:
+            raise SampleArgumentError(f"--lora {path}: {match.message} It cannot be applied to this DiT; use the "
+                                      "DiT it was made for.")
+        if match.verdict == DIFFERENT and not allow_other_model:
+            raise SampleArgumentError(f"--lora {path}: {match.message} Use the DiT it was made for, or pass "
+                                      "--allow-other-model to render with it on this one anyway.")
+        if match.verdict in (DIFFERENT, UNKNOWN):
+            console.print(Text("warning: ", style="yellow") + Text(f"--lora {path}: {match.message}"), soft_wrap=True)
+
+
 def run_sample_command(args, console) -> list[Path]:
     """Load the model set, apply the LoRAs, render each ``--prompt`` into ``args.output``; returns the paths."""
     from anima_core.models import load_dit, load_text_encoder, load_vae
@@ -68,6 +92,8 @@ def run_sample_command(args, console) -> list[Path]:
             raise SampleArgumentError(
                 f"--lora {path}: no such file. Give FILE or FILE:STRENGTH (e.g. my.safetensors:0.8)."
             )
+
+    check_lora_models(args.dit, loras, allow_other_model=getattr(args, "allow_other_model", False), console=console)
 
     dit = load_dit(args.dit, dtype=dtype, device=device).eval()
     text_encoder = load_text_encoder(args.qwen3, tokenizer_path=args.qwen3_tokenizer,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -15,9 +14,8 @@ from anima_plugins.lycoris.info import is_lycoris_file
 
 from .files import LoRAFile, LoRAFileError, metadata_lines, read_lora_file
 from .keymap import Address, comfy_key_map, module_at, resolver_key_map, structural_address
+from .model_match import model_lines
 from .module import LoRAModule
-
-KOHYA_BLOCK = re.compile(r"lora_unet_blocks_(\d+)_")
 
 
 def _te_model(text_encoder) -> nn.Module | None:
@@ -194,26 +192,11 @@ def self_check(
     return result
 
 
-def made_for(lora_file: LoRAFile) -> str:
-    """The DiT a LoRA was trained on: from our metadata, else from the highest block its keys name (a LoRA
-    that reaches past block 27 cannot have been made for the 28-block 2B model)."""
-    from anima_core.models.dit_loading import RELEASES
-    from anima_core.training.metadata import DIT_KEY
-
-    if DIT_KEY in lora_file.metadata:
-        return lora_file.metadata[DIT_KEY]
-    indices = [int(m.group(1)) for key in lora_file.tensors if (m := KOHYA_BLOCK.match(key))]
-    if not indices:
-        return "unknown (no DiT block modules)"
-    highest = max(indices)
-    fits = [r.name for r in RELEASES if r.width == 2048 and r.num_blocks > highest]
-    return f"blocks up to {highest}: " + (" or ".join(fits) if fits else f"a DiT of at least {highest + 1} blocks")
-
-
 def lora_info(path: str | os.PathLike, dit: nn.Module | None = None, text_encoder=None) -> str:
     """A readable report: modules with ranks and alphas, metadata, and whether ComfyUI would load every key.
 
-    Without a model the ComfyUI check uses Anima's known layer names; with one it uses its real weights.
+    Without a model the ComfyUI check uses Anima's known layer names; with one (a meta-device load is enough) it
+    uses its real weights, and the report says whether the LoRA was made for that DiT (``model_match``).
     """
     lora_file = read_lora_file(path)
     pairs, stray = lora_file.pairs()
@@ -226,7 +209,7 @@ def lora_info(path: str | os.PathLike, dit: nn.Module | None = None, text_encode
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in lora_file.tensors.values()})
     ranks = sorted({p.rank for p in pairs})
     lines.append(f"dtypes: {', '.join(dtypes)}; ranks: {', '.join(map(str, ranks)) or '-'}")
-    lines.append(f"made for: {made_for(lora_file)}")
+    lines += model_lines(lora_file.path, dit)
     lines.append("")
     lines.append(f"{'module':<72} {'rank':>5} {'alpha':>7} {'out x in':>12}  ComfyUI")
     not_loaded = list(stray)

@@ -10,6 +10,7 @@ from torch import nn
 
 from anima_plugins.lora.files import metadata_lines, read_lora_file
 from anima_plugins.lora.keymap import comfy_key_map, structural_address
+from anima_plugins.lora.model_match import model_lines
 
 from .formats import LYCORIS_ONLY, FormatError, group_modules
 
@@ -32,6 +33,7 @@ def lycoris_info(path: str | os.PathLike, dit: nn.Module | None = None, text_enc
              f"({', '.join(algorithms) or '-'}{', DoRA' if any(m.dora for m in modules) else ''})"]
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in lora_file.tensors.values()})
     lines.append(f"dtypes: {', '.join(dtypes)}")
+    lines += model_lines(lora_file.path, dit)
     lines.append("")
     lines.append(f"{'module':<72} {'algo':>7} {'rank':>5} {'alpha':>7} {'out x in':>12}  ComfyUI")
     not_loaded = list(stray)
