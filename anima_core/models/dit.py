@@ -15,7 +15,7 @@ from torch import nn
 
 from anima_core.models.attention import AttentionBackend
 from anima_core.models.llm_adapter import LLMAdapter, LLMAdapterConfig
-from anima_core.models.norms import RMSNorm
+from anima_core.models.norms import RMSNorm, norm_modulate
 from anima_core.models.rope import apply_rope, cached_dit_rope_cos_sin
 
 # Training and sampling always give the DiT 512 context rows; zero rows still take softmax weight, so the count matters.
@@ -170,6 +170,10 @@ class FeedForward(nn.Module):
 
 
 def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift``; the DiT's LayerNorms (no affine weights) go through ``norm_modulate``."""
+    plain_layer_norm = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+    if plain_layer_norm and norm.weight is None and norm.bias is None:
+        return norm_modulate(x, shift, scale, norm.eps)
     return norm(x) * (1 + scale) + shift
 
 
