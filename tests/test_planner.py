@@ -169,6 +169,15 @@ def test_uncached_models_stay_on_the_gpu_while_training():
     assert uncached > cached + 1.0  # Qwen3 (1.19 GB) and the VAE
 
 
+def test_caches_on_disk_free_the_models_as_caches_in_memory_do():
+    """The run frees the VAE and moves Qwen3 off the GPU after caching either way (caching_phase.py): a profile with
+    only the *_to_disk keys (profiles/anima-lora-8gb.toml) trains in the same memory and has both caching phases."""
+    on_disk = profile(caching={"cache_latents": False, "cache_text_encoder_outputs": False,
+                               "cache_latents_to_disk": True, "cache_text_encoder_outputs_to_disk": True})
+    assert training_peak(on_disk) == training_peak(profile())
+    assert [ph.name for ph in plan(on_disk, DiTConfig(), lora_params=0).phases] == ["caching latents", "caching text", "training"]
+
+
 def test_phases_follow_the_profile():
     names = [ph.name for ph in plan(profile(), DiTConfig(), lora_params=0).phases]
     assert names == ["caching latents", "caching text", "training"]

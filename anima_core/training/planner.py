@@ -362,6 +362,12 @@ def _optimizer_state_per_param(profile, param_bytes: int) -> float:
     return 2.0 * param_bytes
 
 
+def _cached(profile, what: str) -> bool:
+    """The run caches ``what`` (``latents``, ``text_encoder_outputs``), in memory or on disk: either way it frees
+    the VAE, and moves an untrained text encoder off the GPU, before training."""
+    return bool(option(profile, "caching", f"cache_{what}", False) or option(profile, "caching", f"cache_{what}_to_disk", False))
+
+
 def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes: int, tokens: int, batch: int) -> Phase:
     n, d = counts.num_blocks, counts.width
     weight_bytes = act_bytes
@@ -384,17 +390,15 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
 
     lora_bytes = 2 if option(profile, "training", "full_bf16", False) else 4
     lora_params = counts.lora_params
-    te_trained = not option(profile, "caching", "cache_text_encoder_outputs", False) and not option(
-        profile, "network", "train_unet_only", False
-    )
+    te_trained = not _cached(profile, "text_encoder_outputs") and not option(profile, "network", "train_unet_only", False)
     parts = {
         f"DiT weights ({resident_blocks}/{n} blocks on the GPU)": resident_blocks * block_bytes + other_bytes,
     }
-    if not option(profile, "caching", "cache_text_encoder_outputs", False):
+    if not _cached(profile, "text_encoder_outputs"):
         parts["Qwen3 text encoder weights"] = _file_params(profile, "qwen3", QWEN3_PARAMS) * 2
         if te_trained:
             lora_params += QWEN3_LORA_PARAMS_PER_RANK * int(option(profile, "network", "dim", None) or 4)
-    if not option(profile, "caching", "cache_latents", False):
+    if not _cached(profile, "latents"):
         parts["VAE weights"] = _file_params(profile, "vae", VAE_PARAMS) * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
     parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
     parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
@@ -428,7 +432,7 @@ def _vae_activation_bytes(profile, width: int, height: int, batch: int, channels
 def _caching_phases(profile, width: int, height: int) -> list[Phase]:
     phases = []
     vae_bytes = _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
-    if option(profile, "caching", "cache_latents", False) or option(profile, "caching", "cache_latents_to_disk", False):
+    if _cached(profile, "latents"):
         batch = int(option(profile, "caching", "vae_batch_size", 1))
         phases.append(
             Phase(
@@ -440,7 +444,7 @@ def _caching_phases(profile, width: int, height: int) -> list[Phase]:
                 calibrated=False,
             )
         )
-    if option(profile, "caching", "cache_text_encoder_outputs", False):
+    if _cached(profile, "text_encoder_outputs"):
         batch = int(option(profile, "caching", "text_encoder_batch_size", 8))
         tokens = batch * int(option(profile, "model", "qwen3_max_token_length", 512))
         # Qwen3-0.6B: hidden 1024, MLP 3072, 28 layers; forward only, so about one layer's tensors at a time.
