@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -16,10 +19,12 @@ from safetensors.torch import save_file
 from training_helpers import make_run, tiny_profile_data, write_images
 
 from anima_core.cli import main
+from anima_core.config.schema import Profile
 from anima_core.models.dit import DiTConfig
 from anima_core.models.dit_loading import describe_dit, load_dit
 from anima_core.models.tiny import TINY_DIT, make_tiny_model, write_random_dit
 from anima_core.training import trainer as trainer_module
+from anima_core.training.planner import GIB, Settings, plan
 from anima_plugins.lora.model_match import (
     DIFFERENT,
     SAME,
@@ -241,3 +246,29 @@ def test_the_tui_editor_offers_the_key_from_the_schema():
 
     (spec,) = [s for s in field_specs("network") if s.name == "allow_other_model"]
     assert spec.kind == "bool" and spec.default is False and "network.weights" in spec.help
+
+
+# ---- the low-memory 2.9B profile ---------------------------------------------------------------------------------
+
+LOW_MEMORY_29B = Path(__file__).resolve().parents[1] / "profiles" / "anima-2.9b-lora-low-memory.toml"
+PLAN_ROW = re.compile(r"#\s+(\d+) GiB\s+(.+?)\s+([\d.]+) GiB\s+(.+?)\s+([\d.]+) GiB\s*$")
+
+
+def test_the_low_memory_29b_profile_states_what_plan_recommends_per_card():
+    """The profile's table is plan's answer on a 2.9B-shaped (meta) DiT for 8, 12, 16 and 24 GiB, with and without
+    previews, and the profile as written is the 8 GiB answer: a planner change that moves them fails here."""
+    text = LOW_MEMORY_29B.read_text()
+    rows = [PLAN_ROW.match(line) for line in text.splitlines()]
+    rows = {int(m.group(1)): m.groups()[1:] for m in rows if m}
+    assert sorted(rows) == [8, 12, 16, 24]
+    data = tomllib.loads(text)
+    profile = Profile.model_validate(data)
+    with_previews = Profile.model_validate({**data, "sampling": {"sample_prompts": "prompts.txt"}})
+    for vram, (settings, peak, settings_previews, peak_previews) in rows.items():
+        for prof, expected, expected_peak in ((profile, settings, peak), (with_previews, settings_previews, peak_previews)):
+            best = plan(prof, ANIMA_29B, vram_gib=vram).cheapest_fits[0]
+            assert (best.settings.describe(), f"{best.peak / GIB:.2f}") == (expected, expected_peak), vram
+    assert plan(profile, ANIMA_29B, vram_gib=8).cheapest_fits[0].settings == Settings.from_profile(profile)
+    assert "--set memory.unsloth_offload_checkpointing=false --set memory.blocks_to_swap=21" in text
+    assert " ".join(f"--set {o}" for o in plan(profile, ANIMA_29B, vram_gib=24).cheapest_fits[0].settings.overrides(
+        Settings.from_profile(profile))) in text
