@@ -189,6 +189,15 @@ def test_the_same_model_is_continued_without_a_word(models, lora28, tmp_path, ca
     assert "network.weights" not in capsys.readouterr().err
 
 
+def test_a_lora_that_does_not_record_its_model_is_continued_with_a_warning(models, tmp_path, capsys):
+    paths, _ = models
+    sd_scripts_like = hand_made_lora(tmp_path / "no_metadata.safetensors", range(28), width=64)
+    assert main(["validate", profile_file(tmp_path, paths, paths.dit, sd_scripts_like), "--no-scan"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: network.weights: no_metadata.safetensors does not record its model" in err
+    assert "Make sure it was made for this DiT." in err
+
+
 # ---- lora-info and sample --lora ---------------------------------------------------------------------------------
 
 def test_lora_info_prints_the_model_and_with_dit_whether_it_fits(models, lora28, tmp_path, capsys):
