@@ -252,6 +252,46 @@ def test_fixed_resolution_without_buckets():
     assert p.bucket == (512, 768) and p.resized == (768, 768)
 
 
+def test_no_upscale_places_large_images_as_sd_scripts_rounds_them():
+    """bucket_no_upscale shrinks an image above the resolution's area to that area, rounds the width or the height
+    to the step (half up), whichever keeps the aspect closer, then crops to the step; an image at the area or below
+    is not resized. Values worked by hand from sd-scripts' select_bucket."""
+    cases = [  # resolution, step, image -> bucket, resized
+        ((512, 512), 64, (882, 2258), (320, 768), (320, 819)),  # rounding the width keeps the aspect closer
+        ((512, 512), 64, (397, 1190), (256, 832), (278, 832)),  # rounding the height does
+        ((512, 512), 32, (300, 1457), (224, 1088), (224, 1088)),
+        ((512, 768), 64, (1000, 1000), (576, 576), (576, 576)),  # the area of a non-square resolution
+        ((500, 500), 64, (625, 400), (576, 384), (625, 400)),  # exactly the area: kept as it is, cropped
+    ]
+    for resolution, step, image, bucket, resized in cases:
+        p = Bucketer(_spec(resolution=resolution, bucket_no_upscale=True, bucket_reso_steps=step)).place(*image)
+        assert (p.bucket, p.resized) == (bucket, resized), (resolution, step, image)
+        assert p.ar_error == pytest.approx(bucket[0] / bucket[1] - image[0] / image[1])
+
+
+def test_ar_error_is_the_signed_aspect_error_of_the_bucket():
+    """ar_error (its mean is the metadata's mean_img_ar_error) is bucket aspect minus image aspect, as sd-scripts."""
+    p = Bucketer(_spec()).place(300, 1000)
+    assert p.bucket == (256, 832) and p.ar_error == pytest.approx(256 / 832 - 0.3)
+    assert Bucketer(_spec()).place(1000, 300).ar_error == pytest.approx(832 / 256 - 1000 / 300)
+
+
+def test_crop_ltrb_centres_the_fitted_image_with_floored_offsets():
+    """crop_ltrb: the image fitted inside the bucket (height fitted when the image is the narrower, else width),
+    centred with the offset floored, the far edge truncated after adding the fitted size (sd-scripts' value)."""
+    assert crop_ltrb((640, 384), (1000, 300)) == (0, 96, 640, 288)  # wider than the bucket: the width fits
+    assert crop_ltrb((640, 384), (300, 1000)) == (262, 0, 377, 384)  # narrower: the height fits
+    # fitted width 116.352: the offset is floor(523.648 / 2) = 261, the right edge int(261 + 116.352) = 377
+    assert crop_ltrb((640, 384), (303, 1000)) == (261, 0, 377, 384)
+    assert crop_ltrb((384, 640), (1000, 303)) == (0, 261, 384, 377)
+    assert crop_ltrb((512, 512), (512, 512)) == (0, 0, 512, 512)
+
+
+def test_bucket_lists_of_non_square_resolutions_follow_sd_scripts():
+    for resolution, lo, hi, step in [((768, 512), 256, 1024, 64), ((832, 1216), 512, 2048, 64), ((640, 448), 320, 960, 32)]:
+        assert bucket_resolutions(resolution, lo, hi, step) == sd_scripts_make_bucket_resolutions(resolution, lo, hi, step)
+
+
 # ---- captions ----------------------------------------------------------------------------------
 
 AT = CaptionStep(epoch=1, step=0, max_train_steps=100)
@@ -333,6 +373,38 @@ def test_token_warmup():
     assert _cap("a, b, c, d", CaptionStep(1, 0, 100), **fraction) == "a"
 
 
+def test_token_warmup_step_one_is_one_step_and_the_caption_is_whole_from_that_step_on():
+    """token_warmup_step: below 1 a fraction of max_train_steps, from 1 on a step count; at step token_warmup_step
+    the whole caption is used (49 * (1 / 49) is 0.999... in floating point: the step must not enter the formula)."""
+    one = {"token_warmup_min": 1, "token_warmup_step": 1}
+    assert _cap("a, b, c, d", CaptionStep(1, 0, 100), **one) == "a"
+    assert _cap("a, b, c, d", CaptionStep(1, 1, 100), **one) == "a, b, c, d"
+    edge = {"token_warmup_min": 1, "token_warmup_step": 49}
+    assert _cap("a, b", CaptionStep(1, 48, None), **edge) == "a"
+    assert _cap("a, b", CaptionStep(1, 49, None), **edge) == "a, b"
+
+
+def test_caption_dropout_every_epoch():
+    assert {_cap("a, b", CaptionStep(e, 0, None), caption_dropout_every_n_epochs=1) for e in (1, 2, 3)} == {""}
+
+
+def test_without_shuffle_warmup_or_tag_dropout_the_caption_is_not_split_and_rejoined():
+    assert _cap("a,b;  c ,d") == "a,b;  c ,d"
+    assert _cap("a,b;  c ,d", keep_tokens=1, caption_separator=";") == "a,b;  c ,d"
+
+
+def test_wildcard_picks_whole_lines():
+    lines = {_cap("red hair, smile\nblue eyes, night", seed=s, enable_wildcard=True) for s in range(10)}
+    assert lines == {"red hair, smile", "blue eyes, night"}
+
+
+def test_a_third_keep_tokens_separator_stays_in_the_suffix():
+    """sd-scripts splits at the first two separators only; a third one is left in the fixed suffix as text."""
+    out = _cap("a ||| b, c ||| d ||| e", shuffle_caption=True, keep_tokens_separator="|||")
+    assert out.split(", ")[0] == "a" and out.split(", ")[-1] == "d ||| e"
+    assert sorted(out.split(", ")[1:3]) == ["b", "c"]
+
+
 def test_dataset_defaults_are_the_profiles():
     """The profile's [dataset] table, DataOptions and the resolved specs agree on every default (they drifted
     once: max_data_loader_n_workers was 8 in DataOptions and 0 in the profile)."""
@@ -410,7 +482,7 @@ def test_every_profile_dataset_key_reaches_the_data_options(tmp_path):
     """profile [dataset] -> DataOptions -> the resolved dataset (where the key is a dataset or subset value)."""
     from anima_core.config.schema import DatasetTable, Profile
     from anima_core.data.config import resolve_datasets
-    from anima_core.training.trainer import data_options
+    from anima_core.training.data_phase import data_options
 
     # dataset_config replaces the folder form: tests/test_data_images.py::test_dataset_config_with_finetuning_metadata
     assert set(PROFILE_VALUES) | {"dataset_config"} == set(DatasetTable.model_fields), "give the new key a value"

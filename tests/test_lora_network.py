@@ -125,6 +125,79 @@ def test_lora_module_formula_and_rank_dropout_on_5d_input():
         assert any(kept)
 
 
+def test_adapters_are_made_on_the_targets_device_and_keep_their_dropouts_there():
+    """A model already on its device (the meta device stands in for a GPU here) gets its adapters there, and the
+    rank-dropout mask is drawn there too."""
+    linear = torch.nn.Linear(8, 6, device="meta")
+    lora = LoRAModule("x", linear, rank=2, alpha=1.0, rank_dropout=0.5)
+    assert (lora.lora_down.weight.device.type, lora.lora_up.weight.device.type) == ("meta", "meta")
+    lora.apply_to()
+    lora.train()
+    assert linear(torch.randn(3, 8, device="meta")).device.type == "meta"
+
+
+def test_init_is_sd_scripts_kaiming_uniform_down_and_zero_up():
+    """lora_down starts as kaiming_uniform_(a=sqrt(5)): uniform in ±1/sqrt(in_features); lora_up at zero."""
+    lora = LoRAModule("x", torch.nn.Linear(256, 4), rank=64, alpha=1.0)
+    bound, w = 1 / 256**0.5, lora.lora_down.weight.detach()
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound
+    assert float(w.abs().mean()) == pytest.approx(bound / 2, rel=0.03)  # the mean |U(-b, b)| is b / 2
+    assert not lora.lora_up.weight.any()
+
+
+def test_remove_restores_the_forward_that_was_there_and_apply_works_again():
+    linear = torch.nn.Linear(8, 6)
+    lora = LoRAModule("x", linear, rank=2, alpha=2.0)
+    torch.nn.init.normal_(lora.lora_up.weight)
+    x = torch.randn(3, 8)
+    base = linear(x)
+    lora.apply_to()
+    lora.remove()
+    assert "forward" not in linear.__dict__ and torch.equal(linear(x), base)
+    lora.apply_to()  # a second apply after remove patches again
+    assert not torch.allclose(linear(x), base)
+    lora.remove()
+    own = lambda t: torch.nn.functional.linear(t, linear.weight, linear.bias) * 2  # noqa: E731 - a patched forward
+    linear.forward = own
+    lora.apply_to()
+    lora.remove()
+    assert linear.__dict__["forward"] is own
+
+
+def test_removing_an_adapter_under_another_names_it():
+    linear = torch.nn.Linear(8, 6)
+    first, second = LoRAModule("first", linear, rank=2, alpha=1.0), LoRAModule("second", linear, rank=2, alpha=1.0)
+    first.apply_to()
+    second.apply_to()
+    with pytest.raises(RuntimeError, match="LoRA first: another adapter"):
+        first.remove()
+
+
+def test_multiplier_zero_in_training_still_backpropagates_zero_gradients():
+    """As sd-scripts: a batch at network_multiplier 0 runs the branch, so backward gives zero gradients."""
+    linear = torch.nn.Linear(8, 6)
+    linear.requires_grad_(False)
+    lora = LoRAModule("x", linear, rank=2, alpha=1.0, multiplier=0.0)
+    lora.apply_to()
+    lora.train()
+    out = linear(torch.randn(3, 8))
+    assert out.requires_grad
+    out.sum().backward()
+    assert lora.lora_up.weight.grad is not None and not lora.lora_up.weight.grad.any()
+
+
+def test_a_bf16_layer_with_a_float32_lora_gives_bf16_outputs():
+    """The LoRA runs in its own dtype (float32 here) on a bf16 model and hands the model its dtype back."""
+    linear = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    lora = LoRAModule("x", linear, rank=2, alpha=1.0)
+    torch.nn.init.normal_(lora.lora_up.weight)
+    lora.apply_to()
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = linear(x)
+    expected = torch.nn.functional.linear(x, linear.weight, linear.bias).float() + 0.5 * lora.lora_up(lora.lora_down(x.float()))
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), expected, atol=0.05)
+
+
 def test_dropouts_in_training_mode_run_through_the_dit():
     dit = tiny_dit()
     args = {"rank_dropout": "0.5", "module_dropout": 0.2, "target_preset": "sd-scripts"}

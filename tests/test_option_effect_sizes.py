@@ -128,6 +128,31 @@ def test_rank_dropout_zeroes_that_share_of_ranks_per_sample_and_rescales_the_res
         assert torch.allclose(linear(x) - base, hidden * scale, atol=1e-6)
 
 
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_network_dropout_zeroes_that_share_of_the_hidden_elements_and_rescales_the_rest(p):
+    """network.dropout: each element of the down projection's output is zeroed with probability p in training, the
+    rest scaled by 1 / (1 - p); every module gets it."""
+    dit = tiny_dit()
+    network = create_network(net_cfg({"target_preset": "sd-scripts"}, dropout=p), dit=dit, text_encoder=None,
+                             train_text_encoder=False)
+    assert {lora.dropout for lora in network.loras.values()} == {p}
+    rank = 16
+    linear = torch.nn.Linear(8, rank, bias=False)
+    lora = LoRAModule("x", linear, rank=rank, alpha=float(rank), dropout=p)
+    with torch.no_grad():
+        lora.lora_up.weight.copy_(torch.eye(rank))
+    lora.apply_to()
+    x = torch.randn(128, 8)
+    with torch.no_grad():
+        base, hidden = x @ linear.weight.T, lora.lora_down(x)
+        lora.train()
+        torch.manual_seed(6)
+        delta = linear(x) - base
+    zeroed = delta.abs() <= 1e-7
+    assert bool((zeroed | torch.isclose(delta, hidden / (1 - p), atol=1e-6)).all())
+    assert_share(int(zeroed.sum()), zeroed.numel(), p, f"elements zeroed at dropout {p}")
+
+
 @pytest.mark.parametrize(("alpha", "scale"), [(2.0, 2.0 / 8), (16.0, 2.0), (None, 1.0 / 8), (0, 1.0)])
 def test_network_alpha_over_dim_is_the_scale_of_every_module(alpha, scale):
     """network.alpha / network.dim scales each module's up·down (sd-scripts: alpha defaults to 1, and 0 means no
@@ -146,3 +171,49 @@ def test_network_alpha_over_dim_is_the_scale_of_every_module(alpha, scale):
         with torch.no_grad():
             delta = target(x) - torch.nn.functional.linear(x, target.weight, target.bias)
             assert torch.allclose(delta, scale * lora.lora_up(lora.lora_down(x)), atol=1e-5), name
+
+
+# ---- captions (anima_core/data/captions.py) ------------------------------------------------------------------
+
+AT = CaptionStep(epoch=1, step=0, max_train_steps=100)
+TAGS = [f"t{i}" for i in range(8)]
+
+
+def _captions(draws: int, caption: str = ", ".join(TAGS), at: CaptionStep = AT, **kw) -> list[str]:
+    subset = SubsetSpec(image_dir=None, **kw)
+    return [process_caption(subset, caption, at, np.random.default_rng(seed)) for seed in range(draws)]
+
+
+@pytest.mark.parametrize("p", [0.2, 0.75])
+def test_caption_dropout_rate_empties_that_share_of_the_captions(p):
+    """caption_dropout_rate: each caption becomes "" with probability p, and is otherwise left whole."""
+    outs = _captions(2000, caption_dropout_rate=p)
+    assert set(outs) == {"", ", ".join(TAGS)}
+    assert_share(outs.count(""), len(outs), p, f"captions dropped at caption_dropout_rate {p}")
+    assert "" not in _captions(300)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.75])
+def test_caption_tag_dropout_rate_drops_that_share_of_the_tags_after_keep_tokens(p):
+    """caption_tag_dropout_rate: each tag after the first keep_tokens is dropped with probability p; the kept ones
+    keep their order (no shuffle asked) and the first keep_tokens are never dropped."""
+    outs = [o.split(", ") for o in _captions(500, caption_tag_dropout_rate=p, keep_tokens=2)]
+    for tags in outs:
+        assert tags[:2] == TAGS[:2] and tags[2:] == [t for t in TAGS[2:] if t in tags[2:]]
+    dropped = sum(len(TAGS) - len(tags) for tags in outs)
+    assert_share(dropped, 500 * (len(TAGS) - 2), p, f"tags dropped at caption_tag_dropout_rate {p}")
+
+
+def test_shuffle_caption_puts_every_tag_at_every_position_equally_often_after_keep_tokens():
+    """shuffle_caption: a uniform permutation of the tags after the first keep_tokens, which stay in place."""
+    draws, keep = 3000, 2
+    outs = [o.split(", ") for o in _captions(draws, shuffle_caption=True, keep_tokens=keep)]
+    assert all(tags[:keep] == TAGS[:keep] and sorted(tags[keep:]) == TAGS[keep:] for tags in outs)
+    flexible = len(TAGS) - keep
+    for tag in TAGS[keep:]:
+        for position in range(keep, len(TAGS)):
+            hits = sum(tags[position] == tag for tags in outs)
+            assert_share(hits, draws, 1 / flexible, f"{tag} at position {position}")
+    # and the orders themselves are all drawn: 3000 draws of 720 orders see about 709 (a rotation would see 6)
+    assert len({tuple(tags) for tags in outs}) >= 680
+    assert _captions(5, keep_tokens=keep) == [", ".join(TAGS)] * 5  # keep_tokens alone reorders nothing
