@@ -24,6 +24,7 @@ from anima_plugins.memory import (
     CpuOffloadCheckpointing,
     Fp8Base,
     GradientCheckpointing,
+    SelectiveCheckpointing,
     UnslothOffloadCheckpointing,
     dequantize_weight,
     quantize_weight,
@@ -307,6 +308,7 @@ def test_builtin_plugin_registers_every_strategy():
     assert registered == {
         "fp8_base": Fp8Base,
         "gradient_checkpointing": GradientCheckpointing,
+        "selective_checkpointing": SelectiveCheckpointing,
         "cpu_offload_checkpointing": CpuOffloadCheckpointing,
         "unsloth_offload_checkpointing": UnslothOffloadCheckpointing,
         "blocks_to_swap": BlockSwap,

@@ -45,7 +45,8 @@ def training_metadata(profile: Profile, *, data_metadata: dict, total_steps: int
         "ss_text_encoder_lr": o.text_encoder_lr,
         "ss_unet_lr": o.unet_lr,
         "ss_num_epochs": num_epochs,
-        "ss_gradient_checkpointing": m.gradient_checkpointing or m.unsloth_offload_checkpointing or m.cpu_offload_checkpointing,
+        "ss_gradient_checkpointing": m.gradient_checkpointing or m.unsloth_offload_checkpointing or m.cpu_offload_checkpointing
+        or bool(getattr(m, "selective_checkpointing", False)) or "selective_checkpointing" in getattr(m, "extra_strategies", ()),
         "ss_gradient_accumulation_steps": t.gradient_accumulation_steps,
         "ss_max_train_steps": total_steps,
         "ss_lr_warmup_steps": o.lr_warmup_steps,

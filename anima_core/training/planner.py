@@ -13,7 +13,12 @@ tokens at the largest bucket, D = model width):
 * ``R = c·U`` is what lives outside the saved blocks at the peak: the backward working set of one block plus
   the embedder/final-layer/loss tensors;
 * no checkpointing: ``N·P + R``; per-block checkpointing: ``N·U + P + R`` (the block inputs stay, one block
-  is recomputed); CPU-offloaded or unsloth checkpointing: ``P + R`` (block inputs live in CPU memory).
+  is recomputed); CPU-offloaded or unsloth checkpointing: ``P + R`` (block inputs live in CPU memory);
+  selective checkpointing: ``N·K + (P − K) + R`` with ``K = (10 + H/D)·U + 2·(batch · 512 · D · act_bytes)``
+  the kept products of one block: its input, q/k/v/output projections and the attention output of
+  self-attention, q/output projections and attention output of cross-attention with its k/v over the context
+  rows, the MLP's two products (H and D wide); the recomputed block brings back the rest of its P. Counted,
+  not measured on a GPU yet (and not offered among the cheapest settings until its step time is).
 
 Calibration: ``a`` and ``c`` are the two unknowns of our own step measured on an H200 without and with
 checkpointing (bench/RESULTS.md: 2B model, 1024², batch 1, LoRA rank 16 on sd-scripts' 280 modules, AdamW,
@@ -60,9 +65,14 @@ QWEN3_LORA_PARAMS_PER_RANK = 630_784
 HEADROOM_GIB = 0.8
 
 SETTINGS_PHASES = ("training", "sampling")
-CHECKPOINTING_KINDS = ("none", "unsloth", "gradient", "cpu_offload")
-# Step time relative to no strategy, measured on the H200 (cpu_offload: blocking copies, estimated).
-_RELATIVE_TIME = {"none": 1.0, "unsloth": 1.37, "gradient": 2.04, "cpu_offload": 2.2}
+CHECKPOINTING_KINDS = ("none", "unsloth", "gradient", "cpu_offload", "selective")
+# Selective checkpointing keeps, per block, these D-wide products (see the docstring) besides the MLP's H-wide
+# first product, and the cross-attention k/v over the context rows.
+SELECTIVE_D_UNITS = 10.0
+SELECTIVE_CONTEXT_UNITS = 2.0
+# Step time relative to no strategy, measured on the H200 (cpu_offload: blocking copies, estimated; selective:
+# recomputes the elementwise work only, estimated, so the planner does not suggest it).
+_RELATIVE_TIME = {"none": 1.0, "unsloth": 1.37, "gradient": 2.04, "cpu_offload": 2.2, "selective": 1.3}
 _FP8_TIME = 1.22  # dequantising each weight in forward and backward
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "fp16": 2, "bf16": 2, "no": 4}
@@ -82,6 +92,10 @@ class Settings:
             kind = "unsloth"
         elif option(profile, "memory", "cpu_offload_checkpointing", False):
             kind = "cpu_offload"
+        elif option(profile, "memory", "selective_checkpointing", False) or "selective_checkpointing" in (
+            option(profile, "memory", "extra_strategies", ()) or ()
+        ):
+            kind = "selective"
         elif option(profile, "memory", "gradient_checkpointing", False):
             kind = "gradient"
         else:
@@ -99,6 +113,7 @@ class Settings:
             "gradient_checkpointing": self.checkpointing == "gradient",
             "cpu_offload_checkpointing": self.checkpointing == "cpu_offload",
             "unsloth_offload_checkpointing": self.checkpointing == "unsloth",
+            "selective_checkpointing": self.checkpointing == "selective",
             "fp8_base": self.fp8_base,
         }
         out = [f"memory.{k}={'true' if v else 'false'}" for k, v in flags.items()]
@@ -110,6 +125,7 @@ class Settings:
             "gradient": ["gradient_checkpointing"],
             "cpu_offload": ["cpu_offload_checkpointing"],
             "unsloth": ["unsloth_offload_checkpointing"],
+            "selective": ["selective_checkpointing"],
         }[self.checkpointing]
         if self.blocks_to_swap:
             parts.append(f"blocks_to_swap={self.blocks_to_swap}")
@@ -414,6 +430,13 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
         activations = n * saved + residual
     elif settings.checkpointing == "gradient":
         activations = n * unit + saved + residual
+    elif settings.checkpointing == "selective":
+        kept = (
+            SELECTIVE_D_UNITS * unit
+            + tokens * counts.mlp_hidden * act_bytes
+            + SELECTIVE_CONTEXT_UNITS * batch * CONTEXT_ROWS * d * act_bytes
+        )
+        activations = n * kept + (saved - kept) + residual
     else:
         activations = saved + residual
     parts["activations"] = int(activations)
@@ -530,6 +553,9 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
                      "checkpointing, −47% with it, and less memory (measured on an H200, bench/RESULTS.md).")
     if option(profile, "dataset", "dataset_config") is not None:
         notes.append("resolution and batch size are those of the dataset config's largest dataset.")
+    if settings.checkpointing == "selective":
+        notes.append("selective checkpointing's activations are counted from the products each block keeps, "
+                     "not measured on a GPU yet.")
     processes = int(option(profile, "training", "num_processes", 1))
     if processes > 1:
         accum = int(option(profile, "training", "gradient_accumulation_steps", 1))

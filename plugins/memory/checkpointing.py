@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from anima_core.training.memory import CHECKPOINT_LAYER, BlockRunner, MemoryStrategy, option, wrap_block_runner
 
+from .selective import wants_selective
+
 
 def _wants_offload_to_cpu(profile) -> bool:
     return bool(option(profile, "memory", "cpu_offload_checkpointing", False))
@@ -29,9 +31,9 @@ class GradientCheckpointing(MemoryStrategy):
 
     @classmethod
     def enabled(cls, profile) -> bool:
-        # The offloading variants are checkpointing too and replace this one.
+        # The offloading variants and selective checkpointing are checkpointing too and replace this one.
         return bool(option(profile, "memory", "gradient_checkpointing", False)) and not (
-            _wants_offload_to_cpu(profile) or _wants_unsloth(profile)
+            _wants_offload_to_cpu(profile) or _wants_unsloth(profile) or wants_selective(profile)
         )
 
     def apply(self, dit, *, device) -> None:
