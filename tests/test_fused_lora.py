@@ -250,9 +250,10 @@ def dit_inputs():
 
 
 def trained_network(dit, fused):
+    """A network with ``fused`` as its arg (None: the arg left out), and random lora_up weights."""
     torch.manual_seed(5)  # lora_down's init draws from the global generator
-    network = create_network(net_cfg(fused=fused, train_llm_adapter=True), dit=dit, text_encoder=None,
-                             train_text_encoder=False)
+    args = {"train_llm_adapter": True} if fused is None else {"fused": fused, "train_llm_adapter": True}
+    network = create_network(net_cfg(**args), dit=dit, text_encoder=None, train_text_encoder=False)
     network.apply_to()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -265,13 +266,13 @@ def trained_network(dit, fused):
                                           ("auto", None)])
 def test_the_fused_arg_parses(value, fused):
     assert parse_network_args({"fused": value}).fused is fused
-    assert parse_network_args({}).fused is None
+    assert parse_network_args({}).fused is False  # off unless asked for
     with pytest.raises(NetworkArgsError, match="fused"):
         parse_network_args({"fused": "yes"})
 
 
 def test_the_fused_arg_selects_the_path_and_auto_is_off_on_the_cpu():
-    for value, expect in ((True, True), (False, False), ("auto", False)):
+    for value, expect in ((True, True), (False, False), ("auto", False), (None, False)):
         network = trained_network(tiny_dit(), value)
         reasons = {lora.fused_reason for lora in network.loras.values()}
         if expect:

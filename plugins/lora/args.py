@@ -67,7 +67,9 @@ class NetworkArgs:
     include_patterns: tuple[str, ...] = ()
     reg_dims: tuple[tuple[str, int], ...] = ()  # first matching regex wins
     reg_lrs: tuple[tuple[str, float], ...] = ()
-    fused: bool | None = None  # the fused LoRA GEMM: True, False, or None = auto (on for layers on a GPU)
+    # The fused LoRA GEMM: True, False, or None = auto (on for layers on a GPU). Off by default until its speed is
+    # measured on a GPU (a GEMM of out + rank rows can cost a whole extra tile of the GPU's matmul).
+    fused: bool | None = False
 
 
 def arg_error(name: str, value: object, expected: str) -> NetworkArgsError:
@@ -218,7 +220,7 @@ def parse_network_args(raw: dict[str, object] | None) -> NetworkArgs:
         reg_lrs=_as_pairs("network_reg_lrs", raw["network_reg_lrs"], _as_float)
         if "network_reg_lrs" in raw
         else (),
-        fused=_as_fused(raw.get("fused", "auto")),
+        fused=_as_fused(raw.get("fused", False)),
     )
 
 

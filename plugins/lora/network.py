@@ -261,7 +261,7 @@ class AnimaLoRANetwork(nn.Module):
 
 
 def wants_fused(args: NetworkArgs, target: Target) -> bool:
-    """The fused GEMM for this module: the ``fused`` arg, or with ``auto`` (the default) when the layer is on a GPU."""
+    """The fused GEMM for this module: the ``fused`` arg; ``auto`` fuses the layers on a GPU."""
     if args.fused is not None:
         return args.fused
     return target.module.weight.device.type == "cuda"
