@@ -217,3 +217,98 @@ def test_shuffle_caption_puts_every_tag_at_every_position_equally_often_after_ke
     # and the orders themselves are all drawn: 3000 draws of 720 orders see about 709 (a rotation would see 6)
     assert len({tuple(tags) for tags in outs}) >= 680
     assert _captions(5, keep_tokens=keep) == [", ".join(TAGS)] * 5  # keep_tokens alone reorders nothing
+
+
+# ---- images (anima_core/data/training_data.py, images.py) ------------------------------------------------------
+
+
+def _one_image(root: Path, w: int, h: int, repeats: int, caption: str = "a, b, c") -> np.ndarray:
+    """A folder with one random image repeated `repeats` times an epoch; returns its pixels (HxWx3 uint8)."""
+    folder = root / f"{repeats}_x"
+    folder.mkdir(parents=True)
+    array = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(array).save(folder / "img.png")
+    (folder / "img.txt").write_text(caption)
+    return array
+
+
+def _data(root: Path, **kw):
+    base = {"train_data_dir": str(root), "resolution": 64, "enable_bucket": False, "caption_extension": ".txt",
+            "max_data_loader_n_workers": 0, "seed": 7, "train_batch_size": 1}
+    return build_training_data(DataOptions(**{**base, **kw}), base_dir=root)
+
+
+def _as_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["pixels", "cached latents"])
+def test_flip_aug_mirrors_half_of_the_samples(tmp_path, cached):
+    """flip_aug: each sample is the image or its left-right mirror, each with probability 1/2 (from the pixels, and
+    from the cached plain and mirrored latents)."""
+    from test_data_images import FakeVAE
+
+    array = _one_image(tmp_path, 64, 64, repeats=400)
+    data = _data(tmp_path, flip_aug=True)
+    if cached:
+        data.cache_latents(FakeVAE(), to_disk=False, batch_size=4, device="cpu")
+        plain = FakeVAE().encode(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+        samples = [b.latents[0] for b in data.epoch_batches(0)]
+        same, mirrored = (lambda s: torch.allclose(s, plain, atol=1e-5)), (lambda s: torch.allclose(s, plain.flip(-1), atol=1e-5))
+    else:
+        samples = [_as_uint8(b.pixels[0]) for b in data.epoch_batches(0)]
+        same, mirrored = (lambda s: np.array_equal(s, array)), (lambda s: np.array_equal(s, array[:, ::-1]))
+    flips = [mirrored(s) for s in samples]
+    assert all(f or same(s) for f, s in zip(flips, samples))
+    assert_share(sum(flips), len(samples), 0.5, "samples mirrored by flip_aug")
+    if cached:  # the same samples are mirrored as when the pixels are loaded
+        uncached = [np.array_equal(_as_uint8(b.pixels[0]), array[:, ::-1]) for b in _data(tmp_path, flip_aug=True).epoch_batches(0)]
+        assert flips == uncached
+    assert not any(np.array_equal(_as_uint8(b.pixels[0]), array[:, ::-1]) for b in _data(tmp_path).epoch_batches(0))
+
+
+@pytest.mark.parametrize(("w", "h"), [(96, 64), (64, 96)])
+def test_random_crop_offsets_are_uniform_over_the_slack_and_the_centre_crop_is_centred(tmp_path, w, h):
+    """random_crop: the crop of an image larger than its bucket starts anywhere in 0..slack, uniformly; without it
+    the crop is centred (offset slack // 2)."""
+    array = _one_image(tmp_path, w, h, repeats=600)
+    slack = max(w, h) - 64
+
+    crops = [array[:, o:o + 64] if w > h else array[o:o + 64] for o in range(slack + 1)]
+
+    def offsets(data) -> list[int]:
+        found = []
+        for batch in data.epoch_batches(0):
+            got = _as_uint8(batch.pixels[0])
+            (offset,) = [o for o, crop in enumerate(crops) if np.array_equal(got[:2, :2], crop[:2, :2])]
+            assert np.array_equal(got, crops[offset])
+            found.append(offset)
+        return found
+
+    assert set(offsets(_data(tmp_path))) == {slack // 2}
+    drawn = offsets(_data(tmp_path, random_crop=True))
+    assert min(drawn) == 0 and max(drawn) == slack  # each end is missed with probability (32/33)^600 < 1e-7
+    sd_of_mean = math.sqrt(((slack + 1) ** 2 - 1) / 12 / len(drawn))
+    assert abs(np.mean(drawn) - slack / 2) <= 4.5 * sd_of_mean
+    assert_share(sum(o < (slack + 1) // 3 for o in drawn), len(drawn), ((slack + 1) // 3) / (slack + 1),
+                 "offsets in the first third")
+
+
+def test_color_aug_changes_a_third_of_the_samples(tmp_path):
+    """color_aug (sd-scripts): a third of the samples get a hue shift or a gamma, the rest are left as they are."""
+    array = _one_image(tmp_path, 64, 64, repeats=600)
+    changed = [not np.array_equal(_as_uint8(b.pixels[0]), array) for b in _data(tmp_path, color_aug=True).epoch_batches(0)]
+    assert_share(sum(changed), len(changed), 0.33, "samples colour-augmented")
+
+
+def test_caption_dropout_rate_with_cached_text_empties_that_share(tmp_path):
+    from test_data_images import FakeTextEncoder
+
+    _one_image(tmp_path, 64, 64, repeats=600)
+    data = _data(tmp_path, caption_dropout_rate=0.3, qwen3_max_token_length=8, t5_max_token_length=6)
+    data.cache_text(FakeTextEncoder(), to_disk=False, batch_size=2)
+    batches = list(data.epoch_batches(0))
+    dropped = [b.captions == [""] for b in batches]
+    assert all(not b.text[0].any() for b, d in zip(batches, dropped) if d)
+    assert all(b.text[0].any() for b, d in zip(batches, dropped) if not d)
+    assert_share(sum(dropped), len(dropped), 0.3, "cached captions dropped")
