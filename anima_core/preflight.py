@@ -8,7 +8,6 @@ so a profile `validate` calls valid does not fail later on anything knowable in 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from anima_core.config.schema import DatasetTable, Profile
 from anima_core.errors import AnimaError, DatasetError, TokenizerNotFoundError
 from anima_core.models.tokenizer_files import tokenizer_problems
 from anima_core.plugins import Plugins, UnknownNameError
+from anima_core.training.executors import compiler_missing
 
 
 @dataclass
@@ -153,11 +153,9 @@ def device_problems(profile: Profile, device: torch.device) -> list[str]:
             )
     elif "." in optimizer and importlib.util.find_spec(optimizer.split(".")[0]) is None:
         problems.append(f"optimizer.optimizer_type: {optimizer!r}: the module {optimizer.split('.')[0]!r} is not installed")
-    if profile.model.compile_blocks:
-        if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-            problems.append("model.compile_blocks: torch.compile on a GPU needs triton (`pip install triton`); or set it to false")
-        if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-            problems.append("model.compile_blocks: torch.compile on the CPU needs a C++ compiler (none found); or set it to false")
+    missing = compiler_missing(device) if profile.model.compile_blocks else None  # unset: eager where it cannot
+    if missing:
+        problems.append(f"model.compile_blocks: {missing}; or set it to false")
     if profile.memory.fp8_base or profile.memory.fp8_base_unet:
         if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
             problems.append("memory.fp8_base: computes in bf16, which this GPU (before Ampere) lacks; turn fp8_base off")
@@ -169,7 +167,7 @@ def dataset_findings(profile: Profile, result: Preflight, scan_images: bool) -> 
     and caption read and checked as `run` does, its skips reported once."""
     from anima_core.data import build_training_data
     from anima_core.data.config import resolve_datasets
-    from anima_core.training.trainer import data_options
+    from anima_core.training.data_phase import data_options
 
     opts = data_options(profile)
     try:
@@ -197,7 +195,7 @@ def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier:
     """Every problem knowable without training. ``earlier``: problems the profile checks found (their keys are
     not checked again, so one mistake is reported once)."""
     from anima_core.training.precision import choose_precision
-    from anima_core.training.trainer import resolve_device
+    from anima_core.training.devices import resolve_device
 
     result = Preflight()
     model = profile.model

@@ -482,7 +482,7 @@ def test_every_profile_dataset_key_reaches_the_data_options(tmp_path):
     """profile [dataset] -> DataOptions -> the resolved dataset (where the key is a dataset or subset value)."""
     from anima_core.config.schema import DatasetTable, Profile
     from anima_core.data.config import resolve_datasets
-    from anima_core.training.trainer import data_options
+    from anima_core.training.data_phase import data_options
 
     # dataset_config replaces the folder form: tests/test_data_images.py::test_dataset_config_with_finetuning_metadata
     assert set(PROFILE_VALUES) | {"dataset_config"} == set(DatasetTable.model_fields), "give the new key a value"

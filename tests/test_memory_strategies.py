@@ -352,12 +352,13 @@ def test_fp8_computes_in_bf16():
 @pytest.mark.parametrize("memory, enabled", [
     ({}, []),
     ({"gradient_checkpointing": True}, ["gradient_checkpointing"]),
+    ({"selective_checkpointing": True}, ["selective_checkpointing"]),
     ({"cpu_offload_checkpointing": True}, ["cpu_offload_checkpointing"]),
     ({"unsloth_offload_checkpointing": True}, ["unsloth_offload_checkpointing"]),
     ({"blocks_to_swap": 2}, ["blocks_to_swap"]),
     ({"fp8_base": True}, ["fp8_base"]),
     ({"fp8_base_unet": True}, ["fp8_base"]),  # sd-scripts' name for the same thing
-], ids=["none", "gradient_checkpointing", "cpu_offload_checkpointing", "unsloth_offload_checkpointing",
+], ids=["none", "gradient_checkpointing", "selective_checkpointing", "cpu_offload_checkpointing", "unsloth_offload_checkpointing",
         "blocks_to_swap", "fp8_base", "fp8_base_unet"])
 def test_each_memory_key_of_a_profile_enables_its_strategy(memory, enabled):
     """The strategies a run applies are those whose key the profile sets (the trainer asks each `enabled`)."""

@@ -227,13 +227,18 @@ def test_swapped_blocks_cost_no_step_time_so_the_fewest_swapped_rank_first():
     assert Settings("gradient", blocks_to_swap=26).relative_time(28) == Settings("gradient").relative_time(28)
 
 
-def test_a_gpu_plan_suggests_compiled_blocks_until_the_profile_has_them():
+def test_a_gpu_plan_names_the_step_path_and_suggests_compiled_blocks_only_when_turned_off():
     def notes(vram_gib, **model):
         return plan(profile(model=model), DiTConfig(), vram_gib=vram_gib, lora_params=SD_SCRIPTS_LORA_16).notes
 
-    assert any("model.compile_blocks = true" in note for note in notes(80))
-    assert not any("compile_blocks" in note for note in notes(80, compile_blocks=True))
-    assert not any("compile_blocks" in note for note in notes(None))  # no card, no timing claim
+    assert "step path: compiled blocks (the default on CUDA)" in notes(80)
+    assert "step path: compiled blocks" in notes(80, compile_blocks=True)
+    assert "step path: compiled blocks (the default on CUDA), replayed as CUDA graphs (model.cuda_graphs)" in notes(80, cuda_graphs=True)
+    off = notes(80, compile_blocks=False)
+    assert "step path: eager (model.compile_blocks = false)" in off
+    assert any(n.startswith("model.compile_blocks (the default on CUDA) makes steps faster") for n in off)
+    assert not any("compile_blocks" in note for note in notes(80))
+    assert not any("step path" in note or "compile_blocks" in note for note in notes(None))  # no card, no claim
 
 
 def test_overrides_name_only_what_changes():

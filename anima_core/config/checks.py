@@ -43,6 +43,8 @@ def _option_problems(profile: Profile) -> list[str]:
         problems.append(f"dataset.resolution: {resolution} must be multiples of 16 (the DiT patches 2×2 latents of an 8× VAE)")
     if data.min_bucket_reso > data.max_bucket_reso:
         problems.append("dataset.min_bucket_reso: larger than max_bucket_reso")
+    if profile.model.cuda_graphs and profile.model.compile_blocks is False:
+        problems.append("model.cuda_graphs: replays compiled blocks; remove model.compile_blocks = false (or cuda_graphs)")
     if training.loss_type in ("huber", "smooth_l1") and training.huber_schedule == "snr":
         problems.append(
             "training.huber_schedule: 'snr' needs a noise schedule with alphas, which flow matching has not; use 'constant' or 'exponential'"

@@ -47,8 +47,13 @@ class ModelTable(Table):
         "sdpa", description="Attention backend for the DiT: sdpa (PyTorch, default; `torch` is an alias) or flash (flash-attn, falls back to SDPA with a warning)."
     )
     split_attn: bool = Field(False, description="Run attention one sample at a time (less memory at large batches).")
-    compile_blocks: bool = Field(
-        False, description="torch.compile each DiT block (faster steps on a GPU after a compile of a minute or two)."
+    compile_blocks: Optional[bool] = Field(
+        None, description="torch.compile each DiT block (faster steps after a compile of a minute or two; a failed "
+        "compile falls back to eager). Unset: on for CUDA, off on the CPU."
+    )
+    cuda_graphs: bool = Field(
+        False, description="Replay the compiled blocks as CUDA graphs (one per bucket shape; fewer kernel launches). "
+        "Needs compiled blocks on CUDA; block swap and activation offload cannot be captured and fall back to compiled."
     )
     transformer_dtype: Optional[Dtype] = Field(
         None, description="Dtype of the DiT weights; empty means the mixed-precision dtype."
@@ -239,6 +244,11 @@ class TrainingTable(Table):
 
 class MemoryTable(Table):
     gradient_checkpointing: bool = Field(False, description="Recompute each DiT block in backward.")
+    selective_checkpointing: bool = Field(
+        False, description="Checkpoint each DiT block keeping its matmul and attention outputs and recomputing only the "
+        "elementwise work in backward: more memory than gradient_checkpointing, less than none, less recompute "
+        "(replaces gradient_checkpointing)."
+    )
     cpu_offload_checkpointing: bool = Field(False, description="Checkpointed block outputs go to CPU memory.")
     unsloth_offload_checkpointing: bool = Field(False, description="Keep only each block's input, on CPU, copied without blocking.")
     blocks_to_swap: int = Field(0, ge=0, description="DiT blocks kept on the CPU and swapped in as needed (at most blocks − 2).")

@@ -265,6 +265,11 @@ class AnimaDiT(nn.Module):
         for block in self.blocks:
             block.compile(**options)
 
+    def eager_blocks(self) -> None:
+        """Undo :meth:`compile_blocks`: every block runs eagerly again (a failed compile's fallback)."""
+        for block in self.blocks:
+            block._compiled_call_impl = None
+
     def set_attention_backend(self, name: str, split: bool = False) -> None:
         """"sdpa" or "flash" (falls back to SDPA with a warning when flash-attn is missing) for DiT attention."""
         backend = AttentionBackend.create(name, split)

@@ -10,8 +10,8 @@ from rich.text import Text
 from anima_core.atomic import atomic_path
 from anima_core.errors import AnimaError
 from anima_core.sampling.prompts import SamplePrompt, parse_prompt_line
-from anima_core.sampling.sampler import TextConditioning, free_memory, render_prompt
-from anima_core.training.devices import resolve_device
+from anima_core.sampling.sampler import TextConditioning, render_prompt
+from anima_core.training.devices import free_memory, resolve_device
 
 DEFAULT_SEED = 0
 

@@ -14,10 +14,10 @@ from PIL import Image
 from anima_core.atomic import atomic_path
 from anima_core.errors import AnimaError
 from anima_core.sampling.prompts import SamplePrompt, load_prompt_file
-from anima_core.sampling.sampler import TextConditioning, free_memory, render_prompt
+from anima_core.sampling.sampler import TextConditioning, render_prompt
 from anima_core.sampling.sheet import contact_sheet
+from anima_core.training.devices import DTYPES, free_memory
 from anima_core.training.forward_only import forward_only_mode, preserved_rng
-from anima_core.training.devices import DTYPES
 
 
 def image_name(output_name: str, label: str, prompt: SamplePrompt, seed: int) -> str:

@@ -7,7 +7,6 @@ to σ = 0 gives the image latents (spec §1.5, §6). Both entry points (previews
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -130,9 +129,3 @@ def render_prompt(
         )  # fmt: skip
     del context, uncond
     return latents_to_image(vae, latents)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

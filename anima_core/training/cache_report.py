@@ -14,7 +14,8 @@ def cache_memory_report(profile: Profile, data: TrainingData | None = None) -> l
     """The estimate and, when a cache would not fit, what the run will do. Without `data` (already scanned),
     the dataset is read from image headers only (fast)."""
     from anima_core.plugins import default_plugins
-    from anima_core.training.trainer import Trainer, data_options
+    from anima_core.training.data_phase import data_options
+    from anima_core.training.trainer import Trainer
 
     c = profile.caching
     in_memory = (c.cache_latents and not c.cache_latents_to_disk) or (

@@ -6,6 +6,8 @@ importing each other.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -34,3 +36,10 @@ def memory_stats(device: torch.device) -> dict:
     except ImportError:
         stats["ram_used"] = None
     return stats
+
+
+def free_memory(device: torch.device) -> None:
+    """Let go of what nothing references any more, on the device too."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

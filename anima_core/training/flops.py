@@ -56,3 +56,13 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def speed_report(tflop_done: float, seconds: float, device: torch.device, dtype: torch.dtype) -> tuple[dict, str]:
+    """Achieved model math per second, and its share of this device's measured matmul rate (the floor):
+    (the run_end fields, the log line)."""
+    achieved = tflop_done / seconds
+    peak = matmul_tflops(device, dtype)
+    fields = {"tflops": round(achieved, 4), "floor_fraction": round(achieved / peak, 4)}
+    return fields, (f"model math: {achieved:.3g} TFLOP/s, {100 * achieved / peak:.0f}% of this device's measured "
+                    f"{str(dtype).removeprefix('torch.')} matmul rate ({peak:.3g} TFLOP/s)")

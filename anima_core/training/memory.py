@@ -52,6 +52,8 @@ class MemoryStrategy(ABC):
     name: str = ""
     order: int = 50
     places_weights: bool = False
+    recomputes_forward: bool = False  # runs each block's forward again in backward (the FLOP count includes it)
+    graph_capture: str | None = None  # why the strategy cannot run inside a captured CUDA graph; None: it can
 
     @classmethod
     def enabled(cls, profile) -> bool:

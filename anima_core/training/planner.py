@@ -548,9 +548,15 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
                     f"{phase.name} alone may need {phase.peak / GIB:.1f} GiB: set model.vae_tiled = true, a smaller "
                     "caching.vae_batch_size / caching.text_encoder_batch_size, or cache on a larger card."
                 )
-    if vram_gib is not None and not option(profile, "model", "compile_blocks", False):
-        notes.append("model.compile_blocks = true makes steps faster after a compile of about 30 s: −36% without "
-                     "checkpointing, −47% with it, and less memory (measured on an H200, bench/RESULTS.md).")
+    if vram_gib is not None:  # a GPU's plan: say which step path runs there (training/executors.py chooses)
+        compiled = option(profile, "model", "compile_blocks", None)
+        graphs = ", replayed as CUDA graphs (model.cuda_graphs)" if option(profile, "model", "cuda_graphs", False) else ""
+        default = " (the default on CUDA)" if compiled is None else ""
+        notes.append("step path: " + (f"compiled blocks{default}{graphs}" if compiled is not False
+                                      else "eager (model.compile_blocks = false)"))
+        if compiled is False:
+            notes.append("model.compile_blocks (the default on CUDA) makes steps faster after a compile of about 30 s: "
+                         "−36% without checkpointing, −47% with it, and less memory (measured on an H200, bench/RESULTS.md).")
     if option(profile, "dataset", "dataset_config") is not None:
         notes.append("resolution and batch size are those of the dataset config's largest dataset.")
     if settings.checkpointing == "selective":

@@ -53,6 +53,11 @@ class Progress:
     num_processes: int = 1  # processes that trained it: the global batch depends on the count
 
 
+def epoch_number(progress: Progress) -> int:
+    """The 1-based epoch people see: the one in progress, or the one just completed at an epoch boundary."""
+    return progress.epoch + (1 if progress.batch_in_epoch else 0)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import random
+
 import numpy as np
 import torch
 
@@ -29,6 +31,37 @@ class StepInputs:
     t5_mask: torch.Tensor
     loss_weights: torch.Tensor  # B
     alpha_masks: torch.Tensor | None  # B×1×H×W in pixels, or None
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """Seed of the global RNG for a micro-step (LoRA dropouts draw from it), the same on every process."""
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_inputs(batch, *, device, vae, text_encoder, text_needs_grad: bool, model_cfg) -> StepInputs:
+    """A batch on the device as the step's inputs: cached latents and text outputs, or encoded now (the text
+    encoder with grad when its adapters train and grad is on; validation calls this without grad)."""
+    if batch.latents is not None:
+        latents = batch.latents.to(device, torch.float32)
+    else:
+        with torch.no_grad():
+            latents = vae.encode(batch.pixels.to(device)).float()
+    if batch.text is not None:
+        qwen_states, qwen_mask, t5_ids, t5_mask = (t.to(device) for t in batch.text)
+    else:
+        with torch.enable_grad() if text_needs_grad and torch.is_grad_enabled() else torch.no_grad():
+            qwen_states, qwen_mask, t5_ids, t5_mask = text_encoder.encode(
+                batch.captions, model_cfg.qwen3_max_token_length, model_cfg.t5_max_token_length)
+    masks = batch.alpha_masks.to(device) if batch.alpha_masks is not None else None
+    if masks is not None and masks.dim() == 3:
+        masks = masks.unsqueeze(1)
+    return StepInputs(latents, qwen_states, qwen_mask, t5_ids, t5_mask, batch.loss_weights.float(), masks)
 
 
 def sample_generators(seed: int, step: int, places: Iterable[int]) -> list[torch.Generator]:

@@ -13,7 +13,7 @@ from anima_plugins.lycoris.apply import merge_lycoris_file
 from anima_plugins.lycoris.info import is_lycoris_file
 
 from .files import LoRAFile, LoRAFileError, metadata_lines, read_lora_file
-from .keymap import Address, comfy_key_map, module_at, resolver_key_map, structural_address
+from .keymap import comfy_key_map, module_at, resolver_key_map, structural_address
 from .model_match import model_lines
 from .module import LoRAModule
 

@@ -225,6 +225,7 @@ class BlockSwap(MemoryStrategy):
     name = "blocks_to_swap"
     order = 30
     places_weights = True
+    graph_capture = "copies blocks between the CPU and the GPU on its own stream during the step, which a replayed graph would skip"
 
     @classmethod
     def enabled(cls, profile) -> bool:

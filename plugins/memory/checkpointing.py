@@ -27,6 +27,7 @@ class GradientCheckpointing(MemoryStrategy):
     """Recompute each block in backward (non-reentrant); keeps each block's input on the device."""
 
     name = "gradient_checkpointing"
+    recomputes_forward = True
     order = 20
 
     @classmethod
@@ -52,6 +53,8 @@ class CpuOffloadCheckpointing(MemoryStrategy):
     """Checkpointing whose saved block inputs live in CPU memory (blocking copies). Turns checkpointing on."""
 
     name = "cpu_offload_checkpointing"
+    recomputes_forward = True
+    graph_capture = "moves each block's saved input to the CPU and back inside the step, a host copy a graph cannot hold"
     order = 20
 
     @classmethod
@@ -134,6 +137,8 @@ class UnslothOffloadCheckpointing(MemoryStrategy):
     """
 
     name = "unsloth_offload_checkpointing"
+    recomputes_forward = True
+    graph_capture = "copies saved activations to pinned CPU memory on a side stream inside the step, which a graph cannot hold"
     order = 20
 
     @classmethod
