@@ -312,3 +312,55 @@ def test_caption_dropout_rate_with_cached_text_empties_that_share(tmp_path):
     assert all(not b.text[0].any() for b, d in zip(batches, dropped) if d)
     assert all(b.text[0].any() for b, d in zip(batches, dropped) if not d)
     assert_share(sum(dropped), len(dropped), 0.3, "cached captions dropped")
+
+
+# ---- the optimizer step (a tiny run through the trainer) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sgd_step(tmp_path_factory, tiny_model):
+    """The lora_up weights after one step of plain SGD (lr 1 unless set), flattened in key order; runs cached.
+    lora_up starts at zero, so they are minus the (clipped) gradient times the rate; lora_down gets no gradient."""
+    from safetensors.torch import load_file
+    from training_helpers import make_run
+
+    done: dict[str, torch.Tensor] = {}
+
+    def run(**optimizer) -> torch.Tensor:
+        key = repr(sorted(optimizer.items()))
+        if key not in done:
+            settings = {"optimizer_type": "SGD", "learning_rate": 1.0, "max_grad_norm": 0.0, **optimizer}
+            trainer = make_run(tmp_path_factory.mktemp("sgd"), tiny_model, training={"max_train_steps": 1}, optimizer=settings)
+            tensors = load_file(trainer.run().lora_path)
+            done[key] = torch.cat([tensors[k].flatten().double() for k in sorted(tensors) if k.endswith("lora_up.weight")])
+        return done[key]
+
+    return run
+
+
+def test_max_grad_norm_is_the_norm_of_the_clipped_gradient(sgd_step):
+    """max_grad_norm clips the whole gradient to that norm: after one SGD step at lr 1 the up weights have norm
+    max_grad_norm, in the direction of the unclipped step."""
+    free, clipped = sgd_step(), sgd_step(max_grad_norm=1e-3)
+    assert float(free.norm()) > 1e-2  # the gradient is well above the limit, so clipping acts
+    assert float(clipped.norm()) == pytest.approx(1e-3, rel=1e-4)
+    assert torch.allclose(clipped, free * (1e-3 / free.norm()), rtol=1e-4, atol=1e-12)
+
+
+def test_learning_rate_and_unet_lr_scale_the_step(sgd_step):
+    """learning_rate is the step size (SGD: the update is rate x gradient); unet_lr replaces it for the DiT's LoRA."""
+    full = sgd_step()
+    assert float(full.norm()) > 0
+    assert torch.allclose(sgd_step(learning_rate=0.25), 0.25 * full, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(sgd_step(unet_lr=0.25), 0.25 * full, rtol=1e-5, atol=1e-12)
+
+
+def test_cross_attn_lr_is_the_rate_of_exactly_the_cross_attention_modules():
+    dit = tiny_dit()
+    network = create_network(net_cfg(), dit=dit, text_encoder=None, train_text_encoder=False)
+    groups = {g["name"]: g for g in network.param_groups(opt_cfg(learning_rate=1e-4, cross_attn_lr=3e-5))}
+    assert groups["cross_attn"]["lr"] == pytest.approx(3e-5)
+    assert {g["lr"] for name, g in groups.items() if name != "cross_attn"} == {1e-4}  # the rest keep learning_rate
+    cross = {id(p) for name, lora in network.loras.items() if "cross_attn" in name and "adaln" not in name
+             for p in lora.parameters()}
+    assert cross and {id(p) for p in groups["cross_attn"]["params"]} == cross
