@@ -284,6 +284,8 @@ def test_crop_ltrb_centres_the_fitted_image_with_floored_offsets():
     # fitted width 116.352: the offset is floor(523.648 / 2) = 261, the right edge int(261 + 116.352) = 377
     assert crop_ltrb((640, 384), (303, 1000)) == (261, 0, 377, 384)
     assert crop_ltrb((384, 640), (1000, 303)) == (0, 261, 384, 377)
+    # an image less wide than the bucket but wider than square: still the height fits (460.8 wide, offset 89)
+    assert crop_ltrb((640, 384), (1200, 1000)) == (89, 0, 549, 384)
     assert crop_ltrb((512, 512), (512, 512)) == (0, 0, 512, 512)
 
 
