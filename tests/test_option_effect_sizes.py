@@ -318,24 +318,33 @@ def test_caption_dropout_rate_with_cached_text_empties_that_share(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sgd_step(tmp_path_factory, tiny_model):
-    """The lora_up weights after one step of plain SGD (lr 1 unless set), flattened in key order; runs cached.
-    lora_up starts at zero, so they are minus the (clipped) gradient times the rate; lora_down gets no gradient."""
+def sgd_run(tmp_path_factory, tiny_model):
+    """The LoRA after one step of plain SGD (lr 1 and no clipping unless set); runs cached. lora_up starts at zero,
+    so after the step it is minus the (clipped) gradient times the rate, and lora_down gets no gradient."""
     from safetensors.torch import load_file
     from training_helpers import make_run
 
-    done: dict[str, torch.Tensor] = {}
+    done: dict[str, dict[str, torch.Tensor]] = {}
 
-    def run(**optimizer) -> torch.Tensor:
+    def run(**optimizer) -> dict[str, torch.Tensor]:
         key = repr(sorted(optimizer.items()))
         if key not in done:
             settings = {"optimizer_type": "SGD", "learning_rate": 1.0, "max_grad_norm": 0.0, **optimizer}
             trainer = make_run(tmp_path_factory.mktemp("sgd"), tiny_model, training={"max_train_steps": 1}, optimizer=settings)
-            tensors = load_file(trainer.run().lora_path)
-            done[key] = torch.cat([tensors[k].flatten().double() for k in sorted(tensors) if k.endswith("lora_up.weight")])
+            done[key] = load_file(trainer.run().lora_path)
         return done[key]
 
     return run
+
+
+def _flat(tensors: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
+    return torch.cat([tensors[k].flatten().double() for k in sorted(tensors) if k.endswith(suffix)])
+
+
+@pytest.fixture
+def sgd_step(sgd_run):
+    """The lora_up weights after one SGD step, flattened in key order."""
+    return lambda **optimizer: _flat(sgd_run(**optimizer), "lora_up.weight")
 
 
 def test_max_grad_norm_is_the_norm_of_the_clipped_gradient(sgd_step):
@@ -353,6 +362,14 @@ def test_learning_rate_and_unet_lr_scale_the_step(sgd_step):
     assert float(full.norm()) > 0
     assert torch.allclose(sgd_step(learning_rate=0.25), 0.25 * full, rtol=1e-5, atol=1e-12)
     assert torch.allclose(sgd_step(unet_lr=0.25), 0.25 * full, rtol=1e-5, atol=1e-12)
+
+
+def test_optimizer_args_reach_the_optimizer_weight_decay_shrinks_lora_down_by_lr_times_it(sgd_run):
+    """optimizer_args are the optimizer's keyword arguments: SGD's weight_decay 0.1 at lr 1 turns the first step of
+    lora_down (no gradient yet) into exactly down * (1 - 0.1), and leaves lora_up's step (it starts at zero) alone."""
+    free, decayed = sgd_run(), sgd_run(optimizer_args={"weight_decay": 0.1})
+    assert torch.allclose(_flat(decayed, "lora_down.weight"), 0.9 * _flat(free, "lora_down.weight"), rtol=1e-6, atol=0)
+    assert torch.allclose(_flat(decayed, "lora_up.weight"), _flat(free, "lora_up.weight"), rtol=1e-6, atol=1e-12)
 
 
 def test_cross_attn_lr_is_the_rate_of_exactly_the_cross_attention_modules():

@@ -158,7 +158,8 @@ LEDGER: dict[str, list[str]] = {
                                   "tests/test_lora_model_match.py::test_run_continues_on_another_model_when_the_profile_allows_it"],
     # ---- [optimizer] --------------------------------------------------------------------------------------
     "optimizer.optimizer_type": ["tests/test_train.py::test_other_optimizers_train", OPT + "test_optimizer_names_follow_sd_scripts"],
-    "optimizer.optimizer_args": [S + "[optimizer_args.weight_decay]"],
+    "optimizer.optimizer_args": [S + "[optimizer_args.weight_decay]",
+                                ES + "test_optimizer_args_reach_the_optimizer_weight_decay_shrinks_lora_down_by_lr_times_it"],
     "optimizer.learning_rate": [S + "[learning_rate]",
                                ES + "test_learning_rate_and_unet_lr_scale_the_step"],
     "optimizer.unet_lr": [S + "[unet_lr]",
