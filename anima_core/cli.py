@@ -74,7 +74,6 @@ def _launch_processes(profile, args) -> int:
 def cmd_validate(args) -> int:
     from anima_core.config import load_profile
     from anima_core.preflight import preflight
-    from anima_core.errors import ProfileError
     from anima_core.plugins import default_plugins
 
     found = []
@@ -132,6 +131,20 @@ def cmd_demo(args) -> int:
     from anima_core.demo import run_demo
 
     run_demo(folder, steps=args.steps, console=console)
+    return 0
+
+
+def cmd_extract_lora(args) -> int:
+    from anima_core.training.devices import SAVE_DTYPES
+    from anima_plugins.lora.extract import extract_lora
+
+    tuned = Path(args.tuned)
+    output = args.output or tuned.with_name(f"{tuned.stem}-lora{args.dim}.safetensors")
+    result = extract_lora(args.base, tuned, output, dim=args.dim, device=args.device,
+                          save_dtype=SAVE_DTYPES[args.save_precision])
+    for line in result.lines():
+        print(line)
+    print(f"wrote {output}")
     return 0
 
 
@@ -269,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--dit", help="a DiT file (only its header is read): say whether the LoRA was made for it")
     p.set_defaults(func=cmd_lora_info)
+
+    p = sub.add_parser("extract-lora", help="a LoRA of the difference between a fine-tuned DiT and its base (per-module SVD)")
+    p.add_argument("base", help="the DiT the fine-tune started from")
+    p.add_argument("tuned", help="the fine-tuned DiT (a full fine-tuning save)")
+    p.add_argument("--dim", type=int, required=True, help="the LoRA's rank")
+    p.add_argument("-o", "--output", type=Path, help="LoRA file to write (default: <tuned>-lora<dim>.safetensors)")
+    p.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster for 2B)")
+    p.add_argument("--save-precision", choices=["float", "fp16", "bf16"], default="float", help="dtype of the saved tensors")
+    p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("import-kohya", help="turn an anima_train_network.py command line into a profile")
     p.add_argument("file", help="file holding the command line, or - for standard input")

@@ -146,7 +146,8 @@ LEDGER: dict[str, list[str]] = {
     "caching.skip_cache_check": [DCA + "test_skip_cache_check_trusts_existing_files",
                                  E + "test_skip_cache_check_makes_the_trainer_trust_disk_caches"],
     # ---- [network] ----------------------------------------------------------------------------------------
-    "network.module": [LY + "test_run_trains_saves_and_self_checks_against_comfyui"],
+    "network.module": [LY + "test_run_trains_saves_and_self_checks_against_comfyui",
+                       "tests/test_full_finetune.py::test_the_save_is_the_released_format_and_trains_a_lora_as_a_base"],
     "network.dim": [S + "[network.dim]", ES + "test_network_alpha_over_dim_is_the_scale_of_every_module"],
     "network.alpha": [S + "[network.alpha]", ES + "test_network_alpha_over_dim_is_the_scale_of_every_module"],
     "network.dropout": [S + "[network.dropout]", E + "test_network_dropout_drops_the_down_projection_as_sd_scripts_does",

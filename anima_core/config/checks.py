@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from anima_core.config.full_rules import FULL, full_problems
 from anima_core.config.optimizer_rules import optimizer_problems
 from anima_core.config.schema import Profile
 from anima_core.plugins import Plugins, UnknownNameError, default_plugins
@@ -51,7 +52,7 @@ def _option_problems(profile: Profile) -> list[str]:
         )
     caching = profile.caching
     text_cached = caching.cache_text_encoder_outputs or caching.cache_text_encoder_outputs_to_disk
-    if text_cached and not profile.network.train_unet_only:
+    if text_cached and not profile.network.train_unet_only and profile.network.module != FULL:
         problems.append(
             "caching.cache_text_encoder_outputs: a cached text encoder cannot get a LoRA; set network.train_unet_only = true, or turn caching off to train the Qwen3 LoRA"
         )
@@ -69,9 +70,10 @@ def _option_problems(profile: Profile) -> list[str]:
 
 def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
     problems = []
+    full = profile.network.module == FULL
     lookups = [
         ("register_model_loaders", "model.loader", profile.model.loader),
-        ("register_networks", "network.module", profile.network.module),
+        *([] if full else [("register_networks", "network.module", profile.network.module)]),
         ("register_timestep_samplers", "training.timestep_sampling", profile.training.timestep_sampling),
     ]
     if profile.training.loss_weighting:
@@ -83,7 +85,7 @@ def _plugin_problems(profile: Profile, plugins: Plugins) -> list[str]:
         except UnknownNameError as exc:
             problems.append(f"{key}: {exc}")
     try:
-        network = plugins.registry("register_networks").get(profile.network.module)
+        network = None if full else plugins.registry("register_networks").get(profile.network.module)
     except UnknownNameError:
         network = None
     if hasattr(network, "validate"):  # a network plugin may check its own args and requirements
@@ -114,6 +116,7 @@ def _logging_problems(profile: Profile, plugins: Plugins) -> list[str]:
 
 def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:
     return (_file_problems(profile) + _option_problems(profile) + process_problems(profile)
+            + (full_problems(profile) if profile.network.module == FULL else [])
             + _plugin_problems(profile, plugins or default_plugins()))
 
 

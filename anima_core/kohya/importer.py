@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from anima_core.config.schema import TABLES, Profile
 from anima_core.errors import AnimaError
 from anima_core.plugins import default_plugins
+from anima_core.config.full_rules import FULL
 from anima_core.config.optimizer_rules import KNOBS, USES_WARMUP, is_schedule_free, uses_relative_step
 from anima_core.kohya import values as v
 from anima_core.kohya.command_line import split_command_line
@@ -35,6 +36,7 @@ from anima_core.kohya.flags import (
 from anima_core.kohya.lycoris import LYCORIS_MODULE, lycoris_network_rules
 
 SCRIPT = "anima_train_network.py"
+FULL_SCRIPT = "anima_train.py"  # full fine-tuning: network.module = "full"
 GENERATION_NAMES = {"first": "first release (the guide)", "current": "current sd-scripts"}
 
 
@@ -157,6 +159,7 @@ class _Builder:
     """Collects profile values with the flag text each came from."""
 
     def __init__(self, parsed: _Parsed):
+        self.full = False  # the command line is anima_train.py's (full fine-tuning)
         self.parsed = parsed
         self.data: dict[str, dict[str, Any]] = {}
         self.comments: dict[tuple[str, str], str] = {}
@@ -308,7 +311,7 @@ def _optimizer_rules(b: _Builder, generation: Generation) -> None:
     given = [name for name in components if b.has(name)]
     for name in given:
         b.set_from(name, "optimizer", name[2:])
-    if given:
+    if given and not b.full:  # anima_train.py applies them; the LoRA script does not
         b.warn(
             f"{', '.join(b.written(n) for n in given)}: the guide documents these, but sd-scripts' LoRA script "
             "ignores them (both generations; they act only in full fine-tuning). anima-train applies them to "
@@ -377,6 +380,19 @@ def _network_rules(b: _Builder, generation: Generation) -> None:
         b.set("network", "train_unet_only", True, "implied by caching the text encoder outputs")
     if b.raw("--network_module") == LYCORIS_MODULE:
         lycoris_network_rules(b.data, b.comments, b.warn, b.written("--network_module"))
+
+
+def _full_rules(b: _Builder) -> None:
+    """anima_train.py: full fine-tuning of the DiT (Qwen3 frozen, as that script keeps it); the component
+    rates were read with the optimizer flags (0 freezes a group, as there)."""
+    lora_only = [n for n in ("--network_module", "--network_dim", "--network_alpha", "--network_dropout",
+                             "--network_args", "--network_weights", "--network_train_unet_only") if b.has(n)]
+    if lora_only:
+        b.problems.append(f"{', '.join(lora_only)}: LoRA flags, which {FULL_SCRIPT} does not take; import the "
+                          f"{SCRIPT} command line for a LoRA, or remove them")
+    b.set("network", "module", FULL, f"{FULL_SCRIPT}: full fine-tuning of the DiT's weights")
+    if b.has("--cache_text_encoder_outputs") or b.has("--cache_text_encoder_outputs_to_disk"):
+        b.set("network", "train_unet_only", True, f"{FULL_SCRIPT} never trains Qwen3")
 
 
 def _caching_rules(b: _Builder) -> None:
@@ -472,7 +488,9 @@ def import_command_line(text: str) -> ImportResult:
     if parsed.unknown:
         raise UnknownFlagError(parsed.unknown)
     b = _Builder(parsed)
-    if command.script and not command.script.replace("\\", "/").endswith(SCRIPT):
+    script = (command.script or "").replace("\\", "/").rsplit("/", 1)[-1]
+    full = b.full = script == FULL_SCRIPT
+    if command.script and not full and script != SCRIPT:
         b.warn(f"the script is {command.script}, not {SCRIPT}; its flags are read as {SCRIPT}'s (a LoRA profile).")
     if command.launcher:
         _launcher_rules(b, command.launcher)
@@ -482,7 +500,7 @@ def import_command_line(text: str) -> ImportResult:
     _timestep_rules(b, generation)
     _optimizer_rules(b, generation)
     _schedule_rules(b)
-    _network_rules(b, generation)
+    _full_rules(b) if full else _network_rules(b, generation)
     _caching_rules(b)
     _precision_rules(b, generation)
     _dataset_rules(b, generation)

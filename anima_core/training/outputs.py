@@ -60,7 +60,8 @@ class RunOutputs:
         target = trainer.target
         metadata = save_metadata(trainer.profile, trainer.base_metadata, target.metadata(), step=progress.step,
                                  epoch=epoch_number(progress))
-        target.save(path, metadata=metadata, dtype=SAVE_DTYPES[self.saving.save_precision])
+        precision = self.saving.save_precision
+        target.save(path, metadata=metadata, dtype=SAVE_DTYPES[precision] if precision else target.default_save_dtype)
         trainer.events.emit("save", kind=target.file_kind, path=str(path), step=progress.step, epoch=epoch_number(progress))
         self._self_check(path)
 

@@ -2,7 +2,8 @@
 writes. The loop, the optimizer step, the NaN guard and the saves ask only this; a new kind of training (the
 model's own weights instead of a network over them) is a new target, not a branch in each of them.
 
-Today's target is :class:`NetworkTarget`: a network plugin (LoRA, LyCORIS, ...) over frozen weights.
+Targets: :class:`NetworkTarget`, a network plugin (LoRA, LyCORIS, ...) over frozen weights, and
+``full_weights.FullWeightsTarget``, the DiT's own weights (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from anima_core.config.full_rules import FULL
 from anima_core.training.network import applied_at, refuse_unsupported_multipliers
 
 
 class TrainingTarget(Protocol):
-    file_kind: str  # the `save` event's kind ("lora")
-    file_label: str  # how messages name the saved file ("LoRA")
+    file_kind: str  # the `save` event's kind ("lora", "model")
+    file_label: str  # how messages name the saved file ("LoRA", "model")
+    default_save_dtype: torch.dtype  # the saved tensors' dtype when saving.save_precision is unset
     module: nn.Module  # what a state saves and restores (state_dict / load_state_dict)
     trains_text_encoder: bool
 
@@ -44,6 +47,7 @@ class NetworkTarget:
 
     file_kind = "lora"
     file_label = "LoRA"
+    default_save_dtype = torch.float32  # saving.save_precision unset
 
     def __init__(self, profile, plugins, *, dit, text_encoder, data, device, log):
         cfg = profile.network
@@ -87,7 +91,12 @@ class NetworkTarget:
         return None if check is None else check(path)
 
 
-def target_class(profile) -> type[NetworkTarget]:
-    """The kind of target the profile trains, known before any model loads (messages name its files);
-    built with ``(profile, plugins, dit=, text_encoder=, data=, device=, log=)`` once the models are loaded."""
+def target_class(profile) -> type:
+    """The kind of target the profile trains (``network.module = "full"``: the DiT's own weights), known before
+    any model loads (messages name its files); built with ``(profile, plugins, dit=, text_encoder=, data=,
+    device=, log=)`` once the models are loaded."""
+    if profile.network.module == FULL:
+        from anima_core.training.full_weights import FullWeightsTarget
+
+        return FullWeightsTarget
     return NetworkTarget

@@ -1,0 +1,43 @@
+"""Full fine-tuning's rules as a profile sees them: the name that selects it, the component learning rates
+(sd-scripts' anima_train.py: unset is the base rate, 0 freezes) and the settings it refuses, each naming its key."""
+
+from __future__ import annotations
+
+FULL = "full"  # network.module naming full fine-tuning instead of a network plugin
+RATE_KEYS = {"self_attn": "self_attn_lr", "cross_attn": "cross_attn_lr", "mlp": "mlp_lr", "mod": "mod_lr",
+             "llm_adapter": "llm_adapter_lr"}
+
+
+def component_rates(optimizer_cfg) -> dict[str, float]:
+    """Each group's rate: its key, or the base rate when unset; 0 freezes."""
+    base = optimizer_cfg.learning_rate
+    rates = {"base": base}
+    for group, key in RATE_KEYS.items():
+        value = getattr(optimizer_cfg, key)
+        rates[group] = base if value is None else value
+    return rates
+
+
+def full_problems(profile) -> list[str]:
+    """What full fine-tuning cannot do (or does not do yet), each naming its key."""
+    n, o, m = profile.network, profile.optimizer, profile.memory
+    problems = []
+    for key in ("dim", "alpha", "dropout", "weights"):
+        if getattr(n, key) is not None:
+            problems.append(f"network.{key}: a LoRA setting; full fine-tuning trains the weights themselves, remove it")
+    if n.args:
+        problems.append("network.args: LoRA network args; full fine-tuning takes none (component rates are "
+                        "optimizer.self_attn_lr, cross_attn_lr, mlp_lr, mod_lr, llm_adapter_lr)")
+    for key in ("unet_lr", "text_encoder_lr"):
+        if getattr(o, key) is not None:
+            problems.append(f"optimizer.{key}: a LoRA rate; full fine-tuning uses learning_rate and the component rates")
+    if o.scale_weight_norms:
+        problems.append("optimizer.scale_weight_norms: scales LoRA up/down pairs; full fine-tuning has none")
+    if m.fp8_base or m.fp8_base_unet:
+        problems.append("memory.fp8_base: stores the frozen weights in fp8; full fine-tuning trains them, turn it off")
+    if m.blocks_to_swap:
+        problems.append("memory.blocks_to_swap: not supported with full fine-tuning yet (the optimizer would step "
+                        "weights that live on the CPU); use gradient checkpointing and Adafactor's fused backward pass")
+    if all(v == 0 for v in component_rates(o).values()):
+        problems.append("optimizer.learning_rate: every group's rate is 0, nothing would be trained")
+    return problems

@@ -1,0 +1,164 @@
+"""Full fine-tuning (network.module = "full"): anima_train.py's parameter groups and rates, the released
+single-file save that our strict loader and a LoRA run take as a base, exact resume, the refusals, the import
+of an anima_train.py command line, and extract-lora."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_resume import StopAtStep
+from training_helpers import make_run, read_events
+
+from anima_core.config import profile_from_dict
+from anima_core.errors import ProfileError
+from anima_core.kohya.importer import import_command_line
+from anima_core.models import load_dit
+from anima_core.models.checkpoint import save_safetensors_atomic
+from anima_core.plugins import build_plugins
+from anima_core.training.full_weights import component_of
+
+FULL = {"module": "full", "dim": None, "alpha": None}
+
+
+def full_run(root, tiny_model, *, optimizer=None, training=None, **tables):
+    return make_run(root, tiny_model, network=FULL, optimizer={"optimizer_type": "SGD", "learning_rate": 1e-2,
+                                                               "max_grad_norm": 0.0, **(optimizer or {})},
+                    training={"max_train_steps": 1, **(training or {})}, **tables)
+
+
+def sd_scripts_group(name: str) -> str:
+    """anima_train_utils.get_anima_param_groups' rule, as its source reads (first match wins)."""
+    if "llm_adapter" in name:
+        return "llm_adapter"
+    for part, group in ((".self_attn", "self_attn"), (".cross_attn", "cross_attn"), (".mlp", "mlp"),
+                        (".adaln_modulation", "mod")):
+        if part in name:
+            return group
+    return "base"
+
+
+def test_the_parameter_groups_are_anima_train_pys(tiny_model):
+    dit = load_dit(tiny_model.dit, dtype=torch.float32)
+    names = [name for name, _ in dit.named_parameters()]
+    assert [component_of(n) for n in names] == [sd_scripts_group(n) for n in names]
+    assert {component_of(n) for n in names} == {"base", "self_attn", "cross_attn", "mlp", "mod", "llm_adapter"}
+
+
+def weights(path):
+    return {k.removeprefix("net."): v for k, v in load_file(path).items()}
+
+
+def test_component_rates_scale_each_groups_update_and_zero_freezes(tmp_path, tiny_model):
+    """One SGD step from the same weights, unclipped (clipping would couple the groups through the total norm):
+    the update is rate × gradient, so doubling a group's rate doubles its update and leaves the others' as they
+    were; a rate of 0 leaves the group untouched."""
+    base = weights(tiny_model.dit)
+    save = {"save_precision": "float"}
+    plain = weights(full_run(tmp_path / "a", tiny_model, saving=save).run().lora_path)
+    scaled = weights(full_run(tmp_path / "b", tiny_model, saving=save,
+                              optimizer={"self_attn_lr": 2e-2, "mlp_lr": 0.0}).run().lora_path)
+    moved = 0
+    for key, before in base.items():
+        if not key.endswith((".weight", ".bias")) or key not in plain:
+            continue
+        group = component_of(key)
+        step_plain, step_scaled = plain[key] - before.float(), scaled[key] - before.float()
+        if group == "mlp":
+            assert torch.equal(step_scaled, torch.zeros_like(step_scaled)), key
+        elif group == "self_attn":
+            torch.testing.assert_close(step_scaled, 2 * step_plain, rtol=1e-4, atol=3e-7)  # a weight ulp near 1
+        else:
+            torch.testing.assert_close(step_scaled, step_plain, rtol=1e-5, atol=3e-7)
+        moved += bool(step_plain.abs().sum() > 0)
+    assert moved > 50  # the steps did train the weights
+
+
+def test_the_save_is_the_released_format_and_trains_a_lora_as_a_base(tmp_path, tiny_model):
+    result = full_run(tmp_path, tiny_model, training={"max_train_steps": 2}).run()
+    assert result.status == "finished"
+    with safe_open(str(result.lora_path), framework="pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        dtypes = {f.get_tensor(k).dtype for k in keys}
+    with safe_open(str(tiny_model.dit), framework="pt") as f:
+        assert sorted(keys) == sorted(f.keys())  # the released file's keys: net. prefix, adapter inside
+    assert dtypes == {torch.bfloat16} and metadata["format"] == "pt"  # bf16 unless save_precision says
+    load_dit(result.lora_path, dtype=torch.float32)  # strict key and shape matching
+    events = read_events(result.run_dir)
+    assert [e["kind"] for e in events if e["type"] == "save"] == ["model", "state"]
+    assert any(e["type"] == "log" and "the released layout, equal to the trained weights" in e["message"] for e in events)
+    lora = make_run(tmp_path / "lora", dataclasses.replace(tiny_model, dit=result.lora_path), training={"max_train_steps": 1}).run()
+    assert lora.status == "finished" and any(k.startswith("lora_unet_") for k in load_file(lora.lora_path))
+
+
+def test_a_stopped_full_fine_tune_resumes_bit_for_bit(tmp_path, tiny_model):
+    def go(name, **kw):
+        plugins = build_plugins(entry_points=False, extra=(StopAtStep(kw.pop("stop_at")),) if "stop_at" in kw else ())
+        return make_run(tmp_path, tiny_model, images=3, plugins=plugins, network=FULL, logging={"run_name": name},
+                        optimizer={"optimizer_type": "AdamW", "learning_rate": 1e-3},
+                        training={"max_train_steps": 4}, saving={"output_dir": str(tmp_path / name)}, **kw).run()
+
+    reference = go("reference")
+    stopped = go("stopped", stop_at=2)
+    assert stopped.status == "stopped" and stopped.step == 2
+    resumed = go("stopped", resume=str(stopped.run_dir))
+    assert resumed.status == "finished" and resumed.step == 4
+    a, b = load_file(reference.lora_path), load_file(resumed.lora_path)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("tables, message", [
+    ({"network": {**FULL, "dim": 8}}, "network.dim: a LoRA setting"),
+    ({"network": {**FULL, "args": {"target_preset": "guide"}}}, "network.args: LoRA network args"),
+    ({"optimizer": {"unet_lr": 1e-4}}, "optimizer.unet_lr: a LoRA rate"),
+    ({"optimizer": {"scale_weight_norms": 1.0}}, "optimizer.scale_weight_norms"),
+    ({"memory": {"fp8_base": True}}, "memory.fp8_base: stores the frozen weights in fp8"),
+    ({"memory": {"blocks_to_swap": 2}}, "memory.blocks_to_swap: not supported with full fine-tuning yet"),
+    ({"optimizer": {"learning_rate": 0.0}}, "every group's rate is 0"),
+])
+def test_what_full_fine_tuning_cannot_do_is_refused_by_name(tmp_path, tables, message):
+    data = {"network": dict(FULL), **tables}
+    data["network"].setdefault("module", "full")
+    with pytest.raises(ProfileError, match=message):
+        profile_from_dict(data, source="p.toml", base_dir=tmp_path)
+
+
+def test_an_anima_train_py_command_line_imports_as_full_fine_tuning():
+    result = import_command_line(
+        "accelerate launch anima_train.py --pretrained_model_name_or_path a.safetensors --learning_rate 1e-5 "
+        "--self_attn_lr 2e-5 --mlp_lr 0 --llm_adapter_lr 0 --fused_backward_pass --optimizer_type adafactor "
+        "--cache_text_encoder_outputs --output_dir out")
+    assert result.data["network"] == {"module": "full", "train_unet_only": True}
+    o = result.data["optimizer"]
+    assert (o["self_attn_lr"], o["mlp_lr"], o["llm_adapter_lr"], o["fused_backward_pass"]) == (2e-5, 0.0, 0.0, True)
+    assert not any("ignores them" in w for w in result.warnings)  # the full script applies the rates
+    with pytest.raises(Exception, match="--network_dim: LoRA flags, which anima_train.py does not take"):
+        import_command_line("anima_train.py --pretrained_model_name_or_path a.safetensors --network_dim 8")
+
+
+def test_extract_lora_keeps_a_low_rank_difference_whole_and_names_what_it_cannot_carry(tmp_path, tiny_model, capsys):
+    from anima_core.cli import main
+
+    base = {k: v.float() for k, v in load_file(tiny_model.dit).items()}
+    tuned = dict(base)
+    generator = torch.Generator().manual_seed(0)
+    q = "net.blocks.0.self_attn.q_proj.weight"
+    delta = torch.randn(q_out := base[q].shape[0], 2, generator=generator) @ torch.randn(2, base[q].shape[1], generator=generator)
+    tuned[q] = base[q] + 0.01 * delta
+    bias = next(k for k in base if k.endswith(".bias"))
+    tuned[bias] = base[bias] + 1.0
+    save_safetensors_atomic(tuned, tmp_path / "tuned.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "diff.safetensors"
+    assert main(["extract-lora", str(tiny_model.dit), str(tmp_path / "tuned.safetensors"), "--dim", "2", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.self_attn.q_proj: rank 2, keeps 100.0% of the difference" in printed
+    assert "not in the LoRA" in printed and bias.removeprefix("net.") in printed
+    lora = load_file(out)
+    name = "lora_unet_blocks_0_self_attn_q_proj"
+    assert set(lora) == {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"}
+    rebuilt = lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]
+    torch.testing.assert_close(rebuilt, tuned[q] - base[q], rtol=1e-4, atol=1e-6)
+    assert q_out == rebuilt.shape[0]
