@@ -381,3 +381,28 @@ def test_cross_attn_lr_is_the_rate_of_exactly_the_cross_attention_modules():
     cross = {id(p) for name, lora in network.loras.items() if "cross_attn" in name and "adaln" not in name
              for p in lora.parameters()}
     assert cross and {id(p) for p in groups["cross_attn"]["params"]} == cross
+
+
+# ---- text lengths (the text encoder, and the options handed to caching) -------------------------------------
+
+
+def test_token_lengths_pad_and_cut_the_encoded_text_to_that_many_tokens(tiny_model):
+    """qwen3_max_token_length / t5_max_token_length: the Qwen3 states and the T5 ids have exactly that many tokens,
+    a longer caption is cut (its first tokens are the same states as uncut: Qwen3 is causal) and T5 keeps </s>
+    last; the profile's values are the ones the text cache encodes with."""
+    from anima_core.config.schema import ModelTable, Profile
+    from anima_core.models import load_text_encoder
+    from anima_core.training.data_phase import data_options
+
+    te = load_text_encoder(tiny_model.qwen3, t5_tokenizer_path=tiny_model.t5_tokenizer, dtype=torch.float32)
+    caption = ["1girl, red hair, smile, outdoors, simple background, looking at viewer"]
+    states, mask, t5_ids, t5_mask = te.encode(caption, qwen_max_length=5, t5_max_length=4)
+    long_states, long_mask, long_ids, _ = te.encode(caption, qwen_max_length=64, t5_max_length=64)
+    assert states.shape[1] == 5 and mask.tolist() == [[1] * 5] and int(long_mask.sum()) > 5
+    assert torch.allclose(states, long_states[:, :5], atol=1e-5)
+    assert t5_ids.shape[1] == 4 and t5_mask.tolist() == [[1] * 4]
+    assert t5_ids[0, :3].tolist() == long_ids[0, :3].tolist() and int(t5_ids[0, 3]) == 1  # </s> closes the cut ids
+    padded = te.encode(["a cat"], qwen_max_length=12, t5_max_length=9)
+    assert padded[0].shape[1] == 12 and padded[2].shape[1] == 9
+    opts = data_options(Profile(model=ModelTable(qwen3_max_token_length=77, t5_max_token_length=33)))
+    assert (opts.qwen3_max_token_length, opts.t5_max_token_length) == (77, 33)
