@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from anima_core.config.full_rules import FULL, component_rates
 from anima_core.training.memory import option
 
 GIB = 2**30
@@ -287,8 +288,21 @@ def model_counts(profile, model_config, *, lora_params: int | None = None) -> Mo
     """Parameter counts of ``model_config``'s DiT and of the profile's network on it (or ``lora_params``)."""
     counts = _dit_counts(model_config)
     if lora_params is None:
-        lora_params = network_parameter_count(profile, meta_dit(model_config))
+        lora_params = (full_trained_count(profile, meta_dit(model_config)) if _full(profile)
+                       else network_parameter_count(profile, meta_dit(model_config)))
     return replace(counts, lora_params=lora_params)
+
+
+def _full(profile) -> bool:
+    return option(profile, "network", "module", None) == FULL
+
+
+def full_trained_count(profile, dit: torch.nn.Module) -> int:
+    """The DiT parameters full fine-tuning trains: those of every group whose rate is not 0."""
+    from anima_core.training.full_weights import component_of
+
+    rates = component_rates(profile.optimizer)
+    return sum(p.numel() for name, p in dit.named_parameters() if rates[component_of(name)] > 0)
 
 
 def _profile_resolution(profile) -> tuple[int, int]:
@@ -416,8 +430,15 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
             lora_params += QWEN3_LORA_PARAMS_PER_RANK * int(option(profile, "network", "dim", None) or 4)
     if not _cached(profile, "latents"):
         parts["VAE weights"] = _file_params(profile, "vae", VAE_PARAMS) * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
-    parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
-    parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
+    if _full(profile):  # the trained weights are the DiT's, counted above; their gradients are in its dtype
+        fused = option(profile, "optimizer", "fused_backward_pass", False) and not option(profile, "optimizer", "max_grad_norm", 1.0)
+        # the fused pass updates and frees each gradient in backward: about one block's gradients live at once
+        parts["gradients" + (" (fused backward: one block's)" if fused else "")] = (
+            counts.block_params if fused else lora_params) * weight_bytes
+        parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, weight_bytes))
+    else:
+        parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
+        parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
 
     unit = tokens * d * act_bytes
     saved = (
@@ -536,7 +557,8 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
     summary = (
         f"{describe_dit(model_config)}: {counts.total_params / 1e9:.2f} B params; "
         f"{width}×{height} × batch {batch} ({batch * (width // 16) * (height // 16)} image tokens); "
-        f"{_act_bytes(profile) * 8}-bit activations; {counts.lora_params / 1e6:.2f} M trainable params; "
+        f"{_act_bytes(profile) * 8}-bit activations; {counts.lora_params / 1e6:.2f} M trainable params"
+        f"{' (full fine-tuning)' if _full(profile) else ''}; "
         f"{option(profile, 'optimizer', 'optimizer_type', 'AdamW')}"
     )
     notes = []
@@ -572,6 +594,8 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
     if vram is not None:
         usable = vram - int(HEADROOM_GIB * GIB)
         for candidate in candidate_settings(counts.num_blocks):
+            if _full(profile) and (candidate.blocks_to_swap or candidate.fp8_base):
+                continue  # full fine-tuning refuses both (config/full_rules.py)
             # Caching runs before the DiT is loaded: memory settings do not change it, so it is judged apart.
             peak = max(p.peak for p in predict(profile, counts, candidate) if p.name in SETTINGS_PHASES)
             if peak <= usable:
