@@ -193,3 +193,30 @@ def test_plan_counts_full_fine_tunings_gradients_and_optimizer_states(tmp_path):
     assert frozen_mlp.parts["optimizer state"] < adamw.parts["optimizer state"]
     assert fused_plan.fits and fused_plan.cheapest_fits
     assert all(not f.settings.blocks_to_swap and not f.settings.fp8_base for f in fused_plan.cheapest_fits)
+
+
+def test_two_processes_train_the_weights_one_process_trains_with_twice_the_batch(tmp_path, tiny_model):
+    """Data-parallel full fine-tuning (the weights replicated, gradients summed): 2 gloo processes × batch 1
+    give the 1-process × batch 2 weights. SGD, so the comparison sees the gradients (AdamW's division by √v
+    turns rounding-sized differences of near-zero gradients into visible ones)."""
+    import tomli_w
+    from test_distributed import anima_train
+    from training_helpers import tiny_profile_data, write_images
+
+    steps, adam = {"max_train_steps": 3}, {"optimizer_type": "SGD", "learning_rate": 1e-2}
+    write_images(tmp_path / "data", count=2)
+    data = tiny_profile_data(tmp_path, tiny_model, network={"module": "full"}, optimizer=adam,
+                             dataset={"train_batch_size": 1}, saving={"save_precision": "float"},
+                             training={**steps, "num_processes": 2, "num_cpu_threads_per_process": 1})
+    for key in ("dim", "alpha"):
+        data["network"].pop(key)
+    (tmp_path / "two.toml").write_text(tomli_w.dumps(data))
+    anima_train("run", tmp_path / "two.toml")
+    reference = make_run(tmp_path / "ref", tiny_model, network=FULL, optimizer=adam, training=steps,
+                         saving={"save_precision": "float", "output_dir": str(tmp_path / "ref" / "out")}).run()
+    # the updates, not the weights: a wrong sum would hide in the norm of the untouched weights
+    base, two, one = (weights(p) for p in (tiny_model.dit, tmp_path / "out" / "lora.safetensors", reference.lora_path))
+    delta = {k: (two[k].double() - base[k].double(), one[k].double() - base[k].double()) for k in base}
+    difference = sum(float((a - b).pow(2).sum()) for a, b in delta.values()) ** 0.5
+    size = sum(float(b.pow(2).sum()) for _, b in delta.values()) ** 0.5
+    assert size > 0 and difference <= 1e-5 * size, f"relative difference {difference / size:.3g} of the updates"
