@@ -78,8 +78,11 @@ def test_component_rates_scale_each_groups_update_and_zero_freezes(tmp_path, tin
 
 
 def test_the_save_is_the_released_format_and_trains_a_lora_as_a_base(tmp_path, tiny_model):
-    result = full_run(tmp_path, tiny_model, training={"max_train_steps": 2}).run()
+    trainer = full_run(tmp_path, tiny_model, training={"max_train_steps": 2, "mixed_precision": "bf16"})
+    result = trainer.run()
     assert result.status == "finished"
+    trained = {p.dtype for p in trainer.dit.parameters() if p.requires_grad}
+    assert trained == {torch.float32}  # bf16 precision, the trained weights float32 (no full_bf16)
     with safe_open(str(result.lora_path), framework="pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
         dtypes = {f.get_tensor(k).dtype for k in keys}
@@ -186,8 +189,9 @@ def test_plan_counts_full_fine_tunings_gradients_and_optimizer_states(tmp_path):
                                       optimizer_args={"relative_step": False})
     frozen_mlp, _ = training_peak(optimizer_type="AdamW", mlp_lr=0.0)
     gib = 2**30
-    # bf16 weights: AdamW's two moments in the weights' dtype (torch keeps them so), 2 × 2 bytes a parameter
-    assert 7.5 * gib < adamw.parts["optimizer state"] < 8.5 * gib
+    # float32 trained weights: AdamW's two moments in their dtype, 2 × 4 bytes a parameter
+    assert 15 * gib < adamw.parts["optimizer state"] < 16.5 * gib
+    assert 3.5 * gib < adamw.parts["float32 trained weights (beyond the DiT's dtype)"] < 4.2 * gib
     assert fused.parts["optimizer state"] == 0 and "gradients (fused backward: one block's)" in fused.parts
     assert fused.peak < 0.5 * adamw.peak and fused.peak < 23 * gib
     assert frozen_mlp.parts["optimizer state"] < adamw.parts["optimizer state"]

@@ -64,9 +64,14 @@ class FullWeightsTarget:
         self.groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
         for name, param in dit.named_parameters():
             self.groups.setdefault(component_of(name), []).append((name, param))
+        # Trained weights are float32 unless training.full_bf16 (the LoRA rule, and sd-scripts' without
+        # --full_bf16): a bf16 weight rounds away updates below its precision, as lr 1e-5 steps are.
+        dtype = torch.bfloat16 if profile.training.full_bf16 else torch.float32
         for group, params in self.groups.items():
             for _, param in params:
                 param.requires_grad_(self.rates[group] > 0)
+                if param.requires_grad:
+                    param.data = param.data.to(dtype)
         self.model_name = type(dit).__name__
 
     def trainable_parameters(self) -> list[nn.Parameter]:

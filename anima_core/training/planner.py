@@ -430,12 +430,14 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
             lora_params += QWEN3_LORA_PARAMS_PER_RANK * int(option(profile, "network", "dim", None) or 4)
     if not _cached(profile, "latents"):
         parts["VAE weights"] = _file_params(profile, "vae", VAE_PARAMS) * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
-    if _full(profile):  # the trained weights are the DiT's, counted above; their gradients are in its dtype
+    if _full(profile):  # the trained weights are the DiT's (counted above), float32 unless full_bf16
+        if lora_bytes > weight_bytes:
+            parts["float32 trained weights (beyond the DiT's dtype)"] = lora_params * (lora_bytes - weight_bytes)
         fused = option(profile, "optimizer", "fused_backward_pass", False) and not option(profile, "optimizer", "max_grad_norm", 1.0)
         # the fused pass updates and frees each gradient in backward: about one block's gradients live at once
         parts["gradients" + (" (fused backward: one block's)" if fused else "")] = (
-            counts.block_params if fused else lora_params) * weight_bytes
-        parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, weight_bytes))
+            min(counts.block_params, lora_params) if fused else lora_params) * lora_bytes
+        parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
     else:
         parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
         parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
