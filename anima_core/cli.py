@@ -39,18 +39,18 @@ def cmd_run(args) -> int:
         return found[-1].problems
 
     profile = load_profile(args.profile, args.set, preflight=check)
-    # The trainer states its own notes (the precision); what it cannot know is said here.
-    for note in (n for result in found for n in result.notes if n.startswith("network.weights:")):
-        console.print(Text("warning: ", style="yellow") + Text(note), soft_wrap=True)
     if profile.training.num_processes > 1 and not under_launcher():
         return _launch_processes(profile, args)
+    # The trainer states its own notes (the precision); what it cannot know is handed to it, so the run's
+    # events (and the TUI) carry it too.
+    notes = [n for result in found for n in result.notes if n.startswith("network.weights:")]
     trainer = Trainer(profile, default_plugins(), resume=args.resume, allow_lr_change=args.allow_lr_change,
-                      cache_only=args.cache_only, console=console)
+                      cache_only=args.cache_only, console=console, notes=notes)
     result = trainer.run()
     if not trainer.processes.is_main:
         return 0
     if result.lora_path:
-        console.print(f"{result.status}: LoRA {result.lora_path}")
+        console.print(f"{result.status}: {trainer.target_kind.file_label} {result.lora_path}")
     console.print(f"run directory: {result.run_dir}")
     return 0
 

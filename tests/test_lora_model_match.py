@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 import tomllib
 from dataclasses import replace
@@ -170,6 +172,9 @@ def test_run_continues_on_another_model_when_the_profile_allows_it(models, lora2
     assert main(["run", profile, "--set", 'network.args={train_block_indices = "0-27"}', "--set", "training.seed=8"]) == 0
     err = capsys.readouterr().err
     assert "warning: network.weights:" in err and "Continued on this DiT anyway" in err
+    (events,) = (tmp_path / "out" / "runs").glob("*/events.jsonl")  # the TUI sees it too
+    warnings = [json.loads(line)["message"] for line in events.read_text().splitlines() if '"warning"' in line]
+    assert any(w.startswith("network.weights:") and "Continued on this DiT anyway" in w for w in warnings)
     (lora,) = (tmp_path / "out").glob("lora.safetensors")
     with safe_open(str(lora), framework="pt") as f:
         assert f.metadata()["anima_dit"] == "DiT of 40 blocks, width 64"

@@ -45,9 +45,11 @@ from anima_core.training.optimizer_step import after_update, build_optimizer, op
 from anima_core.training.outputs import RunOutputs
 from anima_core.training.planner import format_measured, format_plan, plan
 from anima_core.training.precision import choose_precision
+from anima_core.training.prior import PriorPreservation
 from anima_core.training.restore import restore_state
 from anima_core.training.run_files import open_run
 from anima_core.training.schedules import build_scheduler, rates_used
+from anima_core.training.slider import slider_micro_step
 from anima_core.training.state import Progress, check_processes, check_profile, epoch_number, find_state
 from anima_core.training.step import batch_inputs, drop_captions, flow_loss, sample_generators, seed_everything, step_seed
 from anima_core.training.step_report import StepLog, merge_step_report, merged_requests
@@ -65,13 +67,15 @@ class RunResult:
 
 class Trainer:
     def __init__(self, profile: Profile, plugins: Plugins, *, resume: str | None = None,
-                 allow_lr_change: bool = False, cache_only: bool = False, console=None):
+                 allow_lr_change: bool = False, cache_only: bool = False, console=None, notes: list[str] = ()):
+        """``notes``: warnings found before the run (preflight's), reported as the run's first warnings."""
         self.profile = profile
         self.plugins = plugins
         self.resume = resume
         self.allow_lr_change = allow_lr_change
         self.cache_only = cache_only
         self.console = console
+        self.notes = list(notes)
         self.device = resolve_device(profile.training.device)
         self.precision, self.precision_note = choose_precision(profile.training, self.device)
         tdtype = profile.model.transformer_dtype
@@ -139,6 +143,7 @@ class Trainer:
         self.target = self.target_kind(self.profile, self.plugins, dit=self.dit, text_encoder=self.text_encoder,
                                        data=self.data, device=self.device, log=self.log)
         self.network = self.target.module
+        self.prior = PriorPreservation(self)  # samples trained toward the base model's prediction (prior.py)
         groups = self.target.param_groups(self.profile.optimizer)
         self.log(self.target.describe_groups())
         self.optimizer = build_optimizer(self.profile, self.plugins, groups, self.warn)
@@ -174,6 +179,8 @@ class Trainer:
         torch.manual_seed(step_seed(t.seed, step, micro))  # LoRA dropouts draw from the global RNG
         if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
             return torch.zeros((), device=self.device), []
+        if getattr(batch, "is_slider", False):  # prompt pairs against the base model (training/slider.py)
+            return slider_micro_step(self, batch, step, micro, first_place, planned)
 
         def forward_backward():  # seeded from the top, so a compile failure's eager rerun draws the same
             torch.manual_seed(step_seed(t.seed, step, micro))
@@ -182,14 +189,17 @@ class Trainer:
             # (gradient checkpointing recomputes in backward), back at 1.0 after it.
             with self.target.batch_multiplier(batch.network_multiplier):
                 inputs = drop_captions(self._inputs(batch), t.caption_dropout_rate, generators)
+                # prior-preservation samples: their targets from a forward with the adapters off (prior.py)
+                prior = self.prior.for_batch(batch, inputs)
                 with self.accelerator.autocast():
                     loss, sigmas = flow_loss(self.dit, inputs, sampler=self.sampler, weighting=self.weighting, cfg=t,
-                                             generators=generators)
+                                             generators=generators, prior=prior)
                 share = inputs.latents.shape[0] / planned
                 self.accelerator.backward(loss * (share / t.gradient_accumulation_steps))
-            return inputs, loss.detach() * share, sigmas
+            return inputs, loss.detach() * share, sigmas, prior
 
-        inputs, loss, sigmas = self.executor.run(forward_backward, self.params)
+        inputs, loss, sigmas, prior = self.executor.run(forward_backward, self.params)
+        self.prior.add(prior)
         batch_size, _, h, w = inputs.latents.shape
         self.tflop_done += step_tflop(self.dit.config, latent_hw=(h, w), text_tokens=inputs.t5_ids.shape[1],
                                       batch=batch_size, checkpointing=self.checkpointing)
@@ -217,7 +227,7 @@ class Trainer:
                 epoch_done = index + 1 == self.data.num_batches_per_epoch
                 if len(micro_losses) < accum and not epoch_done:
                     continue
-                report = merge_step_report(self.processes, self.device, micro_losses, samples, self.data_phase)
+                report = merge_step_report(self.processes, self.device, micro_losses, samples, self.data_phase, self.prior)
                 micro_losses, samples, placed = [], [], 0
                 finite_loss = math.isfinite(report.loss)
                 norm = optimizer_step(self.optimizer, self.params, optimizer_cfg=self.profile.optimizer,
@@ -296,8 +306,9 @@ class Trainer:
         self.resume_state = None
         self.tflop_done, self.speed = 0.0, {}
         try:
-            self.run_dir, self.events, self.display, self.startup_warnings = open_run(
-                self.profile, self.plugins, self.processes, self.console)
+            self.run_dir, self.events, self.display, warnings = open_run(self.profile, self.plugins, self.processes,
+                                                                         self.console)
+            self.startup_warnings = [*self.notes, *warnings]
         except BaseException as exc:
             self.processes.report_failure(describe_error(exc))
             self.processes.close()
