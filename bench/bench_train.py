@@ -76,6 +76,8 @@ class Setting:
     batch: int = 1
     memory: dict = field(default_factory=dict)
     compile: bool = False
+    graphs: bool = False  # compiled blocks replayed as CUDA graphs (model.cuda_graphs)
+    fused: bool = False  # the fused LoRA GEMM (network arg fused = true)
 
     @property
     def checkpointing(self) -> bool:
@@ -88,20 +90,27 @@ BASE_SETTINGS = {
     "unsloth": Setting(memory={"unsloth_offload_checkpointing": True}),
     "swap18": Setting(memory={"gradient_checkpointing": True, "blocks_to_swap": 18}),
     "swap26": Setting(memory={"gradient_checkpointing": True, "blocks_to_swap": 26}),
+    "selective": Setting(memory={"selective_checkpointing": True}),
     "fp8": Setting(memory={"fp8_base": True}),
     "b4": Setting(batch=4),
     "b4_gc": Setting(batch=4, memory={"gradient_checkpointing": True}),
 }
-DEFAULT_SETTINGS = [*BASE_SETTINGS, "plain+compile", "gc+compile"]
+DEFAULT_SETTINGS = [*BASE_SETTINGS, "plain+compile", "gc+compile", "plain+compile+fused", "plain+graphs"]
+
+
+SUFFIXES = ("compile", "graphs", "fused")
 
 
 def parse_setting(name: str) -> Setting:
-    """``name`` or ``name+compile`` (torch.compile per DiT block)."""
-    base, _, suffix = name.partition("+")
-    if base not in BASE_SETTINGS or suffix not in ("", "compile"):
-        raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(BASE_SETTINGS)} (optionally +compile)")
+    """``name`` with optional ``+compile`` (torch.compile per DiT block), ``+graphs`` (compiled and replayed as
+    CUDA graphs) and ``+fused`` (the fused LoRA GEMM), e.g. ``gc+compile+fused``."""
+    base, *suffixes = name.split("+")
+    if base not in BASE_SETTINGS or any(s not in SUFFIXES for s in suffixes):
+        raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(BASE_SETTINGS)}, "
+                         f"optionally with +{', +'.join(SUFFIXES)}")
     setting = BASE_SETTINGS[base]
-    return Setting(setting.batch, setting.memory, compile=suffix == "compile")
+    return Setting(setting.batch, setting.memory, compile="compile" in suffixes or "graphs" in suffixes,
+                   graphs="graphs" in suffixes, fused="fused" in suffixes)
 
 
 @dataclass
@@ -228,8 +237,10 @@ class Bench:
         if setting.compile:
             # Inductor takes minutes on the CPU: the smoke run only checks that the blocks trace (dynamo alone);
             # tests/test_speed_equivalence.py checks the traced backward against eager.
-            dit.compile_blocks(**({"backend": "eager"} if self.tiny else {}))
-        network_cfg = NetworkTable(dim=16, alpha=16, args={"target_preset": "sd-scripts"}, train_unet_only=True)
+            options = {"mode": "reduce-overhead"} if setting.graphs else {}
+            dit.compile_blocks(**({"backend": "eager"} if self.tiny else options))
+        args = {"target_preset": "sd-scripts", **({"fused": True} if setting.fused else {})}
+        network_cfg = NetworkTable(dim=16, alpha=16, args=args, train_unet_only=True)
         torch.manual_seed(0)
         network = create_network(network_cfg, dit=dit, text_encoder=None, train_text_encoder=False)
         network.apply_to()
