@@ -86,20 +86,29 @@ class LoRAFile:
         return sorted(pairs.values(), key=lambda p: p.key), unused
 
 
-def read_lora_file(path: str | os.PathLike) -> LoRAFile:
-    path = Path(path)
+def _read(path: Path, read):
+    """``read(handle)`` of the file's safetensors handle; a missing or damaged file is a LoRAFileError naming it."""
     if not path.is_file():
         raise LoRAFileError(f"LoRA file {path} does not exist. Check the path.")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            return read(handle)
     except Exception as err:  # safetensors raises several unrelated types for a damaged file
         raise LoRAFileError(
             f"LoRA file {path} is not a readable safetensors file ({err}). It may be truncated or of "
             "another format; save it again or re-download it."
         ) from err
+
+
+def read_lora_file(path: str | os.PathLike) -> LoRAFile:
+    path = Path(path)
+    metadata, tensors = _read(path, lambda h: (dict(h.metadata() or {}), {name: h.get_tensor(name) for name in h.keys()}))
     return LoRAFile(path, tensors, metadata)
+
+
+def read_lora_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """(metadata, tensor names) from the file's header; no tensor is read."""
+    return _read(Path(path), lambda h: (dict(h.metadata() or {}), list(h.keys())))
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

@@ -19,12 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from anima_core.models.dit_loading import RELEASES, describe_dit
 from anima_core.training.metadata import DIT_BLOCKS_KEY, DIT_KEY
 
-from .files import LoRAFileError
+from .files import read_lora_header
 
 SAME, DIFFERENT, UNKNOWN = "same", "different", "unknown"
 # A DiT block's module in the key forms our readers accept (adapter blocks, llm_adapter.blocks.N, are not DiT blocks).
@@ -87,17 +85,7 @@ class LoRAModel:
 def read_lora_model(path: str | os.PathLike) -> LoRAModel:
     """The file's ``anima_dit`` metadata and the blocks its keys reach, from its header (no tensor is read)."""
     path = Path(path)
-    if not path.is_file():
-        raise LoRAFileError(f"LoRA file {path} does not exist. Check the path.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            keys = list(handle.keys())
-    except Exception as err:  # safetensors raises several unrelated types for a damaged file
-        raise LoRAFileError(
-            f"LoRA file {path} is not a readable safetensors file ({err}). It may be truncated or of another "
-            "format; save it again or re-download it."
-        ) from err
+    metadata, keys = read_lora_header(path)
     recorded = metadata.get(DIT_KEY)
     blocks = metadata.get(DIT_BLOCKS_KEY)
     if blocks is not None and not blocks.isdigit():
