@@ -191,3 +191,47 @@ def test_arg_forms_of_both_generations():
     assert args.reg_lrs == ((".*llm_adapter.*", 5e-5),)
     assert args.reg_dims == (("blocks\\.0\\..*", 8),)
     assert args.emb_dims == {"x_embedder": 1, "t_embedder": 2, "final_layer": 3}
+
+
+def test_an_explicit_rank_of_one_lifts_the_preset_exclusion(dit):
+    """Any explicit rank above 0 (1 included) brings back what the preset leaves out: mod_dim for the AdaLN linears
+    under sd-scripts, an emb_dims entry for an embedder under the guide."""
+    assert ranks(build(dit, {"target_preset": "sd-scripts", "mod_dim": 1})) == {
+        **per_block(ATTN + MLP), **per_block(MOD, rank=1)}
+    emb = ranks(build(dit, {"emb_dims": [1, 0, 0]}))
+    assert {p: r for p, r in emb.items() if p.startswith("x_embedder")} == {"x_embedder.proj.1": 1}
+
+
+def test_an_embedder_brought_in_by_include_patterns_gets_the_network_dim(dit):
+    included = ranks(build(dit, {"target_preset": "sd-scripts", "include_patterns": ["x_embedder.*"]}, dim=8))
+    assert included == {**per_block(ATTN + MLP, rank=8), "x_embedder.proj.1": 8}
+
+
+def test_each_module_left_out_is_listed_with_its_reason(dit):
+    """The verbose table's 'skipped' lines: part, module path and why, for each rule that leaves a module out."""
+    net = build(dit, {"target_preset": "sd-scripts", "exclude_patterns": [r"blocks\.0\.mlp.*"],
+                      "train_block_indices": "0-2", "network_reg_dims": r"blocks\.1\.cross_attn\..*=0"})
+    why = {(s.part, s.path): s.reason for s in net.skipped}
+    assert why[("dit", "blocks.0.adaln_modulation_mlp.1")] == "excluded by target_preset=sd-scripts"
+    assert why[("dit", "blocks.0.mlp.layer1")] == "excluded by exclude_patterns"
+    assert why[("dit", "blocks.3.self_attn.q_proj")] == "block not in train_block_indices"
+    assert why[("dit", "blocks.1.cross_attn.k_proj")] == "rank 0"
+    assert len(net.skipped) + len(net.targets) == sum(
+        1 for p, m in dit.named_modules() if isinstance(m, torch.nn.Linear) and dit_target(p))
+
+
+def dit_target(path: str) -> bool:
+    from anima_plugins.lora.names import DIT_TARGET_PATH
+
+    return DIT_TARGET_PATH.fullmatch(path) is not None
+
+
+def test_selecting_nothing_says_which_args_did_it(dit):
+    with pytest.raises(EmptySelectionError) as err:
+        build(dit, {"train_block_indices": "none"})
+    assert ("the network args select no module at all, so the LoRA would be empty. target_preset=guide, "
+            "train_block_indices='none', ranks=default, emb_dims=unset, exclude_patterns=[]") in str(err.value)
+    with pytest.raises(EmptySelectionError) as err:
+        build(dit, {"self_attn_dim": 0, "cross_attn_dim": 0, "mlp_dim": 0, "mod_dim": 0, "emb_dims": [0, 0, 0]})
+    assert "ranks={'self_attn': 0, 'cross_attn': 0, 'mlp': 0, 'mod': 0}" in str(err.value)
+    assert "emb_dims={'x_embedder': 0, 't_embedder': 0, 'final_layer': 0}" in str(err.value)
