@@ -307,7 +307,7 @@ def test_process_options_reach_the_process_group_and_torch(tmp_path, tiny_model,
     import accelerate
     import pytest
 
-    from anima_core.training import trainer as trainer_module
+    from anima_core.training import distributed
 
     assert make_run(tmp_path / "gpu", tiny_model, training={"device": "cuda:1"}).device == torch.device("cuda:1")
     trainer = make_run(tmp_path, tiny_model, training={"num_cpu_threads_per_process": 2, "ddp_timeout": 7})
@@ -325,8 +325,8 @@ def test_process_options_reach_the_process_group_and_torch(tmp_path, tiny_model,
     def partial_state(**options):
         raise Joined(options)
 
-    monkeypatch.setattr(trainer_module, "under_launcher", lambda: True)
-    monkeypatch.setattr(trainer_module, "worker_threads", lambda threads: None)
+    monkeypatch.setattr(distributed, "under_launcher", lambda: True)
+    monkeypatch.setattr(distributed, "worker_threads", lambda threads: None)
     monkeypatch.setattr(accelerate, "PartialState", partial_state)
     with pytest.raises(Joined) as joined:
         trainer._join_processes()

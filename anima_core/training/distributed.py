@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from anima_core.config.checks import process_problems
 from anima_core.errors import AnimaError
 
 LAUNCHER_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -182,6 +183,24 @@ class Processes:
             raise ProcessFailure("; ".join(f"process {rank} of {self.num_processes} "
                                            f"{'was stopped' if error['stopped'] else 'failed'}: {error['message']}"
                                            for rank, error in failures), stopped=stopped)
+
+
+def join_processes(profile, device: torch.device) -> Processes:
+    """One process on ``device``, or this one's place among a launcher's processes."""
+    t = profile.training
+    worker_threads(t.num_cpu_threads_per_process)
+    if not under_launcher():
+        if t.num_processes > 1:  # a Python caller: nobody started the other processes
+            raise LaunchError(
+                f"training.num_processes is {t.num_processes}, but this process was not started by a launcher; run "
+                "`anima-train run PROFILE` (it starts the processes) or start it under accelerate launch / torchrun."
+            )
+        return Processes.single(device)
+    processes = Processes.from_launcher(t.device, t.ddp_timeout, t.num_processes)
+    problems = process_problems(profile, processes.num_processes)  # the launcher's count, handed down
+    if problems:
+        raise LaunchError("; ".join(problems))
+    return processes
 
 
 # ---- starting the workers --------------------------------------------------------------------------

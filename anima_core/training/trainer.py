@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from anima_core import __version__
-from anima_core.config.checks import process_problems
 from anima_core.config.schema import Profile
 from anima_core.errors import AnimaError
 from anima_core.models.dit_loading import describe_dit
@@ -34,7 +33,7 @@ from anima_core.training.caching_phase import run_caching
 from anima_core.training.control import StopDuringSetup, StopRequests
 from anima_core.training.data_phase import DataPhase, planned_batches
 from anima_core.training.devices import DTYPES, PRECISION_DTYPES, resolve_device
-from anima_core.training.distributed import LaunchError, ProcessFailure, Processes, under_launcher, worker_threads
+from anima_core.training.distributed import ProcessFailure, Processes, join_processes
 from anima_core.training.ema import build_ema
 from anima_core.training.executors import choose_step
 from anima_core.training.flops import speed_report, step_tflop
@@ -87,21 +86,8 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------------
 
     def _join_processes(self) -> Processes:
-        """One process, or this one's place among a launcher's processes (training/distributed.py)."""
-        t = self.profile.training
-        worker_threads(t.num_cpu_threads_per_process)
-        if not under_launcher():
-            if t.num_processes > 1:  # a Python caller: nobody started the other processes
-                raise LaunchError(
-                    f"training.num_processes is {t.num_processes}, but this process was not started by a launcher; run "
-                    "`anima-train run PROFILE` (it starts the processes) or start it under accelerate launch / torchrun."
-                )
-            return Processes.single(self.device)
-        processes = Processes.from_launcher(t.device, t.ddp_timeout, t.num_processes)
-        problems = process_problems(self.profile, processes.num_processes)
-        if problems:
-            raise LaunchError("; ".join(problems))
-        self.device = processes.device
+        processes = join_processes(self.profile, self.device)
+        self.device = processes.device  # under a launcher, this process's GPU
         return processes
 
     def warn(self, message: str, **detail) -> None:
