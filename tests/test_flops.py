@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anima_core.models.dit import AnimaDiT, DiTConfig
 from anima_core.models.llm_adapter import LLMAdapterConfig
-from anima_core.training.flops import step_tflop
+from anima_core.training.flops import forward_tflop, step_tflop
 from anima_plugins.lora import create_network
 from anima_plugins.memory import GradientCheckpointing
 
@@ -47,3 +47,15 @@ def test_full_model_matches_the_anchor_floor():
     assert plain == pytest.approx(40.7, rel=0.02)
     assert step_tflop(full, latent_hw=(128, 128), text_tokens=512, batch=1, checkpointing=True) == pytest.approx(59.0, rel=0.02)
     assert step_tflop(full, latent_hw=(128, 128), text_tokens=512, batch=4, checkpointing=False) == pytest.approx(4 * plain)
+
+
+@pytest.mark.parametrize("side", [16, 32])
+def test_forward_flops_match_torchs_counter_without_grad(side):
+    """A forward without grad (a slider's base-model prediction): no backward counted."""
+    dit = AnimaDiT(SMALL).requires_grad_(False)
+    ids, mask = torch.randint(0, 100, (1, 32)), torch.ones(1, 32, dtype=torch.long)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        dit(torch.randn(1, 16, 1, side, side), torch.tensor([0.5]), torch.randn(1, 32, 64),
+            target_input_ids=ids, target_attention_mask=mask, source_attention_mask=mask)
+    expected = forward_tflop(SMALL, latent_hw=(side, side), text_tokens=32, batch=1)
+    assert counter.get_total_flops() / 1e12 == pytest.approx(expected, rel=0.05)

@@ -19,6 +19,9 @@ import ast
 import re
 from functools import cache
 from pathlib import Path
+from typing import get_args, get_origin
+
+from pydantic import BaseModel
 
 from anima_core.config.schema import Profile
 from anima_core.data import config as dataset_config
@@ -43,6 +46,7 @@ FL = "tests/test_flow.py::"
 TR = "tests/test_trackers.py::"
 ES = "tests/test_option_effect_sizes.py::"  # the size of the effect: a share of draws, a scale, a range
 VA = "tests/test_validation.py::"
+SL = "tests/test_slider.py::"
 # Keys of the dataset config that are also [dataset] keys are resolved by one lookup (subset, dataset, [general],
 # profile); this test proves each reaches the resolved spec, the test named beside it what the spec does with it.
 RESOLVED = DC + "test_every_dataset_config_key_reaches_the_resolved_spec"
@@ -378,6 +382,20 @@ LEDGER: dict[str, list[str]] = {
     "network.args.lycoris.rs_lora": [LY + "test_lycoris_args_change_the_modules"],
     "network.args.lycoris.rank_dropout_scale": [LY + "test_lycoris_args_change_the_modules"],
     "network.args.lycoris.bypass_mode": [LY + "test_bypass_mode_with_network_dropout_trains_and_self_checks"],
+    # ---- [slider] (and the keys of each [[slider.pairs]] entry) -----------------------------------------------
+    "slider.pairs": [SL + "test_a_trained_slider_moves_plus_and_minus_one_in_opposite_directions",
+                     SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand"],
+    "slider.pairs.target": [SL + "test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus"],
+    "slider.pairs.positive": [SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand"],
+    "slider.pairs.negative": [SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand"],
+    "slider.pairs.neutral": [SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand"],
+    "slider.pairs.guidance_scale": [SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand"],
+    "slider.pairs.weight": [SL + "test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus"],
+    "slider.guidance_scale": [SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand"],
+    "slider.resolution": [SL + "test_targets_are_the_base_models_velocities_combined_as_by_hand",
+                          SL + "test_the_run_reports_its_pairs_and_the_file_records_them"],
+    "slider.denoise_steps": [SL + "test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus[2]"],
+    "slider.preview_strengths": [SL + "test_previews_render_each_prompt_at_every_strength_with_one_seed"],
 }
 
 
@@ -398,6 +416,11 @@ def importer_flag_patterns() -> list[re.Pattern]:
 def accepted_keys() -> set[str]:
     """Every key a user can set, read from the code that accepts it."""
     keys = {f"{table}.{name}" for table, field in Profile.model_fields.items() for name in field.annotation.model_fields}
+    # a list of tables (slider.pairs): the keys of its entries too ("slider.pairs.target")
+    keys |= {f"{table}.{name}.{key}" for table, field in Profile.model_fields.items()
+             for name, info in field.annotation.model_fields.items() if get_origin(info.annotation) is list
+             for entry in get_args(info.annotation) if isinstance(entry, type) and issubclass(entry, BaseModel)
+             for key in entry.model_fields}
     config_tables = (dataset_config.GENERAL_KEYS, dataset_config.DREAMBOOTH_SUBSET_ONLY_KEYS,
                      dataset_config.FINETUNE_SUBSET_ONLY_KEYS)
     keys |= {f"dataset_config.{name}" for table in config_tables for name in table}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from anima_core.config.full_rules import FULL, full_problems
 from anima_core.config.optimizer_rules import optimizer_problems
 from anima_core.config.schema import Profile
+from anima_core.config.slider_rules import is_slider, slider_problems
 from anima_core.plugins import Plugins, UnknownNameError, default_plugins
 
 def _file_problems(profile: Profile) -> list[str]:
@@ -18,7 +19,7 @@ def _file_problems(profile: Profile) -> list[str]:
         if path is not None and not path.exists():
             problems.append(f"model.{key}: {path} does not exist")
     data = profile.dataset
-    if data.dataset_config is None and data.train_data_dir is None:
+    if data.dataset_config is None and data.train_data_dir is None and not is_slider(profile):
         problems.append("dataset: set dataset_config (an sd-scripts dataset TOML) or train_data_dir (a folder of N_name folders)")
     for key in ("dataset_config", "train_data_dir", "reg_data_dir"):
         path = getattr(data, key)
@@ -116,7 +117,7 @@ def _logging_problems(profile: Profile, plugins: Plugins) -> list[str]:
 
 def cross_field_problems(profile: Profile, plugins: Plugins | None = None) -> list[str]:
     return (_file_problems(profile) + _option_problems(profile) + process_problems(profile)
-            + (full_problems(profile) if profile.network.module == FULL else [])
+            + (full_problems(profile) if profile.network.module == FULL else []) + slider_problems(profile)
             + _plugin_problems(profile, plugins or default_plugins()))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -87,16 +88,37 @@ def _resolve_paths(model: BaseModel, base_dir: Path) -> None:
             setattr(model, name, (base_dir / value.expanduser()).resolve())
 
 
-def _without(data: dict, locations: list[tuple]) -> dict:
-    """A copy of ``data`` with the offending keys removed, so the remaining checks can still run."""
+def _without(data: dict, locations: list[tuple]) -> tuple[dict, dict[str, list[int]]]:
+    """A copy of ``data`` with the offending keys removed, so the remaining checks can still run. A problem inside
+    an entry of a list of tables (``slider.pairs.2.positive``) removes that entry (a missing key cannot be); the
+    second value maps each such list's dotted path to the original index of every entry kept, in order."""
     pruned = copy.deepcopy(data)
+    entries: dict[int, tuple[str, list, set[int]]] = {}  # list id -> (its dotted path, the list, entries to remove)
     for loc in locations:
         node = pruned
-        for part in loc[:-1]:
+        for depth, part in enumerate(loc):
+            if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                dotted = ".".join(str(p) for p in loc[:depth])
+                entries.setdefault(id(node), (dotted, node, set()))[2].add(part)
+                break
+            if depth == len(loc) - 1 and isinstance(node, dict):
+                node.pop(part, None)
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(loc[-1], None)
-    return pruned
+    kept = {}
+    for dotted, node, indices in entries.values():
+        kept[dotted] = [i for i in range(len(node)) if i not in indices]
+        for index in sorted(indices, reverse=True):
+            del node[index]
+    return pruned, kept
+
+
+def _renumbered(problem: str, kept: dict[str, list[int]]) -> str:
+    """A later check's problem naming ``path.K`` of a pruned list, with K the entry's index in the profile."""
+    for dotted, original in kept.items():
+        problem = re.sub(rf"(?<![\w.]){re.escape(dotted)}\.(\d+)\b",
+                         lambda m: f"{dotted}.{original[int(m.group(1))]}" if int(m.group(1)) < len(original)
+                         else m.group(0), problem)
+    return problem
 
 
 def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path | None = None, plugins=None,
@@ -104,19 +126,22 @@ def profile_from_dict(data: dict, *, source: str = "<profile>", base_dir: Path |
     """Validate ``data``; raise one ProfileError listing every problem (schema and cross-field, then what
     ``preflight(profile, problems so far)`` returns: checks of files, device and dataset)."""
     problems: list[str] = []
+    kept: dict[str, list[int]] = {}
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
+        pruned, kept = _without(data, [tuple(e["loc"]) for e in exc.errors()])
         try:
-            profile = Profile.model_validate(_without(data, [tuple(e["loc"]) for e in exc.errors()]))
+            profile = Profile.model_validate(pruned)
         except ValidationError:
             raise ProfileError(source, problems) from None
     if base_dir is not None:
         _resolve_paths(profile, base_dir)
-    problems += cross_field_problems(profile, plugins)
+    later = cross_field_problems(profile, plugins)
     if preflight is not None:
-        problems += preflight(profile, list(problems))
+        later += preflight(profile, problems + later)
+    problems += [_renumbered(p, kept) for p in later]
     if problems:
         raise ProfileError(source, problems)
     return profile

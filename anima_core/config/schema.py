@@ -317,6 +317,35 @@ class LoggingTable(Table):
     )
 
 
+class SliderPair(Table):
+    target: str = Field(description="The prompt the slider acts on: its prediction is trained at strength +1 and -1.")
+    positive: str = Field(description="The prompt of the attribute's +1 end (e.g. 'old person').")
+    negative: str = Field(description="The prompt of its -1 end (e.g. 'young person'); may be empty.")
+    neutral: Optional[str] = Field(None, description="The prompt whose base prediction anchors the target; empty: `target`.")
+    guidance_scale: Optional[float] = Field(
+        None, gt=0, description="This pair's eta; empty: slider.guidance_scale.")
+    weight: float = Field(1.0, ge=0, description="This pair's loss weight.")
+
+
+class SliderTable(Table):
+    pairs: list[SliderPair] = Field(
+        default_factory=list,
+        description="Prompt pairs ([[slider.pairs]] with target, positive, negative, optional neutral, guidance_scale, "
+        "weight). Any pair makes the run a slider: no images, the base model's predictions are the targets.",
+    )
+    guidance_scale: float = Field(
+        1.0, gt=0, description="eta: at +1 the LoRA's prediction on the target is trained toward neutral + eta·(positive − "
+        "negative), at -1 toward neutral − eta·(positive − negative) (velocities of the base model).")
+    resolution: Union[int, list[int]] = Field(
+        1024, description="Size of the random latents the slider trains on: one int (square) or [width, height]; multiples of 16.")
+    denoise_steps: int = Field(
+        0, ge=0, le=50, description="0: the noised state is random latents noised to the drawn σ; N: N Euler steps of the "
+        "base model on the target prompt from pure noise down to σ (N more forwards per step, states sampling reaches).")
+    preview_strengths: list[float] = Field(
+        default_factory=lambda: [-1.0, 0.0, 1.0],
+        description="LoRA strengths each preview prompt is rendered at (same seed), side by side in its sheet.")
+
+
 class Profile(Table):
     model: ModelTable = Field(default_factory=ModelTable, description="Model files and how they run.")
     dataset: DatasetTable = Field(default_factory=DatasetTable, description="Images, captions and buckets.")
@@ -328,6 +357,7 @@ class Profile(Table):
     saving: SavingTable = Field(default_factory=SavingTable, description="What is written and when.")
     sampling: SamplingTable = Field(default_factory=SamplingTable, description="Preview images during training.")
     logging: LoggingTable = Field(default_factory=LoggingTable, description="Progress and logs.")
+    slider: SliderTable = Field(default_factory=SliderTable, description="Slider LoRA from prompt pairs (Concept Sliders).")
 
 
 TABLES = tuple(Profile.model_fields)

@@ -15,9 +15,10 @@ from anima_core.atomic import atomic_path
 from anima_core.errors import AnimaError
 from anima_core.sampling.prompts import SamplePrompt, load_prompt_file
 from anima_core.sampling.sampler import TextConditioning, render_prompt
-from anima_core.sampling.sheet import contact_sheet
+from anima_core.sampling.sheet import contact_sheet, strength_sheet
 from anima_core.training.devices import DTYPES, free_memory
 from anima_core.training.forward_only import forward_only_mode, preserved_rng
+from anima_core.training.network import applied_at
 
 
 def image_name(output_name: str, label: str, prompt: SamplePrompt, seed: int) -> str:
@@ -30,6 +31,19 @@ def sheet_name(output_name: str, label: str) -> str:
     return f"{output_name}_{label}_sheet.png"
 
 
+def strength_name(output_name: str, label: str, prompt: SamplePrompt, seed: int, strength: float) -> str:
+    """One strength of a slider preview, beside the prompt's image (which shows every strength side by side):
+    `<output_name>_<label>_<NN>_<seed>_strength<+1|-1|+0.5>.png`."""
+    return f"{output_name}_{label}_{prompt.index:02d}_{seed}_strength{strength:+g}.png"
+
+
+def strength_label(strength: float) -> str:
+    return f"{strength:+g}" if strength else "0"
+
+
+SHEET_ROW_HEIGHT = 256  # a slider render's sheet: each prompt's row of strengths at this height
+
+
 class TrainingPreviews:
     """Built by the trainer when ``sampling.sample_prompts`` is set; see ARCHITECTURE.md for the attributes used."""
 
@@ -38,6 +52,10 @@ class TrainingPreviews:
         self.sampling = trainer.profile.sampling
         self._encoded: dict[str, TextConditioning] = {}  # prompt text -> outputs on the CPU
         self._last_rendered_step: int | None = None
+        # A slider (profile [slider] pairs): every prompt at each of these LoRA strengths, the same seed.
+        slider = trainer.profile.slider
+        self.strengths: list[float] | None = list(slider.preview_strengths) if slider.pairs else None
+        self._rows: list[list[Path]] = []  # the render's images per prompt and strength (slider)
 
     # ---- when ------------------------------------------------------------------------------------
 
@@ -80,9 +98,11 @@ class TrainingPreviews:
                 trainer.warn(f"previews at step {step} skipped: {exc}")
                 return []
             paths = []
+            self._rows = []
             try:
                 for prompt in prompt_file.prompts:
-                    path = self._render_one(prompt, encode, vae, label, step, epoch)
+                    render = self._render_one if self.strengths is None else self._render_strengths
+                    path = render(prompt, encode, vae, label, step, epoch)
                     if path is not None:
                         paths.append(path)
             finally:
@@ -93,13 +113,17 @@ class TrainingPreviews:
         return paths
 
     def _write_sheet(self, paths: list[Path], label: str) -> None:
-        if len(paths) < 2:
+        if len(paths) < (1 if self.strengths is not None else 2):
             return
         path = paths[0].parent / sheet_name(self.trainer.profile.saving.output_name, label)
         try:
-            images = [Image.open(p) for p in paths]
+            if self.strengths is not None:  # prompts down, strengths across
+                sheet = strength_sheet([[Image.open(p) for p in row] for row in self._rows],
+                                       [strength_label(m) for m in self.strengths], height=SHEET_ROW_HEIGHT)
+            else:
+                sheet = contact_sheet([Image.open(p) for p in paths])
             with atomic_path(path) as tmp:
-                contact_sheet(images).save(tmp, format="PNG")
+                sheet.save(tmp, format="PNG")
         except Exception as exc:  # a quick-look extra: never worth ending a run over
             self.trainer.warn(f"contact sheet {path.name} not written: {exc}")
 
@@ -115,6 +139,35 @@ class TrainingPreviews:
             free_memory(trainer.device)
             trainer.warn(f"preview {prompt.index:02d} ({prompt.prompt[:60]!r}) at step {step} failed: {exc}")
             return None
+        trainer.events.emit("sample", path=str(path), prompt=prompt.prompt, step=step, epoch=epoch)
+        return path
+
+    def _render_strengths(self, prompt: SamplePrompt, encode, vae, label: str, step: int,
+                          epoch: int | None) -> Path | None:
+        """A slider's preview: the prompt at every strength with the same seed, each image saved, and the prompt's
+        image (its `sample` event, what the gallery shows) the strengths side by side."""
+        trainer = self.trainer
+        seed = prompt.seed_or(trainer.profile.training.seed)
+        samples = Path(trainer.run_dir) / "samples"
+        output_name = trainer.profile.saving.output_name
+        row = []
+        try:
+            for strength in self.strengths:
+                with applied_at(trainer.network, strength):
+                    image = render_prompt(trainer.dit, vae, encode, prompt, seed=seed, device=trainer.device)
+                at = samples / strength_name(output_name, label, prompt, seed, strength)
+                with atomic_path(at) as tmp:
+                    image.save(tmp, format="PNG")
+                row.append(at)
+            path = samples / image_name(output_name, label, prompt, seed)
+            with atomic_path(path) as tmp:
+                strength_sheet([[Image.open(p) for p in row]], [strength_label(m) for m in self.strengths]).save(
+                    tmp, format="PNG")
+        except Exception as exc:
+            free_memory(trainer.device)
+            trainer.warn(f"preview {prompt.index:02d} ({prompt.prompt[:60]!r}) at step {step} failed: {exc}")
+            return None
+        self._rows.append(row)
         trainer.events.emit("sample", path=str(path), prompt=prompt.prompt, step=step, epoch=epoch)
         return path
 

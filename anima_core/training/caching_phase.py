@@ -13,6 +13,10 @@ from anima_core.training.devices import DTYPES, free_memory
 
 def run_caching(trainer) -> tuple[object | None, object]:
     """Cache what the profile asks for; returns (the VAE, or None when latents are cached, the text encoder)."""
+    if trainer.profile.slider.pairs:  # its prompts' outputs, once; no images (training/slider.py)
+        from anima_core.training.slider import slider_caching
+
+        return slider_caching(trainer)
     profile, processes, data = trainer.profile, trainer.processes, trainer.data
     caching, model = profile.caching, profile.model
     vae_dtype, te_dtype = DTYPES[model.vae_dtype], trainer.text_encoder_dtype

@@ -41,6 +41,11 @@ class DataPhase:
 
     def build(self):
         trainer = self.trainer
+        if trainer.profile.slider.pairs:  # prompt pairs instead of images (data/slider_data.py)
+            from anima_core.data.slider_data import build_slider_data
+
+            self.data = build_slider_data(trainer.profile, trainer.processes)
+            return self.data
 
         def show(progress: PhaseProgress) -> None:  # on the console now; as events once run_start is written
             trainer.display.message(progress.describe())

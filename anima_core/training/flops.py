@@ -23,21 +23,35 @@ def step_tflop(config, *, latent_hw: tuple[int, int], text_tokens: int, batch: i
     forward); the context path (cross-attention k/v over the context, the LLM adapter) has nothing upstream
     that trains, so no backward; attention computes gradients for q, k and v (2× its forward).
     """
+    image_path, context_path, attention, ends, adapter = _forward_parts(config, latent_hw, text_tokens)
+    block_forward = image_path + context_path + attention
+    step = config.num_blocks * (2 * image_path + context_path + 3 * attention + (block_forward if checkpointing else 0))
+    step += 2 * ends + adapter
+    return batch * step / 1e12
+
+
+def forward_tflop(config, *, latent_hw: tuple[int, int], text_tokens: int, batch: int) -> float:
+    """TFLOP of one forward without grad (a base-model prediction of a slider step), counted as step_tflop."""
+    image_path, context_path, attention, ends, adapter = _forward_parts(config, latent_hw, text_tokens)
+    return batch * (config.num_blocks * (image_path + context_path + attention) + ends + adapter) / 1e12
+
+
+def _forward_parts(config, latent_hw: tuple[int, int], text_tokens: int) -> tuple[int, int, int, int, int]:
+    """Forward FLOP of one sample: a block's image path, context path and attention; the embedder and final
+    layer; the LLM adapter (0 without one)."""
     d, c, hidden, a = config.model_channels, config.context_dim, config.mlp_hidden, config.adaln_lora_dim
     tokens = (latent_hw[0] // config.patch_spatial) * (latent_hw[1] // config.patch_spatial)
     rows = max(CONTEXT_ROWS, text_tokens)  # the DiT always sees the context padded to CONTEXT_ROWS
     image_path = 2 * tokens * (6 * d * d + 2 * d * hidden) + 2 * 3 * (d * a + a * 3 * d)
     context_path = 2 * rows * 2 * c * d
     attention = 4 * tokens * tokens * d + 4 * tokens * rows * d
-    block_forward = image_path + context_path + attention
-    step = config.num_blocks * (2 * image_path + context_path + 3 * attention + (block_forward if checkpointing else 0))
-    step += 2 * 2 * tokens * d * ((config.in_channels + 1) * config.patch_features + config.out_channels * config.patch_features)
-    adapter = config.llm_adapter
+    ends = 2 * tokens * d * ((config.in_channels + 1) * config.patch_features + config.out_channels * config.patch_features)
+    adapter, total = config.llm_adapter, 0
     if adapter is not None:
         m, hidden_a = adapter.model_dim, int(adapter.model_dim * adapter.mlp_ratio)
         layer = 2 * text_tokens * (6 * m * m + 2 * m * hidden_a) + 2 * text_tokens * 2 * adapter.source_dim * m
-        step += adapter.num_layers * (layer + 8 * text_tokens * text_tokens * m) + 2 * text_tokens * m * adapter.target_dim
-    return batch * step / 1e12
+        total = adapter.num_layers * (layer + 8 * text_tokens * text_tokens * m) + 2 * text_tokens * m * adapter.target_dim
+    return image_path, context_path, attention, ends, total
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
