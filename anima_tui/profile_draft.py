@@ -78,6 +78,8 @@ def to_toml_text(value: Any) -> str:
         table = tomlkit.inline_table()
         table.update(value)
         return table.as_string()
+    if isinstance(value, list) and any(isinstance(entry, dict) for entry in value):  # [[slider.pairs]] tables
+        return "[" + ", ".join(to_toml_text(entry) for entry in value) + "]"
     return tomlkit.item(value).as_string()
 
 

@@ -33,6 +33,7 @@ from anima_core.training.slider import (base_targets, draws, noised_state, slide
                                         slider_targets)
 from anima_core.training.step import sample_generators
 from anima_core.training.trainer import Trainer
+from anima_plugins.memory import GradientCheckpointing
 
 PAIRS = [
     {"target": "1girl, portrait", "positive": "1girl, portrait, old wrinkled grandmother",
@@ -54,11 +55,12 @@ def slider_profile(root: Path, tiny_model, **slider):
     return profile_from_dict(slider_data_dict(root, tiny_model, **slider), plugins=build_plugins(entry_points=False))
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model):
-    """The DiT that gets the LoRA (random, non-zero adapters, so multiplier 0 and ±1 all differ), a second copy
-    with none, and the text encoder."""
+def build_models(tiny_model, *, checkpointing: bool = False):
+    """The DiT that gets the LoRA (random, non-zero adapters, so multiplier 0 and ±1 all differ; its blocks
+    recomputed in backward with ``checkpointing``), a second copy with none, and the text encoder."""
     dit = load_dit(tiny_model.dit, dtype=torch.float32).requires_grad_(False)
+    if checkpointing:
+        GradientCheckpointing(SimpleNamespace()).apply(dit, device="cpu")
     base = load_dit(tiny_model.dit, dtype=torch.float32).requires_grad_(False)
     te = load_text_encoder(tiny_model.qwen3, t5_tokenizer_path=tiny_model.t5_tokenizer, dtype=torch.float32)
     plugins = build_plugins(entry_points=False)
@@ -70,7 +72,17 @@ def models(tiny_model):
     with torch.no_grad():
         for p in network.trainable_parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=generator))
-    return SimpleNamespace(dit=dit, base=base, te=te, network=network, plugins=plugins)
+    return SimpleNamespace(dit=dit, base=base, te=te, network=network, plugins=plugins, checkpointing=checkpointing)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    return build_models(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_model):
+    return build_models(tiny_model, checkpointing=True)
 
 
 def encoded(te, prompt: str):
@@ -85,9 +97,10 @@ def base_velocity(models, x, sigma, prompt):
                            target_attention_mask=m, source_attention_mask=qm).squeeze(2)[0]
 
 
-def lora_velocity(models, x, sigma, prompt, strength):
+def lora_velocity(models, x, sigma, prompt, strength=None):
+    """The DiT with the LoRA, at ``strength`` (None: at whatever multiplier is set)."""
     q, qm, ids, m = encoded(models.te, prompt)
-    with applied_at(models.network, strength):
+    with applied_at(models.network, strength) if strength is not None else contextlib.nullcontext():
         return models.dit(x.unsqueeze(0).unsqueeze(2), sigma.view(1), q, target_input_ids=ids,
                           target_attention_mask=m, source_attention_mask=qm).squeeze(2)[0]
 
@@ -140,6 +153,15 @@ def test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus(tmp
     """slider_micro_step's loss and LoRA gradients equal the hand-made loss: the pair-weighted mean over the
     samples of MSE(LoRA at +1 on the target, v₊) and MSE(LoRA at -1, v₋), halved, with x_σ from random latents
     or from ``slider.denoise_steps`` Euler steps of the base model on the target prompt."""
+    check_step_by_hand(tmp_path, tiny_model, models, denoise_steps)
+
+
+def test_with_gradient_checkpointing_backward_recomputes_each_pass_at_its_strength(tmp_path, tiny_model, checkpointed):
+    """The blocks run again in backward: the -1 pass's gradients are still those of the LoRA at -1."""
+    check_step_by_hand(tmp_path, tiny_model, checkpointed, 0)
+
+
+def check_step_by_hand(tmp_path, tiny_model, models, denoise_steps):
     profile = slider_profile(tmp_path, tiny_model, denoise_steps=denoise_steps)
     data = build_slider_data(profile)
     data.cache_text(models.te, qwen_max_length=TOKENS, t5_max_length=TOKENS)
@@ -150,7 +172,8 @@ def test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus(tmp
         profile=profile, device=torch.device("cpu"), dit=models.dit, sampler=sampler, weighting=torch.ones_like,
         target=SimpleNamespace(module=network, batch_multiplier=functools.partial(applied_at, network)),
         accelerator=SimpleNamespace(autocast=contextlib.nullcontext, backward=lambda loss: loss.backward()),
-        executor=EagerStep("test"), params=network.trainable_parameters(), checkpointing=False, tflop_done=0.0)
+        executor=EagerStep("test"), params=network.trainable_parameters(), checkpointing=models.checkpointing,
+        tflop_done=0.0)
     for p in trainer.params:
         p.grad = None
     loss, drawn = slider_micro_step(trainer, batch, step=3, micro=0, first_place=0, planned=2)
@@ -172,9 +195,10 @@ def test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus(tmp
         d = base_velocity(models, x, sigma, pair["positive"]) - base_velocity(models, x, sigma, pair["negative"])
         eta, weight = pair.get("guidance_scale", 2.0), pair.get("weight", 1.0)
         for strength, target in [(1.0, v_n + eta * d), (-1.0, v_n - eta * d)]:
-            pred = lora_velocity(models, x, sigma, pair["target"], strength)
-            part = weight * ((pred - target) ** 2).mean() / 2 / 2  # half per direction, mean over the 2 samples
-            part.backward()
+            with applied_at(models.network, strength):  # backward too: checkpointing recomputes the forward
+                pred = lora_velocity(models, x, sigma, pair["target"])
+                part = weight * ((pred - target) ** 2).mean() / 2 / 2  # half per direction, mean over 2 samples
+                part.backward()
             total += float(part.detach())
     assert float(loss) == pytest.approx(total, rel=1e-5)
     for mine, hand in zip(grads, (p.grad for p in trainer.params)):
@@ -391,3 +415,54 @@ def test_batches_are_planned_globally_and_sliced_per_process(tmp_path, tiny_mode
         else:
             assert slices[1][k][1] is None
     assert len({str(parts[0]._plan(epoch)) for epoch in range(8)}) > 1  # the order follows (seed, epoch)
+
+
+def test_a_stopped_slider_resumes_to_the_same_lora(tmp_path, tiny_model):
+    """Three pairs, batch 2: two batches an epoch; stopped after step 3 (mid-epoch 2) and resumed, the run ends
+    with the LoRA of the run that never stopped."""
+    from safetensors.torch import load_file
+
+    from anima_core.hookspecs import hookimpl
+
+    class StopAt:
+        @hookimpl
+        def register_event_sinks(self, register):
+            def make(run_dir, profile):
+                return lambda e: (run_dir / "control" / "stop").touch() if e["type"] == "step" and e["step"] == 3 else None
+
+            register("stop_at_3", make)
+
+    def run(name, *, stop=False, resume=None):
+        data = slider_data_dict(tmp_path, tiny_model, pairs=PAIRS + [{"target": "x", "positive": "p", "negative": "n"}])
+        data["training"]["max_train_steps"] = 5
+        data["logging"]["run_name"] = name
+        plugins = build_plugins(entry_points=False, extra=(StopAt(),) if stop else ())
+        return Trainer(profile_from_dict(data, plugins=plugins), plugins, resume=resume).run()
+
+    whole = load_file(run("whole").lora_path)
+    stopped = run("stopped", stop=True)
+    assert stopped.status == "stopped" and stopped.step == 3
+    resumed = load_file(run("resumed", resume=str(stopped.run_dir)).lora_path)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_the_editor_shows_the_pairs_on_one_line_and_saves_an_edit(tmp_path):
+    """The TUI editor's field for slider.pairs: the [[slider.pairs]] tables as one line of inline tables that
+    reads back unchanged, and an edited line saved as the profile's pairs."""
+    import shutil
+    import tomllib
+
+    from anima_tui.profile_draft import ProfileDraft, field_specs, parse, shown
+
+    path = tmp_path / "slider.toml"
+    shutil.copy(Path(__file__).parent.parent / "profiles" / "anima-slider.toml", path)
+    draft = ProfileDraft.open(path)
+    spec = next(s for s in field_specs("slider") if s.name == "pairs")
+    text = shown(draft.value("slider", "pairs"), spec)
+    assert "\n" not in text and text.startswith("[{target = ")
+    assert not draft.set("slider", "pairs", parse(text, spec))  # what the field reports at first changes nothing
+    assert draft.set("slider", "pairs", parse(text.replace("old woman", "elderly woman"), spec))
+    draft.save()
+    pairs = tomllib.loads(path.read_text())["slider"]["pairs"]
+    assert pairs[0]["positive"] == "1girl, solo, portrait, elderly woman, wrinkles, grey hair" and len(pairs) == 2
