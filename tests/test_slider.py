@@ -466,3 +466,48 @@ def test_the_editor_shows_the_pairs_on_one_line_and_saves_an_edit(tmp_path):
     draft.save()
     pairs = tomllib.loads(path.read_text())["slider"]["pairs"]
     assert pairs[0]["positive"] == "1girl, solo, portrait, elderly woman, wrinkles, grey hair" and len(pairs) == 2
+
+
+def test_show_config_writes_the_pairs_and_reads_back_the_same_slider(tmp_path, tiny_model):
+    """Unset keys of a pair (neutral, guidance_scale) are left out, as TOML has no null."""
+    import tomllib
+
+    from anima_core.config.show import profile_to_commented_toml
+
+    profile = slider_profile(tmp_path, tiny_model)
+    text = profile_to_commented_toml(profile)
+    again = profile_from_dict(tomllib.loads(text), plugins=build_plugins(entry_points=False))
+    assert again.slider == profile.slider
+    assert "neutral" not in tomllib.loads(text)["slider"]["pairs"][0]
+
+
+def test_two_processes_train_the_one_process_slider(tmp_path, tiny_model):
+    """2 gloo processes × 1 pair train what 1 process × 2 pairs trains: each pair's draws come from its place in
+    the global batch, and the gradients are summed (up to the order of the all-reduce's additions)."""
+    import os
+    import subprocess
+    import sys
+
+    import tomli_w
+    from safetensors.torch import load_file
+
+    def data_for(name, batch, processes):
+        data = slider_data_dict(tmp_path, tiny_model, guidance_scale=10.0)
+        data["dataset"]["train_batch_size"] = batch
+        data["training"].update(max_train_steps=3, num_processes=processes, num_cpu_threads_per_process=1)
+        data["logging"]["run_name"] = name
+        data["saving"]["output_dir"] = str(tmp_path / name)
+        return data
+
+    path = tmp_path / "two.toml"
+    path.write_text(tomli_w.dumps(data_for("two", 1, 2)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "anima_core.cli", "run", str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plugins = build_plugins(entry_points=False)
+    one = Trainer(profile_from_dict(data_for("one", 2, 1), plugins=plugins), plugins).run()
+    left, right = load_file(tmp_path / "two" / "lora.safetensors"), load_file(one.lora_path)
+    difference = sum(float((left[k].double() - right[k].double()).pow(2).sum()) for k in right) ** 0.5
+    size = sum(float(right[k].double().pow(2).sum()) for k in right) ** 0.5
+    assert difference <= 1e-5 * size, difference / size

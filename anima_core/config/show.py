@@ -44,6 +44,15 @@ def _override_note(profile: Profile, table: str, key: str, in_config: set[str]) 
     return None
 
 
+def _without_nulls(value):
+    """The tables inside a value (the entries of [[slider.pairs]]) without their unset keys: TOML has no null."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def profile_to_commented_toml(profile: Profile) -> str:
     values = profile.model_dump(mode="json")
     in_config = _keys_in_dataset_config(profile)
@@ -55,7 +64,7 @@ def profile_to_commented_toml(profile: Profile) -> str:
             if value is None:  # TOML has no null: show the key as a comment with what "unset" means
                 section.add(tomlkit.comment(f"{key} = (not set): {info.description or ''}".rstrip()))
                 continue
-            section.add(key, value)
+            section.add(key, _without_nulls(value))
             note = _override_note(profile, table, key, in_config)
             if note:
                 section[key].comment(note)
