@@ -33,7 +33,7 @@ from anima_core.training.slider import (base_targets, draws, noised_state, slide
                                         slider_targets)
 from anima_core.training.step import sample_generators
 from anima_core.training.trainer import Trainer
-from anima_plugins.memory import GradientCheckpointing
+from anima_plugins.memory import BlockSwap, GradientCheckpointing
 
 PAIRS = [
     {"target": "1girl, portrait", "positive": "1girl, portrait, old wrinkled grandmother",
@@ -55,10 +55,13 @@ def slider_profile(root: Path, tiny_model, **slider):
     return profile_from_dict(slider_data_dict(root, tiny_model, **slider), plugins=build_plugins(entry_points=False))
 
 
-def build_models(tiny_model, *, checkpointing: bool = False):
+def build_models(tiny_model, *, checkpointing: bool = False, blocks_to_swap: int = 0):
     """The DiT that gets the LoRA (random, non-zero adapters, so multiplier 0 and ±1 all differ; its blocks
-    recomputed in backward with ``checkpointing``), a second copy with none, and the text encoder."""
+    recomputed in backward with ``checkpointing``, 2 of its 4 blocks swapped with ``blocks_to_swap``), a second
+    copy with none, and the text encoder."""
     dit = load_dit(tiny_model.dit, dtype=torch.float32).requires_grad_(False)
+    if blocks_to_swap:
+        BlockSwap(SimpleNamespace(memory=SimpleNamespace(blocks_to_swap=blocks_to_swap))).apply(dit, device="cpu")
     if checkpointing:
         GradientCheckpointing(SimpleNamespace()).apply(dit, device="cpu")
     base = load_dit(tiny_model.dit, dtype=torch.float32).requires_grad_(False)
@@ -83,6 +86,11 @@ def models(tiny_model):
 @pytest.fixture(scope="module")
 def checkpointed(tiny_model):
     return build_models(tiny_model, checkpointing=True)
+
+
+@pytest.fixture(scope="module")
+def swapped(tiny_model):
+    return build_models(tiny_model, checkpointing=True, blocks_to_swap=2)
 
 
 def encoded(te, prompt: str):
@@ -159,6 +167,13 @@ def test_the_step_trains_plus_one_toward_v_plus_and_minus_one_toward_v_minus(tmp
 def test_with_gradient_checkpointing_backward_recomputes_each_pass_at_its_strength(tmp_path, tiny_model, checkpointed):
     """The blocks run again in backward: the -1 pass's gradients are still those of the LoRA at -1."""
     check_step_by_hand(tmp_path, tiny_model, checkpointed, 0)
+
+
+def test_with_block_swap_the_base_forwards_and_both_passes_keep_the_layout(tmp_path, tiny_model, swapped):
+    """Block swap (2 of 4 blocks, with checkpointing): the forwards without grad slide their window, the trained
+    passes swap in forward and backward; the step still gives the hand-made loss and gradients, twice in a row."""
+    check_step_by_hand(tmp_path, tiny_model, swapped, 2)
+    check_step_by_hand(tmp_path, tiny_model, swapped, 0)
 
 
 def check_step_by_hand(tmp_path, tiny_model, models, denoise_steps):
