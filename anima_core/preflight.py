@@ -162,22 +162,25 @@ def device_problems(profile: Profile, device: torch.device) -> list[str]:
     return problems
 
 
-def dataset_findings(profile: Profile, result: Preflight, scan_images: bool) -> None:
+def dataset_findings(profile: Profile, result: Preflight, scan_images: bool, plugins: Plugins | None = None) -> None:
     """The dataset config (or folder form) resolved with the profile's values, and with ``scan_images`` every image
-    and caption read and checked as `run` does, its skips reported once."""
+    and caption read and checked as `run` does, its skips reported once; prior preservation's needs of the network."""
     from anima_core.data import build_training_data
     from anima_core.data.config import resolve_datasets
+    from anima_core.plugins import default_plugins
     from anima_core.training.data_phase import data_options
+    from anima_core.training.prior import prior_problems
 
     opts = data_options(profile)
     try:
         if not scan_images:
-            resolve_datasets(opts, Path.cwd())
+            result.problems += prior_problems(profile, plugins or default_plugins(), resolve_datasets(opts, Path.cwd())[0])
             return
         data = build_training_data(opts, base_dir=Path.cwd(), on_warning=result.notes.append)
     except DatasetError as exc:
         result.problems.append("dataset: " + str(exc).replace("\n", "\n    "))  # its own list, nested
         return
+    result.problems += prior_problems(profile, plugins or default_plugins(), [ds.spec for ds in data.datasets])
     per_epoch = -(-data.num_batches_per_epoch // profile.training.gradient_accumulation_steps)
     training = profile.training
     total = training.max_train_epochs * per_epoch if training.max_train_epochs else training.max_train_steps
@@ -220,5 +223,5 @@ def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier:
 
         result.summary += slider_summary(profile)
     elif not reported & dataset_keys:
-        dataset_findings(profile, result, scan_images)
+        dataset_findings(profile, result, scan_images, plugins)
     return result

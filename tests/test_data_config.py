@@ -439,6 +439,7 @@ CONFIG_VALUES = {
     "secondary_separator": ";;;", "caption_separator": ";", "enable_wildcard": True, "token_warmup_min": 2,
     "token_warmup_step": 10, "caption_prefix": "p", "caption_suffix": "s", "caption_dropout_every_n_epochs": 2,
     "caption_dropout_rate": 0.5, "caption_tag_dropout_rate": 0.25, "caption_extension": ".cap", "class_tokens": "sks",
+    "prior_preservation": True,
 }
 # Refused when set (test_bad_configs_are_refused_with_the_reason), or the subset's own structure (tested with images).
 NOT_RESOLVED = {"face_crop_aug_range", "custom_attributes", "cache_info", "image_dir", "is_reg", "metadata_file", "alpha_mask"}
@@ -473,10 +474,11 @@ def test_every_dataset_config_key_reaches_the_resolved_spec(tmp_path, level):
 
 # A value away from the default for every [dataset] key of the profile.
 PROFILE_VALUES = {
-    **{k: v for k, v in CONFIG_VALUES.items() if k not in ("batch_size", "num_repeats", "network_multiplier", "class_tokens")},
+    **{k: v for k, v in CONFIG_VALUES.items()
+       if k not in ("batch_size", "num_repeats", "network_multiplier", "class_tokens", "prior_preservation")},
     "train_data_dir": "train", "reg_data_dir": "reg", "train_batch_size": 3,
     "dataset_repeats": 4, "prior_loss_weight": 0.5, "alpha_mask": True, "max_data_loader_n_workers": 2,
-    "persistent_data_loader_workers": True, "bad_image_policy": "error",
+    "persistent_data_loader_workers": True, "bad_image_policy": "error", "reg_prior_preservation": True,
 }
 
 
@@ -500,3 +502,4 @@ def test_every_profile_dataset_key_reaches_the_data_options(tmp_path):
         if key != "dataset_repeats" and (hasattr(spec, name) or hasattr(spec.subsets[0], name)):
             assert _resolved(spec, name) == value, f"{key} does not reach the resolved dataset"
     assert [s.is_reg for s in spec.subsets] == [False, True]
+    assert [s.prior_preservation for s in spec.subsets] == [False, True]  # reg_prior_preservation: the reg folder

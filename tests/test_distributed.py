@@ -247,3 +247,21 @@ def test_a_trainer_built_in_python_does_not_ignore_num_processes(tmp_path, tiny_
 
     with pytest.raises(LaunchError, match="not started by a launcher"):
         make_run(tmp_path, tiny_model, training={"num_processes": 2}).run()
+
+
+def test_prior_preservation_trains_the_one_process_lora_and_reports_its_prior_loss(dataset, tiny_model, tmp_path):
+    """Regularisation images trained toward the base model's prediction (training/prior.py): 2 processes × batch 1
+    train the LoRA and report the prior losses of 1 process × batch 2, whose batches mix the two kinds."""
+    write_images(tmp_path / "reg", count=2, repeats=1)
+    prior = {"reg_data_dir": str(tmp_path / "reg"), "reg_prior_preservation": True}
+    profile = write_profile(dataset, tiny_model, "prior", dataset=prior, training={"max_train_steps": 4},
+                            saving={"output_dir": str(tmp_path / "out")})
+    anima_train("run", profile)
+    write_images(tmp_path / "ref" / "data", count=2)
+    reference = make_run(tmp_path / "ref", tiny_model, dataset=prior, training={"max_train_steps": 4},
+                         logging={"run_name": "ref"}, saving={"output_dir": str(tmp_path / "ref" / "out")}).run()
+    assert_close_lora(tmp_path / "out" / "lora.safetensors", reference.lora_path)
+    two, one = ([e.get("prior_loss") for e in read_events(run) if e["type"] == "step"]
+                for run in (tmp_path / "out" / "runs" / "prior", reference.run_dir))
+    assert [v is None for v in two] == [v is None for v in one] and any(v for v in one)
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-9)

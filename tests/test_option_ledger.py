@@ -46,6 +46,7 @@ FL = "tests/test_flow.py::"
 TR = "tests/test_trackers.py::"
 ES = "tests/test_option_effect_sizes.py::"  # the size of the effect: a share of draws, a scale, a range
 VA = "tests/test_validation.py::"
+PP = "tests/test_prior_preservation.py::"
 SL = "tests/test_slider.py::"
 # Keys of the dataset config that are also [dataset] keys are resolved by one lookup (subset, dataset, [general],
 # profile); this test proves each reaches the resolved spec, the test named beside it what the spec does with it.
@@ -129,7 +130,12 @@ LEDGER: dict[str, list[str]] = {
     "dataset.token_warmup_min": [PROFILE_DATA, DC + "test_token_warmup"],
     "dataset.token_warmup_step": [PROFILE_DATA, DC + "test_token_warmup",
                                  DC + "test_token_warmup_step_one_is_one_step_and_the_caption_is_whole_from_that_step_on"],
-    "dataset.prior_loss_weight": [PROFILE_DATA, DI + "test_regularisation_images_are_balanced_and_weighted"],
+    "dataset.prior_loss_weight": [PROFILE_DATA, DI + "test_regularisation_images_are_balanced_and_weighted",
+                                  PP + "test_reg_subsets_keep_their_images_unless_prior_preservation_is_asked",
+                                  PP + "test_a_run_trains_prior_samples_toward_the_base_model_and_reports_their_loss"],
+    "dataset.reg_prior_preservation": [PROFILE_DATA, PP + "test_the_folder_forms_reg_data_dir_follows_reg_prior_preservation",
+                                       PP + "test_reg_subsets_keep_their_images_unless_prior_preservation_is_asked",
+                                       PP + "test_a_run_trains_prior_samples_toward_the_base_model_and_reports_their_loss"],
     "dataset.alpha_mask": [E + "test_an_alpha_mask_that_masks_everything_leaves_the_lora_untrained"],
     "dataset.resize_interpolation": [PROFILE_DATA, DI + "test_resize_interpolation_is_the_named_filter"],
     "dataset.validation_split": [VA + "test_validation_defaults_to_every_epoch_and_max_validation_steps_bounds_it",
@@ -332,6 +338,9 @@ LEDGER: dict[str, list[str]] = {
                                             DC + "test_a_third_keep_tokens_separator_stays_in_the_suffix"],
     "dataset_config.metadata_file": [DI + "test_dataset_config_with_finetuning_metadata"],
     "dataset_config.num_repeats": [RESOLVED, DI + "test_kohya_folders_buckets_and_step_counts"],
+    "dataset_config.prior_preservation": [RESOLVED, PP + "test_reg_subsets_keep_their_images_unless_prior_preservation_is_asked",
+                                          PP + "test_the_prior_loss_is_the_mse_to_the_lora_off_prediction",
+                                          PP + "test_prior_subsets_are_never_held_out_for_validation"],
     "dataset_config.random_crop": [RESOLVED, S + "[random_crop]",
                                   ES + "test_random_crop_offsets_are_uniform_over_the_slack_and_the_centre_crop_is_centred"],
     "dataset_config.secondary_separator": [RESOLVED, DC + "test_secondary_separator_keeps_a_group_together"],

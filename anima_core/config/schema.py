@@ -96,7 +96,13 @@ class DatasetTable(Table):
     caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1, description="Drop each tag with this probability.")
     token_warmup_min: int = Field(1, ge=1, description="Tags used at the start of token warmup.")
     token_warmup_step: float = Field(0, ge=0, description="Steps (or a fraction of all steps when < 1) to reach all tags.")
-    prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularisation images.")
+    prior_loss_weight: float = Field(
+        1.0, ge=0, description="Loss weight of regularisation images and of prior-preservation samples (their loss to the "
+        "base model's own prediction).")
+    reg_prior_preservation: bool = Field(
+        False, description="Regularisation subsets (reg_data_dir, is_reg) train toward the base model's own prediction "
+        "with the LoRA off instead of toward their images, so any images serve; a dataset config's prior_preservation "
+        "key wins for its subsets.")
     alpha_mask: bool = Field(False, description="Use the image's alpha channel as a loss mask (masked loss).")
     resize_interpolation: Optional[Literal["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"]] = Field(
         None, description="Resize filter; empty means area when shrinking and lanczos when enlarging."

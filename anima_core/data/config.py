@@ -85,6 +85,7 @@ SUBSET_ASCENDABLE_KEYS: dict[str, _Check] = {
     "caption_dropout_every_n_epochs": _INT,
     "caption_dropout_rate": _NUM,
     "caption_tag_dropout_rate": _NUM,
+    "prior_preservation": _BOOL,
 }
 DREAMBOOTH_ASCENDABLE_KEYS: dict[str, _Check] = {
     "caption_extension": _STR,
@@ -110,6 +111,9 @@ class SubsetSpec:
     image_dir: Path | None
     metadata_file: Path | None = None
     is_reg: bool = False
+    # the target of this subset's samples is the base model's own prediction (training/prior.py); unset in the
+    # config: is_reg and DataOptions.reg_prior_preservation
+    prior_preservation: bool = False
     class_tokens: str | None = None
     caption_extension: str = _option_default("caption_extension")
     cache_info: bool = False
@@ -228,6 +232,9 @@ def _make_subset(levels: list[dict], opts: DataOptions, base_dir: Path) -> Subse
         "is_reg": subset.get("is_reg", False),
         "alpha_mask": subset.get("alpha_mask", opts.alpha_mask),
     }
+    # Unset at every level, a regularisation subset follows the profile's dataset.reg_prior_preservation.
+    explicit = [level["prior_preservation"] for level in levels if "prior_preservation" in level]
+    subset_only["prior_preservation"] = explicit[0] if explicit else subset_only["is_reg"] and opts.reg_prior_preservation
     values = {f.name: _pick(f.name, levels, opts, f.default) for f in fields(SubsetSpec) if f.name not in subset_only}
     if isinstance(values["face_crop_aug_range"], list):
         values["face_crop_aug_range"] = tuple(values["face_crop_aug_range"])

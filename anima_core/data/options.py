@@ -54,6 +54,7 @@ class DataOptions:
     # needed only when token_warmup_step < 1 (a fraction of the training steps)
     max_train_steps: int | None = None
     prior_loss_weight: float = _profile_default("prior_loss_weight")
+    reg_prior_preservation: bool = _profile_default("reg_prior_preservation")
     alpha_mask: bool = _profile_default("alpha_mask")
     network_multiplier: float = 1.0
     resize_interpolation: str | None = _profile_default("resize_interpolation")

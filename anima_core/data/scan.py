@@ -186,7 +186,7 @@ def scan_dataset(
                     f"image_dir {subset.image_dir} is not a folder. Fix the path in the dataset config (relative paths are resolved against the config's folder)."
                 )
             paths = _glob_images(subset.image_dir)
-            if subset.is_reg:
+            if subset.is_reg or subset.prior_preservation:  # never held out: validation judges images as targets
                 paths = paths if training else []
             else:
                 paths = split_for_validation(paths, spec.validation_split, validation_seed, training)
@@ -194,6 +194,8 @@ def scan_dataset(
         else:
             found = _finetune_candidates(subset, index, problems)
             names = split_for_validation([c.path for c in found], spec.validation_split, validation_seed, training)
+            if subset.prior_preservation:
+                names = [c.path for c in found] if training else []
             keep = set(names)
             found = [c for c in found if c.path in keep]
         candidates += [c for c in found if c.caption is not None]

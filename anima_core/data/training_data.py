@@ -47,7 +47,7 @@ class Batch:
     pixels: torch.Tensor | None  # Bx3xHxW in [-1, 1], when they are not
     captions: list[str]
     text: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # cached encoder outputs
-    loss_weights: torch.Tensor  # [B]: prior_loss_weight for regularisation images, else 1
+    loss_weights: torch.Tensor  # [B]: prior_loss_weight for regularisation and prior-preservation samples, else 1
     alpha_masks: torch.Tensor | None  # Bx1xHxW in [0, 1]
     paths: list[str]
     bucket: tuple[int, int]  # (w, h)
@@ -56,6 +56,9 @@ class Batch:
     # the dataset's network_multiplier: the LoRA is applied at this strength for this batch's forward and
     # backward. A planned batch never mixes datasets, so one value holds for all of its samples.
     network_multiplier: float = 1.0
+    # [B] bool: samples of prior_preservation subsets, whose target is the base model's own prediction
+    # (training/prior.py); None when the batch has none
+    prior: torch.Tensor | None = None
 
 
 SampleId = tuple[int, int, int]  # dataset, image entry, repeat
@@ -184,6 +187,8 @@ class TrainingData:
                         "caption_suffix": s.caption_suffix,
                         "resize_interpolation": s.resize_interpolation,
                     }
+                    if s.prior_preservation:
+                        sm["prior_preservation"] = True
                     name = None
                     if s.image_dir is not None:
                         sm["image_dir"] = name = s.image_dir.name
@@ -365,7 +370,7 @@ class TrainingData:
         ds = self.datasets[planned.dataset]
         at = self._caption_step(epoch, k)
         failures: list[tuple[tuple[int, int], str]] = []
-        pixels, latents, alphas, captions, texts, weights, paths, positions = [], [], [], [], [], [], [], []
+        pixels, latents, alphas, captions, texts, weights, paths, positions, prior = [], [], [], [], [], [], [], [], []
         use_alpha = any(ds.spec.subsets[ds.entries[i].subset_index].alpha_mask for _, i, _ in planned.samples)
         first = self.opts.process_index * ds.spec.batch_size
         for position, (d, i, rep) in enumerate(planned.samples[first : first + ds.spec.batch_size], start=first):
@@ -411,7 +416,8 @@ class TrainingData:
             if use_alpha:
                 h, w = planned.bucket[1], planned.bucket[0]
                 alphas.append(alpha if alpha is not None else torch.ones(1, h, w))
-            weights.append(self.opts.prior_loss_weight if e.is_reg else 1.0)
+            weights.append(self.opts.prior_loss_weight if e.is_reg or s.prior_preservation else 1.0)
+            prior.append(s.prior_preservation)
             paths.append(str(e.path))
             positions.append(position)
         if not paths:
@@ -428,6 +434,7 @@ class TrainingData:
             index=k,
             positions=positions,
             network_multiplier=float(ds.spec.network_multiplier),
+            prior=torch.tensor(prior) if any(prior) else None,
         )
         return batch, failures
 

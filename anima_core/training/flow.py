@@ -133,11 +133,15 @@ def elementwise_loss(pred, target, sigmas, cfg) -> torch.Tensor:
     return 2 * c * smooth if cfg.loss_type == "huber" else 2 * smooth
 
 
-def reduce_loss(elementwise, weights, loss_weights, mask=None) -> torch.Tensor:
-    """Weight per sample, apply the alpha mask, mean over non-batch dims, × per-sample loss weight, mean."""
+def sample_losses(elementwise, weights, mask=None) -> torch.Tensor:
+    """Each sample's loss: weight per sample, apply the alpha mask, mean over non-batch dims (B values)."""
     shape = (-1,) + (1,) * (elementwise.dim() - 1)
     loss = elementwise * weights.view(shape)
     if mask is not None:
         loss = loss * mask
-    per_sample = loss.flatten(1).mean(dim=1)
-    return (per_sample * loss_weights).mean()
+    return loss.flatten(1).mean(dim=1)
+
+
+def reduce_loss(elementwise, weights, loss_weights, mask=None) -> torch.Tensor:
+    """Weight per sample, apply the alpha mask, mean over non-batch dims, × per-sample loss weight, mean."""
+    return (sample_losses(elementwise, weights, mask) * loss_weights).mean()

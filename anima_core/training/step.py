@@ -17,7 +17,7 @@ import random
 import numpy as np
 import torch
 
-from anima_core.training.flow import elementwise_loss, noisy_latents, reduce_loss
+from anima_core.training.flow import elementwise_loss, noisy_latents, sample_losses
 
 T5_EOS_ID = 1
 
@@ -31,6 +31,17 @@ class StepInputs:
     t5_mask: torch.Tensor
     loss_weights: torch.Tensor  # B
     alpha_masks: torch.Tensor | None  # B×1×H×W in pixels, or None
+    prior: torch.Tensor | None = None  # B bool: targets are the base model's prediction (training/prior.py), or None
+    dropped: torch.Tensor | None = None  # B bool: the samples whose caption this step dropped, or None
+
+    def rows(self, index: torch.Tensor) -> StepInputs:
+        """The inputs of the samples at ``index`` (a LongTensor on the inputs' device)."""
+        def pick(t):
+            return None if t is None else t.index_select(0, index.to(t.device))
+
+        return StepInputs(pick(self.latents), pick(self.qwen_states), pick(self.qwen_mask), pick(self.t5_ids),
+                          pick(self.t5_mask), pick(self.loss_weights), pick(self.alpha_masks), pick(self.prior),
+                          pick(self.dropped))
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -52,16 +63,21 @@ def batch_inputs(batch, *, device, vae, text_encoder, text_needs_grad: bool, mod
     else:
         with torch.no_grad():
             latents = vae.encode(batch.pixels.to(device)).float()
-    if batch.text is not None:
-        qwen_states, qwen_mask, t5_ids, t5_mask = (t.to(device) for t in batch.text)
-    else:
-        with torch.enable_grad() if text_needs_grad and torch.is_grad_enabled() else torch.no_grad():
-            qwen_states, qwen_mask, t5_ids, t5_mask = text_encoder.encode(
-                batch.captions, model_cfg.qwen3_max_token_length, model_cfg.t5_max_token_length)
+    qwen_states, qwen_mask, t5_ids, t5_mask = batch_text(batch, device=device, text_encoder=text_encoder,
+                                                         text_needs_grad=text_needs_grad, model_cfg=model_cfg)
     masks = batch.alpha_masks.to(device) if batch.alpha_masks is not None else None
     if masks is not None and masks.dim() == 3:
         masks = masks.unsqueeze(1)
-    return StepInputs(latents, qwen_states, qwen_mask, t5_ids, t5_mask, batch.loss_weights.float(), masks)
+    return StepInputs(latents, qwen_states, qwen_mask, t5_ids, t5_mask, batch.loss_weights.float(), masks,
+                      getattr(batch, "prior", None))
+
+
+def batch_text(batch, *, device, text_encoder, text_needs_grad: bool, model_cfg):
+    """(qwen_states, qwen_mask, t5_ids, t5_mask) of a batch: its cached outputs, or its captions encoded now."""
+    if batch.text is not None:
+        return tuple(t.to(device) for t in batch.text)
+    with torch.enable_grad() if text_needs_grad and torch.is_grad_enabled() else torch.no_grad():
+        return text_encoder.encode(batch.captions, model_cfg.qwen3_max_token_length, model_cfg.t5_max_token_length)
 
 
 def sample_generators(seed: int, step: int, places: Iterable[int]) -> list[torch.Generator]:
@@ -78,10 +94,19 @@ def sample_generators(seed: int, step: int, places: Iterable[int]) -> list[torch
 
 def drop_captions(inputs: StepInputs, rate: float, generators: Sequence[torch.Generator]) -> StepInputs:
     """Embedding-level caption dropout: chosen samples get exactly the empty caption's encoding (spec §3.3)."""
+    return without_captions(inputs, caption_drops(rate, generators))
+
+
+def caption_drops(rate: float, generators: Sequence[torch.Generator]) -> torch.Tensor | None:
+    """Which samples lose their caption (one draw per sample's generator), or None without dropout."""
     if rate <= 0:
-        return inputs
-    drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < rate
-    if not drop.any():
+        return None
+    return torch.cat([torch.rand(1, generator=g) for g in generators]) < rate
+
+
+def without_captions(inputs: StepInputs, drop: torch.Tensor | None) -> StepInputs:
+    """The inputs with the ``drop`` samples' captions replaced by the empty caption's encoding."""
+    if drop is None or not drop.any():
         return inputs
     drop = drop.to(inputs.qwen_states.device)
     keep = (~drop).view(-1, 1)
@@ -97,6 +122,8 @@ def drop_captions(inputs: StepInputs, rate: float, generators: Sequence[torch.Ge
         t5_mask=torch.where(keep, inputs.t5_mask, empty_mask),
         loss_weights=inputs.loss_weights,
         alpha_masks=inputs.alpha_masks,
+        prior=inputs.prior,
+        dropped=drop,
     )
 
 
@@ -117,39 +144,63 @@ def _perturbation(shape, cfg, generator: torch.Generator) -> torch.Tensor | None
     return gamma * torch.randn(shape, generator=generator)
 
 
-def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generators: Sequence[torch.Generator]):
+def flow_loss(dit, inputs: StepInputs, *, sampler, weighting, cfg, generators: Sequence[torch.Generator], prior=None):
     """Loss of one batch (mean over its samples), and the σ drawn (named in NaN warnings).
-    ``generators``: one per sample (``sample_generators``)."""
+    ``generators``: one per sample (``sample_generators``); ``prior``: see ``noised_loss``."""
     latents = inputs.latents
     batch, _, h, w = latents.shape
     sigmas = torch.cat([sampler(1, cfg, g, (h, w)).float().reshape(1) for g in generators])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g, dtype=torch.float32) for g in generators])
     perturbation = torch.stack([_perturbation(latents.shape[1:], cfg, g) for g in generators]) if cfg.ip_noise_gamma else None
-    return noised_loss(dit, inputs, sigmas, noise, weighting=weighting, cfg=cfg, perturbation=perturbation), sigmas
+    return noised_loss(dit, inputs, sigmas, noise, weighting=weighting, cfg=cfg, perturbation=perturbation,
+                       prior=prior), sigmas
 
 
-def noised_loss(dit, inputs: StepInputs, sigmas, noise, *, weighting, cfg, perturbation=None):
-    """Loss of one batch noised at the given σ with the given noise and input perturbation γ·ξ (validation
-    passes fixed ones, and no perturbation, which is a training-time regulariser)."""
-    latents = inputs.latents
-    _, _, h, w = latents.shape
-    device = latents.device
-    noise, sigmas_dev = noise.to(device), sigmas.to(device)
-    perturbation = perturbation.to(device) if perturbation is not None else None
-    noisy = noisy_latents(latents, noise, sigmas_dev, perturbation=perturbation)
+def predict(dit, noisy: torch.Tensor, sigmas: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """The DiT's velocity for noised latents B×16×h×w at σ, conditioned on the inputs' text."""
     dtype = next(dit.parameters()).dtype
-    pred = dit(
+    return dit(
         noisy.unsqueeze(2).to(dtype),
-        sigmas_dev,
+        sigmas,
         inputs.qwen_states.to(dtype),
         target_input_ids=inputs.t5_ids,
         target_attention_mask=inputs.t5_mask,
         source_attention_mask=inputs.qwen_mask,
     ).squeeze(2)
+
+
+def noised_loss(dit, inputs: StepInputs, sigmas, noise, *, weighting, cfg, perturbation=None, prior=None):
+    """Loss of one batch noised at the given σ with the given noise and input perturbation γ·ξ (validation
+    passes fixed ones, and no perturbation, which is a training-time regulariser).
+
+    The samples marked in ``inputs.prior`` take as target the base model's own prediction for the same noised
+    input: ``prior`` (a ``prior.PriorPass``) runs the DiT on them first, without grad and with the network's
+    adapters off, and records their losses."""
+    latents = inputs.latents
+    batch, _, h, w = latents.shape
+    device = latents.device
+    noise, sigmas_dev = noise.to(device), sigmas.to(device)
+    perturbation = perturbation.to(device) if perturbation is not None else None
+    noisy = noisy_latents(latents, noise, sigmas_dev, perturbation=perturbation)
     target = noise - latents
-    return reduce_loss(
+    rows = None
+    if inputs.prior is not None and bool(inputs.prior.any()):
+        if prior is None:
+            raise ValueError("the batch has prior-preservation samples, but no prior pass was given to compute their targets")
+        rows = inputs.prior.nonzero().flatten().to(device)
+        whole = len(rows) == batch  # every sample: no copies, and the same shapes as the training forward
+        with prior.base_model():
+            conditioning = prior.conditioning(inputs)
+            if not whole:
+                conditioning = conditioning.rows(rows)
+            base = predict(dit, noisy if whole else noisy[rows], sigmas_dev if whole else sigmas_dev[rows], conditioning)
+        target = base.float() if whole else target.index_copy(0, rows, base.float())
+    pred = predict(dit, noisy, sigmas_dev, inputs)
+    losses = sample_losses(
         elementwise_loss(pred.float(), target, sigmas_dev, cfg),
         weighting(sigmas_dev),
-        inputs.loss_weights.to(device),
         latent_mask(inputs.alpha_masks, (h, w)) if inputs.alpha_masks is not None else None,
     )
+    if rows is not None:
+        prior.record(losses.detach()[rows])
+    return (losses * inputs.loss_weights.to(device)).mean()

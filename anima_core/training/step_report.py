@@ -19,23 +19,29 @@ class StepReport:
     loss: float  # mean loss of the step's global batches
     samples: list[tuple[str, float]]  # (image, σ) of every sample, named when the step goes bad
     memory: list[dict]  # memory_stats of every process, in rank order
+    prior_loss: float | None = None  # mean loss of the step's prior-preservation samples (training/prior.py)
 
 
 def merge_step_report(processes, device, micro_losses: list[torch.Tensor], samples: list[tuple[str, float]],
-                      data) -> StepReport:
+                      data, prior=None) -> StepReport:
     """Every process's view of the step just computed, merged (before the optimizer step, which needs the loss
-    of the whole global batch). ``data``: the DataPhase whose warnings travel with the report."""
+    of the whole global batch). ``data``: the DataPhase whose warnings travel with the report; ``prior``: the
+    run's ``prior.PriorPreservation`` (its sums and counts are added over the processes, so the prior loss is
+    the mean over the step's prior samples whatever the number of processes)."""
     mine = {"loss": float(torch.stack(micro_losses).sum()), "samples": samples,
-            "memory": {"device": str(device), **memory_stats(device)}, "warnings": data.take_pending()}
+            "memory": {"device": str(device), **memory_stats(device)}, "warnings": data.take_pending(),
+            "prior": prior.take() if prior is not None else (0.0, 0)}
     reports = processes.exchange(mine)
     if processes.is_main:
         for report in reports[1:]:
             for message in report["warnings"]:
                 data.warning(message)
+    prior_count = sum(r["prior"][1] for r in reports)
     return StepReport(
         loss=sum(r["loss"] for r in reports) / len(micro_losses),
         samples=[sample for r in reports for sample in r["samples"]],
         memory=[r["memory"] for r in reports],
+        prior_loss=sum(r["prior"][0] for r in reports) / prior_count if prior_count else None,
     )
 
 
@@ -68,6 +74,7 @@ class StepLog:
         event = self.events.emit(
             "step", step=progress.step, epoch=epoch, total_steps=self.total_steps, loss=report.loss,
             loss_avg=sum(window) / len(window), lr=lrs, **({"weight_norms": weight_norms} if weight_norms else {}),
+            **({"prior_loss": report.prior_loss} if report.prior_loss is not None else {}),
             lr_groups=lr_groups, grad_norm=grad_norm, step_path=self.executor.name,
             s_per_it=s_per_it, it_per_s=1 / s_per_it if s_per_it else 0.0,
             eta_s=s_per_it * (self.total_steps - progress.step),

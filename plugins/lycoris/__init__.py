@@ -40,6 +40,19 @@ class LycorisNetworkPlugin:
         return problems
 
     @staticmethod
+    def switch_off_problem(network_cfg) -> str | None:
+        """Why these modules at multiplier 0 are not the base model (prior preservation needs them to be), or None."""
+        try:
+            args = parse_lycoris_args(network_cfg.args)
+        except AnimaError:
+            return None  # validate reports the args themselves
+        if args.dora_wd:
+            return ("network.args.dora_wd: LyCORIS's DoRA at multiplier 0 keeps the trained direction W + ΔW and "
+                    "returns only its magnitude, so it cannot give the base model's prediction that prior "
+                    "preservation trains toward; turn dora_wd off, or remove prior_preservation")
+        return None
+
+    @staticmethod
     def arg_help(args: dict) -> dict[str, str]:
         """Help per network arg for the algorithm ``args`` name (all args when it names none we know)."""
         return arg_help(str(args.get("algo", DEFAULT_ALGO)).strip().lower())
