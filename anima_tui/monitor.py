@@ -118,9 +118,15 @@ class MonitorScreen(Screen):
         self.query_one("#title", Static).update(f"[b]{state.run_id}[/b] · {self.run_status()} · {progress}{device}")
         loss_plot = self.query_one("#loss", LinePlot)
         series = [Series(state.losses, "grey50", band=True), Series(state.smoothed, "bold cyan")]
+        extra = []
         if state.validation_losses:  # only runs with a validation split have it; the title says so then
             series.append(Series(state.validation_curve(), "bold yellow"))
-            loss_plot.title = "loss (raw, EMA, validation in yellow)"
+            extra.append("validation in yellow")
+        if any(v is not None for v in state.prior_losses):  # only runs with prior-preservation samples
+            series.append(Series(state.prior_losses, "bold green"))
+            extra.append("prior in green")
+        if extra:
+            loss_plot.title = f"loss (raw, EMA, {', '.join(extra)})"
         loss_plot.plot(series)
         self.query_one("#lr", LinePlot).plot([Series(state.lrs, "magenta")])
         self.query_one(RunStats).show(state, system)

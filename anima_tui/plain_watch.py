@@ -31,7 +31,8 @@ def format_event(event: dict, totals: dict) -> str | None:
         lr = learning_rate(event.get("lr"))
         return (f"step {of_total(step, totals.get('steps'))}  epoch {of_total(event.get('epoch'), totals.get('epochs'))}  "
                 f"loss {fixed(event.get('loss'), '.4f')} (avg {fixed(event.get('loss_avg'), '.4f')})  "
-                f"lr {'–' if lr is None else f'{lr:.3e}'}  {speed(event)}  ETA {duration(event.get('eta_s'))}")
+                + (f"prior {fixed(event.get('prior_loss'), '.4f')}  " if number(event.get("prior_loss")) is not None else "")
+                + f"lr {'–' if lr is None else f'{lr:.3e}'}  {speed(event)}  ETA {duration(event.get('eta_s'))}")
     at = f"step {step}: " if number(step) is not None else ""
     if kind == "save":
         return f"{at}saved {text(event.get('kind'), 'file')} {text(event.get('path'), '?')}"

@@ -55,6 +55,7 @@ class RunState:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
+    prior_losses: list[float | None] = field(default_factory=list)  # one per plotted step; None: no prior samples
     lrs: list[float] = field(default_factory=list)
     validation_steps: list[int] = field(default_factory=list)
     validation_losses: list[float] = field(default_factory=list)
@@ -94,6 +95,7 @@ class RunState:
             # Starting from the first loss (not 0) keeps the early points unbiased.
             self._ema = loss if self._ema is None else EMA_WEIGHT * self._ema + (1 - EMA_WEIGHT) * loss
             self.smoothed.append(self._ema)
+            self.prior_losses.append(number(event.get("prior_loss")))
         lr = learning_rate(event.get("lr"))
         if lr is not None:
             self.lrs.append(lr)

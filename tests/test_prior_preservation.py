@@ -14,7 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_tui_editor import row
+from test_tui_monitor import fixed_system, plain, polled, stats_text
 from textual.widgets import Switch
+from test_tui_monitor import make_run as monitor_run
+from test_tui_monitor import step as monitor_step
 from training_helpers import make_run, read_events, tiny_profile_data, write_images
 
 from anima_core.config import profile_from_dict
@@ -29,7 +32,11 @@ from anima_core.training.flow import LOSS_WEIGHTINGS
 from anima_core.training.prior import PriorPass, switch_off_problem
 from anima_core.training.step import StepInputs, noised_loss
 from anima_core.training.step_report import merge_step_report
-from anima_tui.app import AnimaApp
+from anima_plugins.trackers.base import step_scalars
+from anima_tui.app import AnimaApp, WatchApp
+from anima_tui.plain_watch import format_event
+from anima_tui.run_state import RunState
+from anima_tui.widgets.line_plot import LinePlot
 
 L2 = SimpleNamespace(loss_type="l2")
 UNIFORM = LOSS_WEIGHTINGS["uniform"]
@@ -342,6 +349,33 @@ def test_the_prior_loss_of_a_step_does_not_depend_on_the_process_count():
     assert one.prior_loss == pytest.approx(0.3) and two.prior_loss == pytest.approx(0.3)
     none = {"loss": 0.0, "samples": [], "memory": {}, "warnings": [], "prior": (0.0, 0)}
     assert merge_step_report(Exchange([none]), torch.device("cpu"), losses, [], data, Tally(0.0, 0)).prior_loss is None
+
+
+# ---- the curve: events, trackers, the TUI ------------------------------------------------------------------
+
+def test_the_prior_loss_reaches_trackers_the_monitor_and_the_plain_watch(tmp_path):
+    with_prior = {"type": "step", "step": 2, "loss": 0.5, "loss_avg": 0.5, "lr": [1e-3], "prior_loss": 0.125}
+    without = {"type": "step", "step": 3, "loss": 0.4, "loss_avg": 0.45, "lr": [1e-3]}
+    assert step_scalars(with_prior)["loss/prior"] == 0.125 and "loss/prior" not in step_scalars(without)
+    state = RunState()
+    state.add([without, with_prior, without])
+    assert state.prior_losses == [None, 0.125, None] and len(state.losses) == 3
+    assert "prior 0.1250" in format_event(with_prior, {}) and "prior" not in format_event(without, {})
+    asyncio.run(_monitor(tmp_path))
+
+
+async def _monitor(tmp_path):
+    # steps 1-12 without prior samples, then some with: the curve and its line appear, gaps and all
+    lines = "".join(json.dumps({**monitor_step(n, 0.3), **({"prior_loss": 0.01 * n} if n % 2 else {})}) + "\n"
+                    for n in range(13, 40))
+    for run, shown in ((monitor_run(tmp_path / "plain"), False), (monitor_run(tmp_path / "prior", extra_lines=lines), True)):
+        app = WatchApp(run, probe=fixed_system)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await polled(pilot)
+            plot = app.screen.query_one("#loss", LinePlot)
+            assert ("prior in green" in plain(plot).splitlines()[0]) == shown
+            assert (any(series.style == "bold green" for series in plot.series)) == shown
+            assert ("prior 0.3900" in stats_text(app)) == shown
 
 
 def test_the_editor_shows_the_profile_key_with_its_help(tmp_path):

@@ -71,6 +71,8 @@ class RunStats(Static):
         table.add_column(style="dim", no_wrap=True)
         table.add_column(no_wrap=True, overflow="ellipsis")
         table.add_row("loss", f"{fixed(step.get('loss'), '.4f')}  avg {fixed(step.get('loss_avg'), '.4f')}")
+        if number(step.get("prior_loss")) is not None:  # prior preservation: the loss to the base model's prediction
+            table.add_row("prior", fixed(step.get("prior_loss"), ".4f"))
         table.add_row("lr", lr_text(step.get("lr")))
         if state.status is None:
             table.add_row("speed", speed(step))

@@ -1,7 +1,8 @@
 """What the trackers share: which events become which scalars, the log folder, the tracker config file.
 
 Scalar names follow sd-scripts (`loss/current`, `loss/average`, `lr/<group>`, `loss/validation`), so runs of
-both trainers compare in one TensorBoard or W&B project. Every value is logged at the optimizer step.
+both trainers compare in one TensorBoard or W&B project; `loss/prior` (prior preservation) is ours. Every value
+is logged at the optimizer step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def step_scalars(event: dict) -> dict[str, float]:
     scalars = {
         "loss/current": _number(event.get("loss")),
         "loss/average": _number(event.get("loss_avg")),
+        "loss/prior": _number(event.get("prior_loss")),  # prior preservation's samples (absent: none this step)
         "grad_norm": _number(event.get("grad_norm")),
         "time/s_per_step": _number(event.get("s_per_it")),
     }
