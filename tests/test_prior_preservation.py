@@ -420,6 +420,8 @@ def test_validate_reports_prior_preservation_it_cannot_honour(tmp_path, tiny_mod
     assert fixed.startswith("network.module: 'fixed_strength' cannot scale its adapters")
     everything = _problems(tmp_path, tiny_model, [{"prior_preservation": True}])
     assert len(everything) == 1 and "the LoRA learns nothing" in everything[0]
+    (full,) = _problems(tmp_path, tiny_model, marked, network={"module": "full", "dim": None, "alpha": None})
+    assert full.startswith("network.module: 'full' trains the model's own weights") and "second copy" in full
     if importlib.util.find_spec("lycoris") is not None:
         (dora,) = _problems(tmp_path, tiny_model, marked,
                             network={"module": "lycoris", "args": {"algo": "locon", "dora_wd": True}})
