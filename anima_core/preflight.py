@@ -219,8 +219,9 @@ def preflight(profile: Profile, plugins: Plugins, *, scan_images: bool, earlier:
     # A wrong dataset value is reported once, by the profile checks, not again by the dataset resolution.
     dataset_keys = {"dataset"} | {f"dataset.{key}" for key in DatasetTable.model_fields}
     if profile.slider.pairs:  # prompt pairs, no images (training/slider.py)
-        from anima_core.training.slider import slider_summary
+        from anima_core.training.slider import slider_network_problems, slider_summary
 
+        result.problems += slider_network_problems(profile, plugins)
         result.summary += slider_summary(profile)
     elif not reported & dataset_keys:
         dataset_findings(profile, result, scan_images, plugins)

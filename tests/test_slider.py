@@ -24,7 +24,7 @@ from training_helpers import read_events, tiny_profile_data
 from anima_core.config import profile_from_dict
 from anima_core.config.schema import SliderTable
 from anima_core.data.slider_data import build_slider_data
-from anima_core.errors import ProfileError
+from anima_core.errors import AnimaError, ProfileError
 from anima_core.models import load_dit, load_text_encoder
 from anima_core.plugins import build_plugins
 from anima_core.training.executors import EagerStep
@@ -188,7 +188,7 @@ def check_step_by_hand(tmp_path, tiny_model, models, denoise_steps):
         target=SimpleNamespace(module=network, batch_multiplier=functools.partial(applied_at, network)),
         accelerator=SimpleNamespace(autocast=contextlib.nullcontext, backward=lambda loss: loss.backward()),
         executor=EagerStep("test"), params=network.trainable_parameters(), checkpointing=models.checkpointing,
-        tflop_done=0.0)
+        tflop_done=0.0, plugins=models.plugins)
     for p in trainer.params:
         p.grad = None
     loss, drawn = slider_micro_step(trainer, batch, step=3, micro=0, first_place=0, planned=2)
@@ -526,3 +526,24 @@ def test_two_processes_train_the_one_process_slider(tmp_path, tiny_model):
     difference = sum(float((left[k].double() - right[k].double()).pow(2).sum()) for k in right) ** 0.5
     size = sum(float(right[k].double().pow(2).sum()) for k in right) ** 0.5
     assert difference <= 1e-5 * size, difference / size
+
+
+DORA = {"module": "lycoris", "dim": 4, "alpha": 4.0, "train_unet_only": True, "args": {"algo": "locon", "dora_wd": True}}
+
+
+def test_a_network_that_is_not_the_base_model_at_zero_is_refused_by_validate_and_run(tmp_path, tiny_model):
+    """LyCORIS's DoRA at multiplier 0 keeps W + ΔW's direction: the slider's targets would not be the base model's."""
+    pytest.importorskip("lycoris")
+    from anima_core.preflight import preflight
+
+    data = slider_data_dict(tmp_path, tiny_model)
+    data["network"] = DORA
+    plugins = build_plugins(entry_points=False)
+    profile = profile_from_dict(data, plugins=plugins)
+    problems = preflight(profile, plugins, scan_images=True).problems
+    assert any(p.startswith("network.args.dora_wd: a slider's targets are the network's predictions at multiplier 0")
+               for p in problems), problems
+    with pytest.raises(AnimaError, match="the slider cannot run: network.args.dora_wd"):
+        Trainer(profile, plugins).run()
+    data["network"] = {**DORA, "args": {"algo": "locon"}}  # LoCon at 0 is the base model
+    assert not preflight(profile_from_dict(data, plugins=plugins), plugins, scan_images=True).problems

@@ -120,13 +120,35 @@ def slider_inputs(batch, device) -> SliderInputs:
                         latent_hw=batch.latent_hw)
 
 
-def refuse_fixed_networks(target) -> None:
-    """A slider sets the network's strength to +1, -1 and 0 in every step: a network without set_multiplier
-    cannot train one (validate refuses full fine-tuning; a plugin network is only known once built)."""
-    module = getattr(target, "module", None)
+def slider_network_problems(profile, plugins, network=None) -> list[str]:
+    """Why the profile's network cannot give a slider's targets: they are the network at multiplier 0, which must
+    be the base model (prior preservation's condition, training/prior.py), and it is trained at +1 and -1 through
+    set_multiplier. Full fine-tuning is named by the profile checks (config/slider_rules.py)."""
+    from anima_core.config.full_rules import FULL
+    from anima_core.training.prior import switch_off_problem
+
+    if profile.network.module == FULL:
+        return []
+    why = switch_off_problem(profile, plugins, network=network)
+    if why is None:
+        return []
+    key, _, detail = why.partition(": ")
+    return [f"{key}: a slider's targets are the network's predictions at multiplier 0, which must be the base model, "
+            f"and this network's are not (what refuses prior preservation too: {detail})"]
+
+
+def refuse_unfit_networks(trainer) -> None:
+    """The run's own check of the built network, once (a Python caller may skip validate)."""
+    if getattr(trainer, "slider_network_checked", False):
+        return
+    module = getattr(trainer.target, "module", None)
     if not hasattr(module, "set_multiplier"):
         raise AnimaError("a slider needs a network whose strength can be set (set_multiplier), to train it at +1 and -1 "
                          "against the base model at 0; use network.module = 'lora_anima' or 'lycoris'")
+    problems = slider_network_problems(trainer.profile, trainer.plugins, network=module)
+    if problems:
+        raise AnimaError("the slider cannot run: " + "; ".join(problems))
+    trainer.slider_network_checked = True
 
 
 def slider_micro_step(trainer, batch, step: int, micro: int, first_place: int, planned: int):
@@ -134,7 +156,7 @@ def slider_micro_step(trainer, batch, step: int, micro: int, first_place: int, p
     slice of a global batch of ``planned`` samples, forward and backward at +1 and -1, the loss (mean of the
     two directions) scaled by the slice's share. Returns (the scaled loss, [(pair label, σ)])."""
     t = trainer.profile.training
-    refuse_fixed_networks(trainer.target)
+    refuse_unfit_networks(trainer)
     denoise_steps = trainer.profile.slider.denoise_steps
     accum = t.gradient_accumulation_steps
 
