@@ -121,3 +121,36 @@ def test_reduce_loss_weights_then_masks_then_means():
     per_sample = (el * w.view(-1, 1, 1, 1) * mask).flatten(1).mean(1)
     assert flow.reduce_loss(el, w, lw, mask) == pytest.approx(float((per_sample * lw).mean()))
 
+
+
+def test_the_guide_clamp_holds_sigma_inside_both_ends():
+    """sigmoid(scale * n) reaches exactly 0 and 1 in float32 for a large scale: the guide's samplers clamp both ends."""
+    got = flow.sample_logit_normal(4000, cfg(sigmoid_scale=60.0), gen(3))
+    assert float(got.min()) == pytest.approx(1e-5, rel=1e-3) and float(got.max()) == pytest.approx(1 - 1e-5, abs=1e-7)
+    assert (got == got.min()).sum() > 100 and (got == got.max()).sum() > 100  # many samples sit on each bound
+
+
+def test_logit_normal_density_is_sigmoid_of_mean_plus_std_times_the_normal():
+    c = cfg(weighting_scheme="logit_normal", logit_mean=0.7, logit_std=1.8)
+    assert torch.allclose(flow.density_samples(64, c, gen(4)), torch.sigmoid(0.7 + 1.8 * torch.randn(64, generator=gen(4))))
+
+
+def test_sigma_table_indices_stay_in_the_table_at_both_ends():
+    """u = 1 (a logit_normal density far to the right) is the table's last entry, u ~ 0 its first (σ = 1)."""
+    high = flow.sample_sigma_table(8, cfg(weighting_scheme="logit_normal", logit_mean=40.0), gen(1))
+    low = flow.sample_sigma_table(8, cfg(weighting_scheme="logit_normal", logit_mean=-40.0), gen(1))
+    assert torch.allclose(high, torch.full((8,), 1 - 999 / 1000)) and torch.equal(low, torch.ones(8))
+
+
+def test_exponential_huber_c_is_c_to_the_power_sigma_over_1000_times_the_scale():
+    sigmas = torch.tensor([0.0, 0.5, 1.0])
+    got = flow.huber_c(sigmas, cfg(huber_schedule="exponential", huber_c=0.1, huber_scale=2.0))
+    assert torch.allclose(got, 2.0 * 0.1 ** (sigmas / 1000), rtol=1e-7)
+    with pytest.raises(ValueError, match="huber_schedule 'snr' is not defined for flow matching"):
+        flow.huber_c(sigmas, cfg(huber_schedule="snr"))
+
+
+def test_sample_losses_are_each_samples_own_weighted_mean():
+    elementwise = torch.stack([torch.full((2, 3, 3), 1.0), torch.full((2, 3, 3), 4.0)])
+    got = flow.sample_losses(elementwise, torch.tensor([1.0, 0.5]))
+    assert torch.allclose(got, torch.tensor([1.0, 2.0]))
