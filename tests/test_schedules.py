@@ -148,3 +148,61 @@ def test_step_events_carry_the_rate_each_step_used(tmp_path, tiny_model):
     result = make_run(tmp_path, tiny_model, optimizer=optimizer, training={"max_train_steps": 3}).run()
     rates = [e["lr"][0] for e in read_events(result.run_dir) if e["type"] == "step"]
     assert rates == pytest.approx([0.0, 5e-4, 1e-3])
+
+
+class Halving(torch.optim.lr_scheduler.LambdaLR):
+    """A scheduler class outside torch.optim.lr_scheduler, named by its module path."""
+
+    def __init__(self, optimizer, every):
+        super().__init__(optimizer, lambda step: 0.5 ** (step // every))
+
+
+def test_a_scheduler_class_from_any_module_by_its_path():
+    assert ours(steps=5, lr_scheduler_type="test_schedules.Halving", lr_scheduler_args={"every": 2}) == [
+        LR, LR, LR / 2, LR / 2, LR / 4]
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_lr_scheduler_args_reach_every_schedule(kind):
+    """lr_scheduler_args are the schedule function's keyword arguments, for every schedule: an unknown one reaches
+    the function and is refused there."""
+    keys, _ = CASES[kind]
+    args = {**keys.get("lr_scheduler_args", {}), "not_an_argument": 1}
+    with pytest.raises(TypeError, match="not_an_argument"):
+        ours(lr_scheduler=kind, **{**keys, "lr_scheduler_args": args})
+
+
+def test_warmup_stable_decay_with_a_fraction_of_decay_steps_cycles_and_no_floor():
+    keys = {"lr_decay_steps": 0.25, "lr_scheduler_num_cycles": 3}
+    assert schedule_problems(OptimizerTable(lr_scheduler="warmup_stable_decay", **keys)) == []
+    assert ours(lr_scheduler="warmup_stable_decay", **keys) == library(
+        lambda o: hf.get_wsd_schedule(o, 0, num_stable_steps=30, num_decay_steps=10, num_cycles=1.5, min_lr_ratio=0.0))
+
+
+def test_a_step_count_of_one_written_as_a_float_is_one_step():
+    from anima_core.training.schedules import steps_or_fraction
+
+    assert (steps_or_fraction(1.0, TOTAL), steps_or_fraction(0.5, TOTAL), steps_or_fraction(3, TOTAL)) == (1, 20, 3)
+
+
+def test_an_accelerate_wrapped_optimizer_is_unwrapped_for_the_schedule_and_the_rates():
+    from types import SimpleNamespace
+
+    optimizer = sgd()
+    wrapped = SimpleNamespace(optimizer=optimizer)  # accelerate's AcceleratedOptimizer keeps the real one here
+    scheduler = build_scheduler(wrapped, OptimizerTable(lr_scheduler="linear", lr_warmup_steps=2), TOTAL)
+    assert rates_used(wrapped) == [0.0]
+    optimizer.step()
+    scheduler.step()
+    assert rates_used(wrapped) == [LR / 2]
+
+
+def test_relative_step_adafactor_reports_zero_before_its_first_step():
+    cfg = OptimizerTable(optimizer_type="adafactor", lr_scheduler="adafactor", learning_rate=1e-3)
+    optimizer = create_optimizer(build_plugins(entry_points=False), cfg, [{"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1e-3}])
+    assert rates_used(optimizer) == [0.0]
+
+
+def test_build_scheduler_refuses_what_schedule_problems_finds():
+    with pytest.raises(AnimaError, match="'constant' has no warmup"):
+        build_scheduler(sgd(), OptimizerTable(lr_warmup_steps=10), TOTAL)
