@@ -166,7 +166,11 @@ class Trainer:
         if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
             return torch.zeros((), device=self.device), []
         if getattr(batch, "is_slider", False):  # prompt pairs against the base model (training/slider.py)
-            return slider_micro_step(self, batch, step, micro, first_place, planned)
+            def slider_step():  # reseeded, so a compile failure's eager rerun draws the same
+                torch.manual_seed(step_seed(t.seed, step, micro))
+                return slider_micro_step(self, batch, step, micro, first_place, planned)
+
+            return self.executor.run(slider_step, self.params)
 
         def forward_backward():  # seeded from the top, so a compile failure's eager rerun draws the same
             torch.manual_seed(step_seed(t.seed, step, micro))
