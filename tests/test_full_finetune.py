@@ -59,8 +59,11 @@ def test_component_rates_scale_each_groups_update_and_zero_freezes(tmp_path, tin
     base = weights(tiny_model.dit)
     save = {"save_precision": "float"}
     plain = weights(full_run(tmp_path / "a", tiny_model, saving=save).run().lora_path)
-    scaled = weights(full_run(tmp_path / "b", tiny_model, saving=save,
-                              optimizer={"self_attn_lr": 2e-2, "mlp_lr": 0.0}).run().lora_path)
+    trainer = full_run(tmp_path / "b", tiny_model, saving=save, optimizer={"self_attn_lr": 2e-2, "mlp_lr": 0.0})
+    scaled = weights(trainer.run().lora_path)
+    # frozen: no gradient is even computed (nor counted in the clipped norm), as anima_train.py's requires_grad_(False)
+    mlp = [p for name, p in trainer.dit.named_parameters() if component_of(name) == "mlp"]
+    assert mlp and not any(p.requires_grad for p in mlp) and not any(p is q for p in mlp for q in trainer.params)
     moved = 0
     for key, before in base.items():
         if not key.endswith((".weight", ".bias")) or key not in plain:
