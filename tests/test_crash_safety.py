@@ -51,8 +51,8 @@ def save_forever():
         step += 1
         network(torch.randn(4, 256)).square().mean().backward()
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
-        save_state(out / "state", progress=Progress(step, 0, step), network=network, optimizer=optimizer,
-                   scheduler=scheduler, scaler=None, profile=profile, keep_last=2)
+        save_state(out / "state", progress=Progress(step, 0, step), network_state=network.state_dict(),
+                   optimizer_state=optimizer.state_dict(), scheduler=scheduler, scaler=None, profile=profile, keep_last=2)
         tensors = {k: v.detach() for k, v in network.state_dict().items()}
         write_lora_file(out / "lora.safetensors", tensors, {"step": str(step)})
         write_lora_file(out / f"lora-step{step:08d}.safetensors", tensors, {"step": str(step)})
@@ -146,7 +146,8 @@ def test_full_disk_during_a_state_save_names_it_and_keeps_earlier_states(tmp_pat
     network = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(network.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = dict(network=network, optimizer=optimizer, scheduler=scheduler, scaler=None, profile=Profile(), keep_last=3)
+    state = dict(network_state=network.state_dict(), optimizer_state=optimizer.state_dict(), scheduler=scheduler,
+                 scaler=None, profile=Profile(), keep_last=3)
     first = save_state(tmp_path, progress=Progress(step=1, epoch=0, batch_in_epoch=1), **state)
 
     def full_disk(self, data):

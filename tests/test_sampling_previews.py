@@ -19,6 +19,7 @@ from anima_core.config.schema import Profile
 from anima_core.models import load_dit, load_text_encoder
 from anima_core.sampling.cli import parse_lora_argument, run_sample_command
 from anima_core.sampling.during_training import TrainingPreviews
+from anima_core.training.distributed import Processes
 from anima_core.training.events import EventLog, make_run_dir
 from anima_plugins.anima_loader import AnimaLoader
 from anima_plugins.lora import create_network
@@ -72,7 +73,7 @@ def trainer(tiny_model, tmp_path):
         dit_dtype=torch.float32, strategies=[RecordingStrategy(calls)], run_dir=run_dir, events=events,
         warn=lambda message, **detail: events.emit("warning", message=message),
         models=AnimaLoader(), ema_weights=lambda use: contextlib.nullcontext(),
-        calls=calls, prompts=prompts,
+        calls=calls, prompts=prompts, processes=Processes.single(torch.device("cpu")),
     )
     yield trainer
     events.close()

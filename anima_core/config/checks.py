@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from anima_core.config.full_rules import FULL, full_problems
+from anima_core.config.full_rules import FULL, fsdp_problems, full_problems
 from anima_core.config.optimizer_rules import optimizer_problems
 from anima_core.config.schema import Profile
 from anima_core.config.slider_rules import is_slider, slider_problems
@@ -127,9 +127,9 @@ def process_problems(profile: Profile, num_processes: int | None = None) -> list
     the LoRA gradients that are summed after backward. ``num_processes``: a launcher's count (default: the
     profile's)."""
     t = profile.training
+    problems = fsdp_problems(profile, num_processes)
     if (num_processes or t.num_processes) == 1:
-        return []
-    problems = []
+        return problems
     if profile.optimizer.fused_backward_pass:
         problems.append(
             "optimizer.fused_backward_pass: updates each weight inside backward, before the processes' gradients "

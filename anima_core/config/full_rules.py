@@ -41,3 +41,28 @@ def full_problems(profile) -> list[str]:
     if all(v == 0 for v in component_rates(o).values()):
         problems.append("optimizer.learning_rate: every group's rate is 0, nothing would be trained")
     return problems
+
+
+def fsdp_problems(profile, num_processes: int | None = None) -> list[str]:
+    """What sharding with FSDP (training.fsdp) needs. ``num_processes``: the run's process count once known (a
+    launcher's); before that, a profile's count of 1 may still become a launcher's several."""
+    t, o = profile.training, profile.optimizer
+    if not t.fsdp:
+        return []
+    if profile.network.module != FULL:
+        return ["training.fsdp: shards the weights of a full fine-tune (network.module = \"full\"); a LoRA run's "
+                "network is small and its gradients are summed over the processes instead, remove training.fsdp"]
+    problems = []
+    if num_processes == 1:
+        problems.append("training.fsdp: shards over the run's processes and this run has one; set training.num_processes "
+                        "to the number of GPUs (or start it under accelerate launch / torchrun with several)")
+    if t.mixed_precision == "fp16":
+        problems.append("training.mixed_precision: fp16's gradient scaler does not work on sharded gradients; "
+                        "use bf16 with training.fsdp")
+    if "8bit" in o.optimizer_type.lower() or "paged" in o.optimizer_type.lower():
+        problems.append(f"optimizer.optimizer_type: {o.optimizer_type} (bitsandbytes) keeps its state in its own quantized "
+                        "blocks, which FSDP's shards do not split; use AdamW or Adafactor with training.fsdp")
+    if profile.model.cuda_graphs:
+        problems.append("model.cuda_graphs: a captured graph cannot hold FSDP's weight gathers and gradient reductions; "
+                        "turn it off with training.fsdp")
+    return problems

@@ -246,6 +246,11 @@ class TrainingTable(Table):
         None, ge=1, description="CPU threads of each process (default: the CPUs divided among the processes). sd-scripts: accelerate's --num_cpu_threads_per_process."
     )
     ddp_timeout: int = Field(30, ge=1, description="Minutes a process waits on the others before the run fails (sd-scripts: --ddp_timeout).")
+    fsdp: bool = Field(
+        False, description="Full fine-tuning over several processes: shard the DiT's weights, gradients and optimizer "
+        "state across them with FSDP2, each process holding about 1/N (whole weights are gathered for each block as it "
+        "runs and for saves). LoRA runs refuse it. sd-scripts: accelerate's --use_fsdp."
+    )
 
 
 class MemoryTable(Table):

@@ -56,6 +56,9 @@ class TrainingPreviews:
         slider = trainer.profile.slider
         self.strengths: list[float] | None = list(slider.preview_strengths) if slider.pairs else None
         self._rows: list[list[Path]] = []  # the render's images per prompt and strength (slider)
+        # Sharded weights (training.fsdp): every process renders, since each forward gathers from all of them,
+        # and the main process writes.
+        self.writes = trainer.processes.is_main
 
     # ---- when ------------------------------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class TrainingPreviews:
         path = Path(trainer.run_dir) / "samples" / image_name(trainer.profile.saving.output_name, label, prompt, seed)
         try:
             image = render_prompt(trainer.dit, vae, encode, prompt, seed=seed, device=trainer.device)
+            if not self.writes:
+                return None
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
         except Exception as exc:
@@ -155,10 +160,14 @@ class TrainingPreviews:
             for strength in self.strengths:
                 with applied_at(trainer.network, strength):
                     image = render_prompt(trainer.dit, vae, encode, prompt, seed=seed, device=trainer.device)
+                if not self.writes:
+                    continue
                 at = samples / strength_name(output_name, label, prompt, seed, strength)
                 with atomic_path(at) as tmp:
                     image.save(tmp, format="PNG")
                 row.append(at)
+            if not self.writes:
+                return None
             path = samples / image_name(output_name, label, prompt, seed)
             with atomic_path(path) as tmp:
                 strength_sheet([[Image.open(p) for p in row]], [strength_label(m) for m in self.strengths]).save(

@@ -15,6 +15,7 @@ How a run stays one run:
   with an empty slice must still take part, and it keeps memory strategies, block swap and compiled
   blocks out of the picture: they change how backward runs, not the gradients it leaves. The fused
   backward pass updates weights inside backward, before any sum, so it is refused with several processes.
+  Full fine-tuning can shard its weights instead of replicating them (``training.fsdp``, training/sharding.py).
 - Caching is divided: each process encodes its share of the images and captions; disk caches are then read
   by all, in-memory ones handed around with ``exchange``, one encode batch a round (data/caching.py).
 - Once per step every process reports through ``exchange`` (stop/save requests, its loss, VRAM); all act on
@@ -195,6 +196,9 @@ def join_processes(profile, device: torch.device) -> Processes:
                 f"training.num_processes is {t.num_processes}, but this process was not started by a launcher; run "
                 "`anima-train run PROFILE` (it starts the processes) or start it under accelerate launch / torchrun."
             )
+        problems = process_problems(profile, 1)
+        if problems:
+            raise LaunchError("; ".join(problems))
         return Processes.single(device)
     processes = Processes.from_launcher(t.device, t.ddp_timeout, t.num_processes)
     problems = process_problems(profile, processes.num_processes)  # the launcher's count, handed down

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from anima_core.training.optim import apply_max_norm, create_fused_backward_optimizer, create_optimizer
+from anima_core.training.sharding import gradient_norm, whole
 
 
 def build_optimizer(profile, plugins, param_groups: list[dict], warn):
@@ -35,20 +34,19 @@ def updates_in_backward(optimizer_cfg) -> bool:
     return bool(optimizer_cfg.fused_backward_pass and not optimizer_cfg.max_grad_norm)
 
 
-def optimizer_step(optimizer, params, *, optimizer_cfg, processes, accelerator, precision: str) -> float:
+def optimizer_step(optimizer, params, *, optimizer_cfg, sum_gradients, accelerator, precision: str) -> float:
     """One update from the accumulated gradients; returns the gradient norm (before clipping; 0.0 when the
-    update happened in backward). A non-finite norm skips the update, except under fp16, whose gradient
-    scaler skips it itself and lowers the scale."""
+    update happened in backward). ``sum_gradients(params)``: the target's sum over the processes. A non-finite
+    norm skips the update, except under fp16, whose gradient scaler skips it itself and lowers the scale."""
     max_norm = optimizer_cfg.max_grad_norm
     if updates_in_backward(optimizer_cfg):
         optimizer.step()  # the updates happened in backward; this keeps the scheduler's count right
         return 0.0
-    processes.sum_gradients(params)
+    sum_gradients(params)
     if max_norm > 0:
-        norm = accelerator.clip_grad_norm_(params, max_norm)
+        norm = whole(accelerator.clip_grad_norm_(params, max_norm))
     else:
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.zeros(())
+        norm = gradient_norm([p.grad for p in params if p.grad is not None])
     norm = float(norm)
     if math.isfinite(norm) or precision == "fp16":
         optimizer.step()

@@ -2,7 +2,8 @@
 older saves, the self-check of each file after it is written, and what to say about them on a stop.
 
 Only the main process writes; the others keep track of the names so every process knows the newest state
-(the NaN guard reloads it on all of them).
+(the NaN guard reloads it on all of them). A sharded target's saves gather its tensors from every process, so
+then every process goes through them and the main one writes.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ class RunOutputs:
     def save(self, path: Path, progress: Progress) -> None:
         """The trained file (with ema_save = "lora" the EMA weights; with "beside" also <name>-ema next to it)."""
         self.last_file = path
-        if not self.is_main:
-            return
         trainer = self.trainer
+        if not (self.is_main or trainer.target.collective):
+            return
         ema = trainer.ema is not None and trainer.profile.optimizer.ema_save
         with trainer.ema.applied() if ema == "lora" else contextlib.nullcontext():
             self._write(path, progress)
@@ -62,6 +63,8 @@ class RunOutputs:
                                  epoch=epoch_number(progress))
         precision = self.saving.save_precision
         target.save(path, metadata=metadata, dtype=SAVE_DTYPES[precision] if precision else target.default_save_dtype)
+        if not self.is_main:
+            return
         trainer.events.emit("save", kind=target.file_kind, path=str(path), step=progress.step, epoch=epoch_number(progress))
         self._self_check(path)
 
@@ -105,14 +108,16 @@ class RunOutputs:
         if progress == self.saved_progress:  # a stop right after a scheduled save: that state is this one
             return
         trainer = self.trainer
+        if self.is_main or trainer.target.collective:
+            weights, optimizer_state = trainer.target.state_dicts(trainer.optimizer)
+            ema = {"ema": trainer.ema.state_dict()} if trainer.ema is not None else None
         if not self.is_main:
             self.last_state, self.saved_progress = state_path(trainer.run_dir / "state", progress.step), replace(progress)
             return
         scaler = getattr(trainer.accelerator, "scaler", None)
-        path = save_state(trainer.run_dir / "state", progress=progress, network=trainer.target.module,
-                          optimizer=trainer.optimizer, scheduler=trainer.scheduler, scaler=scaler, profile=trainer.profile,
-                          keep_last=self.saving.keep_last_n_states,
-                          extra={"ema": trainer.ema.state_dict()} if trainer.ema is not None else None)
+        path = save_state(trainer.run_dir / "state", progress=progress, network_state=weights,
+                          optimizer_state=optimizer_state, scheduler=trainer.scheduler, scaler=scaler,
+                          profile=trainer.profile, keep_last=self.saving.keep_last_n_states, extra=ema)
         self.last_state, self.saved_progress = path, replace(progress)
         trainer.events.emit("save", kind="state", path=str(path), step=progress.step, epoch=epoch_number(progress))
 

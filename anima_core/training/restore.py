@@ -17,8 +17,7 @@ def restore_state(trainer, state_dir: Path | None, *, lr_scale: float | None = N
     loaded = load_state(state_dir, profile=trainer.profile, allow_lr_change=trainer.allow_lr_change) \
         if trainer.processes.is_main else None
     progress, network_state, trainer_state = trainer.processes.from_main(loaded)
-    trainer.network.load_state_dict(network_state)
-    trainer.optimizer.load_state_dict(trainer_state["optimizer"])
+    trainer.target.load_state_dicts(trainer.optimizer, network_state, trainer_state["optimizer"])
     train_mode(trainer.optimizer)  # a schedule-free state is saved with its eval weights
     trainer.scheduler.load_state_dict(trainer_state["scheduler"])
     if trainer.ema is not None:

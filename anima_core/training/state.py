@@ -85,15 +85,16 @@ def state_path(state_root: Path, step: int) -> Path:
     return state_root / f"step-{step:08d}"
 
 
-def save_state(state_root: Path, *, progress: Progress, network, optimizer, scheduler, scaler, profile: Profile, keep_last: int,
-               extra: dict | None = None) -> Path:
-    """``extra``: more trainer state to restore with the rest (the EMA weights)."""
+def save_state(state_root: Path, *, progress: Progress, network_state: dict, optimizer_state: dict, scheduler, scaler,
+               profile: Profile, keep_last: int, extra: dict | None = None) -> Path:
+    """``network_state``, ``optimizer_state``: the training target's (targets.py ``state_dicts``); ``extra``: more
+    trainer state to restore with the rest (the EMA weights)."""
     target = state_path(state_root, progress.step)
     with atomic_directory(target) as tmp:
-        _write_torch(network.state_dict(), tmp / "network.pt")
+        _write_torch(network_state, tmp / "network.pt")
         _write_torch(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(),

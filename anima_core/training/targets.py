@@ -40,6 +40,16 @@ class TrainingTarget(Protocol):
 
     def self_check(self, path: Path): ...
 
+    collective: bool  # saves and states need every process (a sharded target gathers its tensors)
+
+    def empty_slice(self, device) -> None: ...  # this process's slice of a batch is empty
+
+    def sum_gradients(self, params) -> None: ...  # after the step's backward passes: the processes' sum
+
+    def state_dicts(self, optimizer) -> tuple[dict, dict]: ...  # (weights, optimizer state) for a state folder
+
+    def load_state_dicts(self, optimizer, weights: dict, optimizer_state: dict) -> None: ...
+
 
 class NetworkTarget:
     """A network plugin's adapters over the frozen DiT (and text encoder): the model's weights never change,
@@ -48,8 +58,9 @@ class NetworkTarget:
     file_kind = "lora"
     file_label = "LoRA"
     default_save_dtype = torch.float32  # saving.save_precision unset
+    collective = False  # the main process saves alone
 
-    def __init__(self, profile, plugins, *, dit, text_encoder, data, device, log):
+    def __init__(self, profile, plugins, *, dit, text_encoder, data, device, log, processes):
         cfg = profile.network
         create = plugins.registry("register_networks").get(cfg.module)
         train_te = not cfg.train_unet_only
@@ -61,6 +72,7 @@ class NetworkTarget:
         # Adapters start on their target's device, which is the CPU for swapped-out blocks.
         network.to(device=device, dtype=torch.bfloat16 if profile.training.full_bf16 else torch.float32)
         self.module = network
+        self.processes = processes
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -79,6 +91,19 @@ class NetworkTarget:
         """The dataset's network_multiplier for one batch's forward and backward."""
         return applied_at(self.module, multiplier)
 
+    def empty_slice(self, device) -> None:
+        """Nothing to run: the gradients this process adds are zero (summed after backward)."""
+
+    def sum_gradients(self, params) -> None:
+        self.processes.sum_gradients(params)
+
+    def state_dicts(self, optimizer) -> tuple[dict, dict]:
+        return self.module.state_dict(), optimizer.state_dict()
+
+    def load_state_dicts(self, optimizer, weights: dict, optimizer_state: dict) -> None:
+        self.module.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+
     def metadata(self) -> dict[str, str]:
         return self.module.metadata()
 
@@ -94,7 +119,7 @@ class NetworkTarget:
 def target_class(profile) -> type:
     """The kind of target the profile trains (``network.module = "full"``: the DiT's own weights), known before
     any model loads (messages name its files); built with ``(profile, plugins, dit=, text_encoder=, data=,
-    device=, log=)`` once the models are loaded."""
+    device=, log=, processes=)`` once the models are loaded."""
     if profile.network.module == FULL:
         from anima_core.training.full_weights import FullWeightsTarget
 

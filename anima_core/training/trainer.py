@@ -127,7 +127,7 @@ class Trainer:
     def _build_target(self) -> None:
         """What is trained (targets.py), its optimizer and EMA."""
         self.target = self.target_kind(self.profile, self.plugins, dit=self.dit, text_encoder=self.text_encoder,
-                                       data=self.data, device=self.device, log=self.log)
+                                       data=self.data, device=self.device, log=self.log, processes=self.processes)
         self.network = self.target.module
         self.prior = PriorPreservation(self)  # samples trained toward the base model's prediction (prior.py)
         groups = self.target.param_groups(self.profile.optimizer)
@@ -164,6 +164,7 @@ class Trainer:
         t = self.profile.training
         torch.manual_seed(step_seed(t.seed, step, micro))  # LoRA dropouts draw from the global RNG
         if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
+            self.target.empty_slice(self.device)
             return torch.zeros((), device=self.device), []
         if getattr(batch, "is_slider", False):  # prompt pairs against the base model (training/slider.py)
             def slider_step():  # reseeded, so a compile failure's eager rerun draws the same
@@ -221,7 +222,7 @@ class Trainer:
                 micro_losses, samples, placed = [], [], 0
                 finite_loss = math.isfinite(report.loss)
                 norm = optimizer_step(self.optimizer, self.params, optimizer_cfg=self.profile.optimizer,
-                                      processes=self.processes, accelerator=self.accelerator,
+                                      sum_gradients=self.target.sum_gradients, accelerator=self.accelerator,
                                       precision=self.precision) if finite_loss or fp16 else math.nan
                 if not (finite_loss and (math.isfinite(norm) or fp16)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -283,7 +284,8 @@ class Trainer:
         return progress
 
     def _build_previews(self):
-        if self.profile.sampling.sample_prompts is None or not self.processes.is_main:
+        """On the main process; on every one when the weights are sharded (each forward gathers from all)."""
+        if self.profile.sampling.sample_prompts is None or not (self.processes.is_main or self.target.collective):
             return None
         return TrainingPreviews(self)
 
@@ -349,8 +351,9 @@ class Trainer:
             num_epochs=self.num_epochs, started_at=time.time(), dit_config=self.dit.config)
         progress = self._prepare_training()
         self.previews = self._build_previews()
-        # the main process evaluates the whole held-out split; the others wait for it at the next step
-        self.validation = build_validation(self) if self.processes.is_main else None
+        # the main process evaluates the whole held-out split (with sharded weights, every process takes part);
+        # the others wait for it at the next step
+        self.validation = build_validation(self) if self.processes.is_main or self.target.collective else None
         if self.previews is not None and self.profile.sampling.sample_at_first and progress.step == 0:
             with eval_weights(self.optimizer):
                 self.previews.render(step=0, epoch=0)

@@ -1,0 +1,136 @@
+"""Full fine-tuning sharded with FSDP2 (training.fsdp) over 2 gloo processes: the same weights as one process
+with twice the batch, whole-tensor saves and states written by the main process, a bitwise resume of a
+sharded state, and what sharding refuses."""
+
+from __future__ import annotations
+
+import pytest
+import tomli_w
+import torch
+from safetensors.torch import load_file
+from test_distributed import anima_train
+from training_helpers import make_run, read_events, tiny_profile_data, write_images
+
+from anima_core.config import profile_from_dict
+from anima_core.errors import ProfileError
+from anima_core.plugins import build_plugins
+
+FULL = {"module": "full", "dim": None, "alpha": None}
+# SGD with momentum: the comparison sees the gradients (AdamW's √v division magnifies rounding-sized
+# differences of near-zero gradients) and the optimizer still has a state to shard and gather.
+SGD = {"optimizer_type": "SGD", "learning_rate": 1e-2, "optimizer_args": {"momentum": 0.9}, "ema_decay": 0.5,
+       "ema_save": "beside"}
+STEPS = {"max_train_steps": 4}
+SAVES = {"save_precision": "float", "save_state": True, "save_state_every_n_steps": 2, "keep_last_n_states": 3}
+
+
+def weights(path):
+    return {k.removeprefix("net."): v for k, v in load_file(path).items()}
+
+
+def relative_update_difference(base, left, right) -> float:
+    """‖Δleft − Δright‖ / ‖Δright‖ over every tensor: the updates, since the untouched weights' size would hide
+    a wrong sum."""
+    difference = size = 0.0
+    for key, b in base.items():
+        a_delta, b_delta = left[key].double() - b.double(), right[key].double() - b.double()
+        difference += float((a_delta - b_delta).pow(2).sum())
+        size += float(b_delta.pow(2).sum())
+    assert size > 0
+    return (difference / size) ** 0.5
+
+
+def sharded_profile(root, tiny_model, name, saving=None, **extra):
+    data = tiny_profile_data(root, tiny_model, network={"module": "full"}, optimizer=SGD,
+                             dataset={"train_batch_size": 1}, saving={**SAVES, **(saving or {})},
+                             training={**STEPS, "num_processes": 2, "num_cpu_threads_per_process": 1, "fsdp": True},
+                             **extra)
+    for key in ("dim", "alpha"):
+        data["network"].pop(key)
+    data["logging"]["run_name"] = name
+    path = root / f"{name}.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def test_two_sharded_processes_train_one_processs_weights_and_resume_bit_for_bit(tmp_path, tiny_model):
+    """3 images, global batch 2: every second batch leaves process 1 an empty slice, which must still take part
+    in the weight gathers. The final preview renders on both processes (each forward gathers) and is written once."""
+    write_images(tmp_path / "data", count=3, repeats=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 64 --s 2 --d 5\n")
+    sampling = {"sampling": {"sample_prompts": str(prompts)}}
+    anima_train("run", sharded_profile(tmp_path, tiny_model, "sharded", **sampling))
+    out = tmp_path / "out"
+    run_dir = out / "runs" / "sharded"
+    events = read_events(run_dir)
+    assert any("sharded over 2 processes" in e.get("message", "") for e in events)
+    checks = [e["message"] for e in events if e["type"] == "log" and e["message"].startswith("self-check")]
+    assert checks and all("the released layout, equal to the trained weights" in m for m in checks)
+    assert [e["path"] for e in events if e["type"] == "sample"] and len(list((run_dir / "samples").glob("*.png"))) == 1
+
+    write_images(tmp_path / "ref" / "data", count=3, repeats=1)
+    reference = make_run(tmp_path / "ref", tiny_model, network=FULL, optimizer=SGD, training=STEPS,
+                         saving={**SAVES, "output_dir": str(tmp_path / "ref" / "out")}).run()
+    base = weights(tiny_model.dit)
+    sharded = weights(out / "lora.safetensors")
+    assert sharded.keys() == base.keys()
+    assert relative_update_difference(base, sharded, weights(reference.lora_path)) <= 1e-5
+    assert relative_update_difference(base, weights(out / "lora-ema.safetensors"),
+                                      weights(reference.lora_path.with_name("lora-ema.safetensors"))) <= 1e-5
+    # the state holds whole tensors under the DiT's own names, as a one-process state does
+    state = torch.load(run_dir / "state" / "step-00000002" / "network.pt", weights_only=True)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in base.items()}
+
+    resumed_profile = sharded_profile(tmp_path, tiny_model, "resumed", saving={"output_dir": str(tmp_path / "again")})
+    anima_train("run", resumed_profile, "--resume", run_dir / "state" / "step-00000002")
+    again = load_file(tmp_path / "again" / "lora.safetensors")
+    first = load_file(out / "lora.safetensors")
+    assert [k for k in first if not torch.equal(first[k], again[k])] == []
+
+
+def test_a_state_keyed_by_parameter_name_loads_unsharded_as_torchs_own_does(tmp_path, tiny_model):
+    """A sharded run's optimizer state is keyed by parameter name; a run without sharding takes it as it takes
+    its own numbered one (the same optimizer state afterwards), and the numbered one converts to names."""
+    from anima_core.training.full_weights import named_optimizer_state
+
+    trainer = make_run(tmp_path, tiny_model, network=FULL, optimizer=SGD, training={"max_train_steps": 2},
+                       saving={"save_state": True})
+    result = trainer.run()
+    saved = torch.load(sorted((result.run_dir / "state").iterdir())[-1] / "trainer.pt", weights_only=False)["optimizer"]
+    target, optimizer = trainer.target, trainer.optimizer
+    weights_now = {k: v.clone() for k, v in target.module.state_dict().items()}
+    named = named_optimizer_state(saved, target._trained_names())
+    assert all(isinstance(k, str) for k in named["state"]) and len(named["state"]) == len(saved["state"])
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"].zero_()
+    target.load_state_dicts(optimizer, weights_now, named)
+    loaded = optimizer.state_dict()
+    assert loaded["state"].keys() == saved["state"].keys()
+    assert all(torch.equal(loaded["state"][i]["momentum_buffer"], saved["state"][i]["momentum_buffer"]) for i in saved["state"])
+
+
+@pytest.mark.parametrize("tables, message", [
+    ({"network": {"module": "lora", "dim": 4, "alpha": 4.0}}, "training.fsdp: shards the weights of a full fine-tune"),
+    ({"training": {"mixed_precision": "fp16"}}, "training.mixed_precision: fp16's gradient scaler"),
+    ({"optimizer": {"optimizer_type": "AdamW8bit"}}, "optimizer.optimizer_type: AdamW8bit (bitsandbytes)"),
+    ({"model": {"cuda_graphs": True}}, "model.cuda_graphs: a captured graph cannot hold FSDP's"),
+])
+def test_what_sharding_cannot_do_is_refused_by_name(tmp_path, tiny_model, tables, message):
+    data = tiny_profile_data(tmp_path, tiny_model, network=FULL, training={"num_processes": 2, "fsdp": True})
+    for table, values in tables.items():
+        data[table] = {**data[table], **values}
+    if data["network"]["module"] == "full":
+        for key in ("dim", "alpha"):
+            data["network"].pop(key, None)
+    with pytest.raises(ProfileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        profile_from_dict(data, plugins=build_plugins(entry_points=False))
+
+
+def test_sharding_one_process_is_refused_when_the_run_starts(tmp_path, tiny_model):
+    from anima_core.training.distributed import LaunchError
+
+    trainer = make_run(tmp_path, tiny_model, network=FULL, training={"fsdp": True})
+    with pytest.raises(LaunchError, match="training.fsdp: shards over the run's processes and this run has one"):
+        trainer.run()
