@@ -134,3 +134,44 @@ def test_sharding_one_process_is_refused_when_the_run_starts(tmp_path, tiny_mode
     trainer = make_run(tmp_path, tiny_model, network=FULL, training={"fsdp": True})
     with pytest.raises(LaunchError, match="training.fsdp: shards over the run's processes and this run has one"):
         trainer.run()
+
+
+def test_accelerates_use_fsdp_imports_as_training_fsdp():
+    from anima_core.kohya.importer import import_command_line
+
+    result = import_command_line(
+        "accelerate launch --use_fsdp --fsdp_version 2 --num_processes 4 anima_train.py "
+        "--pretrained_model_name_or_path a.safetensors --learning_rate 1e-5 --output_dir out")
+    assert result.data["training"]["fsdp"] is True and result.data["training"]["num_processes"] == 4
+    assert any("--fsdp_version 2" in w for w in result.warnings)
+    plain = import_command_line("accelerate launch --num_processes 4 anima_train.py "
+                                "--pretrained_model_name_or_path a.safetensors --output_dir out")
+    assert "fsdp" not in plain.data["training"]
+
+
+def test_plan_splits_a_sharded_full_fine_tunes_weights_gradients_and_optimizer_state():
+    """Anima 2B, AdamW, 1024² batch 1 with checkpointing: over 4 processes each holds a quarter of the weights,
+    gradients and moments, plus the blocks FSDP gathers whole; the activations stay one process's own."""
+    from anima_core.config.schema import Profile
+    from anima_core.models.dit import DiTConfig
+    from anima_core.training.planner import plan
+
+    def training_phase(**training):
+        data = {"network": {"module": "full"}, "dataset": {"resolution": 1024, "train_batch_size": 1},
+                "caching": {"cache_latents": True, "cache_text_encoder_outputs": True},
+                "memory": {"gradient_checkpointing": True}, "optimizer": {"optimizer_type": "AdamW"},
+                "training": {"mixed_precision": "bf16", **training}}
+        result = plan(Profile.model_validate(data), DiTConfig(), vram_gib=80)
+        return next(p for p in result.phases if p.name == "training"), result
+
+    whole, _ = training_phase(num_processes=4)
+    sharded, sharded_plan = training_phase(num_processes=4, fsdp=True)
+    gathered = next(k for k in sharded.parts if k.startswith("blocks gathered whole"))
+    for name in ("optimizer state", "float32 trained weights (beyond the DiT's dtype)", "gradients"):
+        assert sharded.parts[name] == pytest.approx(whole.parts[name] / 4, rel=1e-6)
+    weights = next(k for k in whole.parts if k.startswith("DiT weights"))
+    assert sharded.parts[weights] == pytest.approx(whole.parts[weights] / 4, rel=1e-6)
+    assert sharded.parts["activations"] == whole.parts["activations"]
+    assert 0 < sharded.parts[gathered] < 0.1 * whole.parts["optimizer state"]
+    assert sharded.peak < 0.4 * whole.peak
+    assert any("split 4 ways" in note for note in sharded_plan.notes)

@@ -11,15 +11,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_resume import StopAtStep
-from training_helpers import make_run, read_events
+from training_helpers import make_run, read_events, tiny_profile_data, write_images
 
 from anima_core.config import profile_from_dict
 from anima_core.errors import ProfileError
+from anima_core.hookspecs import hookimpl
 from anima_core.kohya.importer import import_command_line
 from anima_core.models import load_dit
 from anima_core.models.checkpoint import save_safetensors_atomic
 from anima_core.plugins import build_plugins
 from anima_core.training.full_weights import component_of
+from anima_core.training.state import list_states
 
 FULL = {"module": "full", "dim": None, "alpha": None}
 
@@ -227,3 +229,70 @@ def test_two_processes_train_the_weights_one_process_trains_with_twice_the_batch
     difference = sum(float((a - b).pow(2).sum()) for a, b in delta.values()) ** 0.5
     size = sum(float(b.pow(2).sum()) for _, b in delta.values()) ** 0.5
     assert size > 0 and difference <= 1e-5 * size, f"relative difference {difference / size:.3g} of the updates"
+
+
+# Trains the profile with a loss weighting that kills its own process (SIGKILL, nothing runs after it) at its
+# KILL_AT-th call: in the middle of that step, after the earlier steps' states were written.
+KILLED_RUN = r"""
+import os, signal, sys
+from pathlib import Path
+
+from anima_core.config import profile_from_dict
+from anima_core.config.load import read_profile_data
+from anima_core.hookspecs import hookimpl
+from anima_core.plugins import build_plugins
+from anima_core.training.trainer import Trainer
+
+
+class Dies:
+    calls = 0
+
+    @hookimpl
+    def register_loss_weightings(self, register):
+        def weighting(sigmas):
+            Dies.calls += 1
+            if Dies.calls == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return sigmas * 0 + 1
+
+        register("dies", weighting)
+
+
+plugins = build_plugins(entry_points=False, extra=(Dies(),))
+Trainer(profile_from_dict(read_profile_data(Path(sys.argv[1])), plugins=plugins), plugins).run()
+"""
+
+
+class Uniform:
+    @hookimpl
+    def register_loss_weightings(self, register):
+        register("dies", lambda sigmas: sigmas * 0 + 1)  # the killed run's weighting, without the kill
+
+
+def test_a_full_fine_tune_killed_with_sigkill_resumes_bit_for_bit(tmp_path, tiny_model):
+    import os
+    import subprocess
+    import sys
+
+    from anima_core.config import profile_to_toml
+
+    tables = dict(network=FULL, optimizer={"optimizer_type": "AdamW", "learning_rate": 1e-3},
+                  training={"max_train_steps": 5, "loss_weighting": "dies"},
+                  saving={"save_state": True, "save_state_every_n_steps": 1, "keep_last_n_states": 2})
+    plugins = build_plugins(entry_points=False, extra=(Uniform(),))
+    reference = make_run(tmp_path / "ref", tiny_model, images=3, plugins=plugins, **tables,
+                         logging={"run_name": "ref"}).run()
+    write_images(tmp_path / "data", count=3)
+    profile = profile_from_dict(tiny_profile_data(tmp_path, tiny_model, **tables, logging={"run_name": "killed"}),
+                                plugins=plugins)
+    (tmp_path / "killed.toml").write_text(profile_to_toml(profile))
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "killed.toml")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "KILL_AT": "4", "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_dir = tmp_path / "out" / "runs" / "killed"
+    assert [p.name for p in list_states(run_dir / "state")] == ["step-00000002", "step-00000003"]
+    resumed = make_run(tmp_path, tiny_model, plugins=plugins, resume=str(run_dir), **tables,
+                       logging={"run_name": "resumed"}).run()
+    assert resumed.status == "finished" and resumed.step == 5
+    a, b = load_file(reference.lora_path), load_file(resumed.lora_path)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -245,6 +245,8 @@ LEDGER: dict[str, list[str]] = {
                                "tests/test_distributed.py::test_detached_two_process_run_trains_the_one_process_lora"],
     "training.num_cpu_threads_per_process": [E + "test_process_options_reach_the_process_group_and_torch"],
     "training.ddp_timeout": [E + "test_process_options_reach_the_process_group_and_torch"],
+    "training.fsdp": ["tests/test_fsdp.py::test_two_sharded_processes_train_one_processs_weights_and_resume_bit_for_bit",
+                      "tests/test_fsdp.py::test_sharding_one_process_is_refused_when_the_run_starts"],
     # ---- [memory] -----------------------------------------------------------------------------------------
     "memory.gradient_checkpointing": [MEMORY + "[gradient_checkpointing]"],
     "memory.selective_checkpointing": [MEMORY + "[selective_checkpointing]",

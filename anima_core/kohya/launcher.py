@@ -1,7 +1,8 @@
 """The launcher part of a pasted command: `accelerate launch [options]` (or `torchrun [options]`).
 
-Its process count and CPU threads become training.num_processes and training.num_cpu_threads_per_process;
-the rest (machines, ports, its own mixed precision, `python`) is named in a note, since the profile runs on
+Its process count and CPU threads become training.num_processes and training.num_cpu_threads_per_process,
+`--use_fsdp` training.fsdp (the sharding of a full fine-tune; accelerate's other --fsdp_* options are its ways
+of doing it and are named in the note); the rest (machines, ports, its own mixed precision, `python`) is named in a note, since the profile runs on
 one machine and the sd-scripts flags already say the precision.
 """
 
@@ -15,12 +16,13 @@ TARGETS = {
     "--nproc_per_node": "num_processes", "--nproc-per-node": "num_processes",
     "--num_cpu_threads_per_process": "num_cpu_threads_per_process",
 }
-SWITCHES = {"--multi_gpu", "--multi-gpu", "--cpu", "--standalone", "--use_deepspeed", "--use_fsdp", "--debug"}
+FSDP_SWITCHES = {"--use_fsdp", "--use-fsdp"}
+SWITCHES = {"--multi_gpu", "--multi-gpu", "--cpu", "--standalone", "--use_deepspeed", "--debug", *FSDP_SWITCHES}
 
 
 @dataclass
 class LauncherOptions:
-    values: dict[str, int] = field(default_factory=dict)  # training key -> value
+    values: dict[str, int | bool] = field(default_factory=dict)  # training key -> value
     written: dict[str, str] = field(default_factory=dict)  # training key -> the option as written
     left_out: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -41,6 +43,9 @@ def read_launcher(tokens: list[str]) -> LauncherOptions:
         if takes_value:
             value = tokens[index]
             index += 1
+        if name in FSDP_SWITCHES:
+            found.values["fsdp"], found.written["fsdp"] = True, name
+            continue
         key = TARGETS.get(name)
         if key is None:
             found.left_out.append(f"{name} {value}".strip() if (equals or takes_value) else name)

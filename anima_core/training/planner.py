@@ -297,6 +297,11 @@ def _full(profile) -> bool:
     return option(profile, "network", "module", None) == FULL
 
 
+def _fsdp_processes(profile) -> int:
+    """The processes a full fine-tune's weights are sharded over (training.fsdp), or 1."""
+    return int(option(profile, "training", "num_processes", 1)) if option(profile, "training", "fsdp", False) else 1
+
+
 def full_trained_count(profile, dit: torch.nn.Module) -> int:
     """The DiT parameters full fine-tuning trains: those of every group whose rate is not 0."""
     from anima_core.training.full_weights import component_of
@@ -438,6 +443,13 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
         parts["gradients" + (" (fused backward: one block's)" if fused else "")] = (
             min(counts.block_params, lora_params) if fused else lora_params) * lora_bytes
         parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
+        shards = _fsdp_processes(profile)
+        if shards > 1:  # each process holds 1/N of it all, plus the blocks gathered whole around the one running
+            parts = {name: (size + shards - 1) // shards if name.startswith(("DiT weights", "float32", "gradients",
+                                                                               "optimizer")) else size
+                     for name, size in parts.items()}
+            parts["blocks gathered whole (FSDP: running + prefetched) and one block's unsharded gradients"] = (
+                2 * counts.block_params * act_bytes + counts.block_params * lora_bytes)
     else:
         parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
         parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
@@ -591,6 +603,9 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
         accum = int(option(profile, "training", "gradient_accumulation_steps", 1))
         notes.append(f"memory of each GPU: each of the {processes} processes trains batch {batch}; the global batch is "
                      f"{batch} × {processes} processes × {accum} accumulation steps = {batch * processes * accum}.")
+        if _fsdp_processes(profile) > 1:
+            notes.append(f"training.fsdp: the DiT's weights, gradients and optimizer state are split {processes} ways "
+                         "(the rows above are one process's share).")
     vram = None if vram_gib is None else int(vram_gib * GIB)
     fits: list[Fit] = []
     if vram is not None:
