@@ -116,6 +116,7 @@ def test_a_state_keyed_by_parameter_name_loads_unsharded_as_torchs_own_does(tmp_
     ({"training": {"mixed_precision": "fp16"}}, "training.mixed_precision: fp16's gradient scaler"),
     ({"optimizer": {"optimizer_type": "AdamW8bit"}}, "optimizer.optimizer_type: AdamW8bit (bitsandbytes)"),
     ({"model": {"cuda_graphs": True}}, "model.cuda_graphs: a captured graph cannot hold FSDP's"),
+    ({"model": {"compile_blocks": True}}, "model.compile_blocks: blocks compile in place"),
 ])
 def test_what_sharding_cannot_do_is_refused_by_name(tmp_path, tiny_model, tables, message):
     data = tiny_profile_data(tmp_path, tiny_model, network=FULL, training={"num_processes": 2, "fsdp": True})
@@ -175,3 +176,19 @@ def test_plan_splits_a_sharded_full_fine_tunes_weights_gradients_and_optimizer_s
     assert 0 < sharded.parts[gathered] < 0.1 * whole.parts["optimizer state"]
     assert sharded.peak < 0.4 * whole.peak
     assert any("split 4 ways" in note for note in sharded_plan.notes)
+
+
+def test_sharded_blocks_run_eagerly_on_cuda_where_they_would_compile_by_default(tmp_path, tiny_model, monkeypatch):
+    from anima_core.training import executors
+    from anima_core.training.executors import CompiledStep, choose_step
+
+    monkeypatch.setattr(executors, "compiler_missing", lambda device: None)  # as on a GPU machine with Triton
+    write_images(tmp_path / "data")
+
+    def step_for(fsdp):
+        data = tiny_profile_data(tmp_path, tiny_model, network=FULL, training={"num_processes": 2, "fsdp": fsdp})
+        return choose_step(profile_from_dict(data), torch.device("cuda"), [], warn=print)
+
+    assert isinstance(step_for(False), CompiledStep)
+    sharded = step_for(True)
+    assert sharded.name == "eager" and "training.fsdp" in sharded.why

@@ -62,6 +62,9 @@ def fsdp_problems(profile, num_processes: int | None = None) -> list[str]:
     if "8bit" in o.optimizer_type.lower() or "paged" in o.optimizer_type.lower():
         problems.append(f"optimizer.optimizer_type: {o.optimizer_type} (bitsandbytes) keeps its state in its own quantized "
                         "blocks, which FSDP's shards do not split; use AdamW or Adafactor with training.fsdp")
+    if profile.model.compile_blocks:
+        problems.append("model.compile_blocks: blocks compile in place, so the compiled code would hold FSDP's weight "
+                        "gathers, which is not supported yet; leave compile_blocks unset (eager under training.fsdp)")
     if profile.model.cuda_graphs:
         problems.append("model.cuda_graphs: a captured graph cannot hold FSDP's weight gathers and gradient reductions; "
                         "turn it off with training.fsdp")

@@ -134,6 +134,8 @@ def choose_step(profile, device: torch.device, strategies, *, warn: Callable[[st
     """The executor for this run. ``model.compile_blocks`` unset: compiled on CUDA (where it pays), eager
     elsewhere; ``model.cuda_graphs``: capture too, unless a strategy cannot be captured (said, then compiled)."""
     model = profile.model
+    if profile.training.fsdp and model.compile_blocks is None:  # an explicit true is refused (full_rules.py)
+        return EagerStep("training.fsdp: blocks run eagerly (compiling them in place would trace FSDP's hooks)")
     wanted = model.compile_blocks if model.compile_blocks is not None else device.type == "cuda"
     how = "model.compile_blocks" if model.compile_blocks is not None else f"compiling by default on {device.type}"
     if not wanted:
