@@ -124,7 +124,8 @@ def test_a_stopped_full_fine_tune_resumes_bit_for_bit(tmp_path, tiny_model):
     ({"optimizer": {"unet_lr": 1e-4}}, "optimizer.unet_lr: a LoRA rate"),
     ({"optimizer": {"scale_weight_norms": 1.0}}, "optimizer.scale_weight_norms"),
     ({"memory": {"fp8_base": True}}, "memory.fp8_base: stores the frozen weights in fp8"),
-    ({"memory": {"blocks_to_swap": 2}}, "memory.blocks_to_swap: not supported with full fine-tuning yet"),
+    ({"memory": {"blocks_to_swap": 2}}, "memory.blocks_to_swap: with full fine-tuning a swapped block's weights are "
+                                         "updated while it is on the GPU, during backward"),
     ({"optimizer": {"learning_rate": 0.0}}, "every group's rate is 0"),
 ])
 def test_what_full_fine_tuning_cannot_do_is_refused_by_name(tmp_path, tables, message):
@@ -201,7 +202,18 @@ def test_plan_counts_full_fine_tunings_gradients_and_optimizer_states(tmp_path):
     assert fused.peak < 0.5 * adamw.peak and fused.peak < 23 * gib
     assert frozen_mlp.parts["optimizer state"] < adamw.parts["optimizer state"]
     assert fused_plan.fits and fused_plan.cheapest_fits
-    assert all(not f.settings.blocks_to_swap and not f.settings.fp8_base for f in fused_plan.cheapest_fits)
+    assert all(not f.settings.fp8_base for f in fused_plan.cheapest_fits)
+    # block swap: only with the fused backward pass (a swapped block is updated during its backward)
+    def fits(vram, **optimizer):
+        data = {"network": dict(FULL), "dataset": {"resolution": 1024, "train_batch_size": 1},
+                "caching": {"cache_latents": True, "cache_text_encoder_outputs": True},
+                "training": {"mixed_precision": "bf16"}, "optimizer": optimizer}
+        return plan(Profile.model_validate(data), DiTConfig(), vram_gib=vram).cheapest_fits
+
+    small = fits(8, optimizer_type="Adafactor", fused_backward_pass=True, max_grad_norm=0.0,
+                 optimizer_args={"relative_step": False})
+    assert small and all(f.settings.blocks_to_swap for f in small)
+    assert not any(f.settings.blocks_to_swap for f in fits(80, optimizer_type="AdamW")) and not fits(8, optimizer_type="AdamW")
 
 
 def test_two_processes_train_the_weights_one_process_trains_with_twice_the_batch(tmp_path, tiny_model):
@@ -296,3 +308,37 @@ def test_a_full_fine_tune_killed_with_sigkill_resumes_bit_for_bit(tmp_path, tiny
     assert resumed.status == "finished" and resumed.step == 5
     a, b = load_file(reference.lora_path), load_file(resumed.lora_path)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_block_swap_with_the_fused_backward_pass_trains_what_resident_blocks_train(tmp_path, tiny_model):
+    """2 of the 4 blocks live on the CPU between uses: each is updated by Adafactor's fused pass during its
+    backward and copied back as it leaves, so the weights are those of the run with every block resident (up to
+    the order in which the blocks' contributions to the shared inputs' gradients add up), and a stopped swapped
+    run resumes bit for bit."""
+    adafactor = {"optimizer_type": "Adafactor", "learning_rate": 1e-3, "fused_backward_pass": True,
+                 "max_grad_norm": 0.0, "optimizer_args": {"relative_step": False, "scale_parameter": False}}
+
+    def go(name, plugins=None, **kw):
+        return make_run(tmp_path / name, tiny_model, images=3, network=FULL, optimizer=adafactor, plugins=plugins,
+                        training={"max_train_steps": 3}, saving={"save_precision": "float", "save_state": True,
+                                                                 "output_dir": str(tmp_path / name / "out")},
+                        logging={"run_name": name}, **kw)
+
+    resident = go("resident").run()
+    swapping = go("swapped", memory={"blocks_to_swap": 2})
+    swapped = swapping.run()
+    assert [s.name for s in swapping.strategies] == ["blocks_to_swap"]
+    assert {m.phase for m in swapping.strategies[0].swapper.log} >= {"forward", "backward"}
+    base = weights(tiny_model.dit)
+    one, two = weights(resident.lora_path), weights(swapped.lora_path)
+    assert not torch.equal(two["blocks.3.mlp.layer1.weight"], base["blocks.3.mlp.layer1.weight"].float())
+    delta = [(two[k].double() - base[k].double(), one[k].double() - base[k].double()) for k in base]
+    difference = sum(float((a - b).pow(2).sum()) for a, b in delta) ** 0.5
+    assert difference <= 1e-5 * sum(float(b.pow(2).sum()) for _, b in delta) ** 0.5
+
+    stopped = go("stopped", plugins=build_plugins(entry_points=False, extra=(StopAtStep(2),)),
+                 memory={"blocks_to_swap": 2}).run()
+    assert stopped.status == "stopped" and stopped.step == 2
+    resumed = go("stopped", memory={"blocks_to_swap": 2}, resume=str(stopped.run_dir)).run()
+    a, b = load_file(swapped.lora_path), load_file(resumed.lora_path)
+    assert resumed.step == 3 and [k for k in a if not torch.equal(a[k], b[k])] == []

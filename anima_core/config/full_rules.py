@@ -35,9 +35,13 @@ def full_problems(profile) -> list[str]:
         problems.append("optimizer.scale_weight_norms: scales LoRA up/down pairs; full fine-tuning has none")
     if m.fp8_base or m.fp8_base_unet:
         problems.append("memory.fp8_base: stores the frozen weights in fp8; full fine-tuning trains them, turn it off")
-    if m.blocks_to_swap:
-        problems.append("memory.blocks_to_swap: not supported with full fine-tuning yet (the optimizer would step "
-                        "weights that live on the CPU); use gradient checkpointing and Adafactor's fused backward pass")
+    if m.blocks_to_swap and not (o.fused_backward_pass and not o.max_grad_norm):
+        problems.append("memory.blocks_to_swap: with full fine-tuning a swapped block's weights are updated while it is "
+                        "on the GPU, during backward, which needs optimizer.fused_backward_pass = true with "
+                        "max_grad_norm = 0 (Adafactor); set them, or blocks_to_swap = 0")
+    if m.blocks_to_swap and profile.training.fsdp:
+        problems.append("memory.blocks_to_swap: FSDP already splits the weights over the processes; swapping blocks of "
+                        "sharded weights is not supported, set blocks_to_swap = 0 with training.fsdp")
     if all(v == 0 for v in component_rates(o).values()):
         problems.append("optimizer.learning_rate: every group's rate is 0, nothing would be trained")
     return problems

@@ -61,18 +61,27 @@ class FullWeightsTarget:
     default_save_dtype = torch.bfloat16  # the released files' dtype
     trains_text_encoder = False
 
+    @staticmethod
+    def prepare_dit(profile, dit) -> None:
+        """Before the memory strategies place the weights (block swap keeps a CPU copy of each block's, in
+        their final dtype): the trained weights require grad and are float32 unless training.full_bf16 (the
+        LoRA rule, and sd-scripts' without --full_bf16: a bf16 weight rounds away updates below its precision,
+        as lr 1e-5 steps are)."""
+        rates = component_rates(profile.optimizer)
+        dtype = torch.bfloat16 if profile.training.full_bf16 else torch.float32
+        for name, param in dit.named_parameters():
+            param.requires_grad_(rates[component_of(name)] > 0)
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+
     def __init__(self, profile, plugins, *, dit, text_encoder, data, device, log, processes):
+        """``dit``: prepared by :meth:`prepare_dit`, then placed by the memory strategies."""
         refuse_unsupported_multipliers(dit, FULL, data)
         self.module = dit
         self.processes = processes
+        self.device = device
         self.rates = component_rates(profile.optimizer)
-        # Trained weights are float32 unless training.full_bf16 (the LoRA rule, and sd-scripts' without
-        # --full_bf16): a bf16 weight rounds away updates below its precision, as lr 1e-5 steps are.
-        dtype = torch.bfloat16 if profile.training.full_bf16 else torch.float32
-        for name, param in dit.named_parameters():
-            param.requires_grad_(self.rates[component_of(name)] > 0)
-            if param.requires_grad:
-                param.data = param.data.to(dtype)
+        self.swapped = bool(profile.memory.blocks_to_swap)
         self.sharded = bool(profile.training.fsdp) and processes.distributed
         if self.sharded:
             precision, _ = choose_precision(profile.training, device)
@@ -153,13 +162,19 @@ class FullWeightsTarget:
 
     def load_state_dicts(self, optimizer, weights: dict, optimizer_state: dict) -> None:
         """A state saved with or without sharding, into this run with or without it."""
-        by_name = bool(optimizer_state["param_groups"]) and isinstance(optimizer_state["param_groups"][0]["params"][0], str)
+        groups = optimizer_state.get("param_groups")  # absent from the fused backward pass's own format
+        by_name = bool(groups) and isinstance(groups[0]["params"][0], str)
         if not self.sharded and not by_name:
             self.module.load_state_dict(weights)
             optimizer.load_state_dict(optimizer_state)
-            return
-        sharding.load_whole_states(self.module, optimizer, weights,
-                                   optimizer_state if by_name else named_optimizer_state(optimizer_state, self._trained_names()))
+        else:
+            sharding.load_whole_states(self.module, optimizer, weights, optimizer_state if by_name
+                                       else named_optimizer_state(optimizer_state, self._trained_names()))
+        if self.swapped:  # a swapped-out block's weights point at the CPU, but its updates run on the device
+            for state in optimizer.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.dim() and value.device != self.device:
+                        state[key] = value.to(self.device)
 
     def self_check(self, path: Path) -> ModelCheck | None:
         """The file loads through the strict loader (the released layout) and holds the trained weights (sharded:

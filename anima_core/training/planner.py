@@ -297,6 +297,12 @@ def _full(profile) -> bool:
     return option(profile, "network", "module", None) == FULL
 
 
+def _full_swaps(profile) -> bool:
+    """Full fine-tuning can swap blocks: the fused backward pass, unclipped, updates them on the GPU, unsharded."""
+    return (bool(option(profile, "optimizer", "fused_backward_pass", False))
+            and not option(profile, "optimizer", "max_grad_norm", 1.0) and not option(profile, "training", "fsdp", False))
+
+
 def _fsdp_processes(profile) -> int:
     """The processes a full fine-tune's weights are sharded over (training.fsdp), or 1."""
     return int(option(profile, "training", "num_processes", 1)) if option(profile, "training", "fsdp", False) else 1
@@ -436,8 +442,11 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
     if not _cached(profile, "latents"):
         parts["VAE weights"] = _file_params(profile, "vae", VAE_PARAMS) * _DTYPE_BYTES[option(profile, "model", "vae_dtype", "float32")]
     if _full(profile):  # the trained weights are the DiT's (counted above), float32 unless full_bf16
+        # swapped blocks keep their trained weights in CPU memory between uses (their optimizer state stays here)
+        swapped_trained = settings.blocks_to_swap * min(counts.block_params, lora_params // n)
         if lora_bytes > weight_bytes:
-            parts["float32 trained weights (beyond the DiT's dtype)"] = lora_params * (lora_bytes - weight_bytes)
+            parts["float32 trained weights (beyond the DiT's dtype)"] = (lora_params - swapped_trained) * (
+                lora_bytes - weight_bytes)
         fused = option(profile, "optimizer", "fused_backward_pass", False) and not option(profile, "optimizer", "max_grad_norm", 1.0)
         # the fused pass updates and frees each gradient in backward: about one block's gradients live at once
         parts["gradients" + (" (fused backward: one block's)" if fused else "")] = (
@@ -611,8 +620,8 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
     if vram is not None:
         usable = vram - int(HEADROOM_GIB * GIB)
         for candidate in candidate_settings(counts.num_blocks):
-            if _full(profile) and (candidate.blocks_to_swap or candidate.fp8_base):
-                continue  # full fine-tuning refuses both (config/full_rules.py)
+            if _full(profile) and (candidate.fp8_base or (candidate.blocks_to_swap and not _full_swaps(profile))):
+                continue  # what full fine-tuning refuses (config/full_rules.py)
             # Caching runs before the DiT is loaded: memory settings do not change it, so it is judged apart.
             peak = max(p.peak for p in predict(profile, counts, candidate) if p.name in SETTINGS_PHASES)
             if peak <= usable:

@@ -26,6 +26,9 @@ class TrainingTarget(Protocol):
     module: nn.Module  # what a state saves and restores (state_dict / load_state_dict)
     trains_text_encoder: bool
 
+    @staticmethod
+    def prepare_dit(profile, dit) -> None: ...  # the loaded DiT, before the memory strategies place it
+
     def trainable_parameters(self) -> list[nn.Parameter]: ...
 
     def param_groups(self, optimizer_cfg) -> list[dict]: ...
@@ -59,6 +62,10 @@ class NetworkTarget:
     file_label = "LoRA"
     default_save_dtype = torch.float32  # saving.save_precision unset
     collective = False  # the main process saves alone
+
+    @staticmethod
+    def prepare_dit(profile, dit) -> None:
+        """Nothing: the DiT stays frozen as loaded."""
 
     def __init__(self, profile, plugins, *, dit, text_encoder, data, device, log, processes):
         cfg = profile.network

@@ -108,6 +108,7 @@ class Trainer:
         self.dit = self.models.load_dit(self.profile.model, dtype=self.dit_dtype, device="cpu")
         self.log(f"DiT: {describe_dit(self.dit.config)}")
         self.dit.requires_grad_(False)
+        self.target_kind.prepare_dit(self.profile, self.dit)  # full fine-tuning: what trains, in its dtype
         self.dit.train()
         registry = self.plugins.registry("register_memory_strategies")
         chosen = [entry.obj(self.profile) for entry in registry.entries.values()

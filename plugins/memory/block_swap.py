@@ -9,8 +9,11 @@ Layout at the start of every forward pass: blocks ``0 … N−S−1`` on the dev
   block ``i``, block ``(i+N−S) mod N`` comes in, so the pass ends in the start layout too.
 
 The device holds exactly ``N−S`` block-sized slots; an incoming block is copied into the slot the
-outgoing block just left. Base weights are frozen, so every block keeps one permanent (pinned) CPU copy:
-"leaving" only points the parameters back at it, and only host-to-device copies move data. Copies run on
+outgoing block just left. Every block keeps one permanent (pinned) CPU copy: "leaving" points the parameters
+back at it. Frozen weights (a LoRA run) never change, so only host-to-device copies move data. Trained weights
+(full fine-tuning) are updated on the device (the fused backward pass updates each one during its block's
+backward) and written there by state loads and the EMA, so a trained block is copied back to its CPU copy
+whenever it leaves (device-to-host, waited for): whichever of the two copies a parameter points at is current. Copies run on
 a side CUDA stream and are waited on just before the block is needed, so they overlap the compute of the
 block(s) in between. ``S ≤ N−2`` keeps at least one block of compute between a copy and its use.
 
@@ -84,7 +87,7 @@ def check_swap_count(swap: int, num_blocks: int) -> None:
 
 
 class BlockSwapper:
-    """Moves frozen block weights between their CPU copies and ``N−S`` device slots, and logs every move."""
+    """Moves block weights between their CPU copies and ``N−S`` device slots, and logs every move."""
 
     def __init__(self, blocks: nn.ModuleList, swap: int, device: torch.device | str):
         self.plan = SwapPlan(len(blocks), swap)
@@ -94,13 +97,9 @@ class BlockSwapper:
         self.stream = torch.cuda.Stream(self.device) if use_cuda else None
         self.params: list[list[nn.Parameter]] = []
         self.home: list[list[torch.Tensor]] = []
+        self.trained = any(p.requires_grad for p in blocks.parameters())  # full fine-tuning: write updates back
         for index, block in enumerate(blocks):
             params = list(block.parameters())
-            if any(p.requires_grad for p in params):
-                raise MemoryStrategyError(
-                    f"memory.blocks_to_swap swaps frozen base weights only, but DiT block {index} has parameters that "
-                    "require grad (full fine-tuning). Set memory.blocks_to_swap = 0."
-                )
             self.params.append(params)
             home = [p.data.to("cpu") for p in params]
             self.home.append([t.pin_memory() for t in home] if use_cuda else home)
@@ -164,6 +163,9 @@ class BlockSwapper:
 
     def _unload(self, index: int) -> None:
         slot = self.slot_of.pop(index)
+        if self.trained:  # on the compute stream, after the updates queued there; the host waits for it
+            for home, current in zip(self.home[index], self.slots[slot]):
+                home.copy_(current)
         self._point_at(index, self.home[index])
         self.ready.pop(index, None)
         if self.stream is not None:
