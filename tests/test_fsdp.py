@@ -114,7 +114,8 @@ def test_a_state_keyed_by_parameter_name_loads_unsharded_as_torchs_own_does(tmp_
 @pytest.mark.parametrize("tables, message", [
     ({"network": {"module": "lora", "dim": 4, "alpha": 4.0}}, "training.fsdp: shards the weights of a full fine-tune"),
     ({"training": {"mixed_precision": "fp16"}}, "training.mixed_precision: fp16's gradient scaler"),
-    ({"optimizer": {"optimizer_type": "AdamW8bit"}}, "optimizer.optimizer_type: AdamW8bit (bitsandbytes)"),
+    ({"optimizer": {"optimizer_type": "AdamW8bit"}}, "optimizer.optimizer_type: AdamW8bit is not a torch.optim optimizer"),
+    ({"optimizer": {"optimizer_type": "Adafactor"}}, "transformers' Adafactor and bitsandbytes' fail on them"),
     ({"model": {"cuda_graphs": True}}, "model.cuda_graphs: a captured graph cannot hold FSDP's"),
     ({"model": {"compile_blocks": True}}, "model.compile_blocks: blocks compile in place"),
 ])

@@ -63,9 +63,10 @@ def fsdp_problems(profile, num_processes: int | None = None) -> list[str]:
     if t.mixed_precision == "fp16":
         problems.append("training.mixed_precision: fp16's gradient scaler does not work on sharded gradients; "
                         "use bf16 with training.fsdp")
-    if "8bit" in o.optimizer_type.lower() or "paged" in o.optimizer_type.lower():
-        problems.append(f"optimizer.optimizer_type: {o.optimizer_type} (bitsandbytes) keeps its state in its own quantized "
-                        "blocks, which FSDP's shards do not split; use AdamW or Adafactor with training.fsdp")
+    if not _torch_optimizer(o.optimizer_type):
+        problems.append(f"optimizer.optimizer_type: {o.optimizer_type} is not a torch.optim optimizer, and only those are "
+                        "known to step FSDP's sharded (DTensor) weights (transformers' Adafactor and bitsandbytes' fail on "
+                        "them); use AdamW (or another torch.optim class) with training.fsdp")
     if profile.model.compile_blocks:
         problems.append("model.compile_blocks: blocks compile in place, so the compiled code would hold FSDP's weight "
                         "gathers, which is not supported yet; leave compile_blocks unset (eager under training.fsdp)")
@@ -73,3 +74,17 @@ def fsdp_problems(profile, num_processes: int | None = None) -> list[str]:
         problems.append("model.cuda_graphs: a captured graph cannot hold FSDP's weight gathers and gradient reductions; "
                         "turn it off with training.fsdp")
     return problems
+
+
+def _torch_optimizer(name: str) -> bool:
+    """True for torch.optim's classes, by bare or dotted name, and the registered names that build them. Neither
+    Adafactor steps sharded weights (transformers' mixes plain tensors in, torch's factored statistics need a
+    placement change in place), so neither counts."""
+    import torch.optim
+
+    if name.lower() in ("adamw", "sgdnesterov"):
+        return True
+    bare = name.removeprefix("torch.optim.")
+    if bare.lower() == "adafactor":
+        return False
+    return "." not in bare and isinstance(getattr(torch.optim, bare, None), type)
