@@ -193,3 +193,15 @@ def test_sharded_blocks_run_eagerly_on_cuda_where_they_would_compile_by_default(
     assert isinstance(step_for(False), CompiledStep)
     sharded = step_for(True)
     assert sharded.name == "eager" and "training.fsdp" in sharded.why
+
+
+def test_an_empty_slices_dummy_step_adds_exactly_zero_in_bf16_weights_under_autocast(tiny_model):
+    """What a process without samples runs in a sharded step: under bf16 mixed precision FSDP gathers bf16
+    weights, and the dummy forward runs under the step's autocast; every gradient it leaves is exactly 0."""
+    from anima_core.models import load_dit
+    from anima_core.training.sharding import empty_forward_backward
+
+    dit = load_dit(tiny_model.dit, dtype=torch.bfloat16)
+    empty_forward_backward(dit, torch.device("cpu"), lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    grads = [p.grad for p in dit.parameters()]
+    assert all(g is not None for g in grads) and all(not g.any() for g in grads)

@@ -122,10 +122,11 @@ class FullWeightsTarget:
     def batch_multiplier(self, multiplier: float):
         return contextlib.nullcontext()  # refused at construction unless 1.0
 
-    def empty_slice(self, device) -> None:
-        """A process whose slice of a batch is empty still takes part in a sharded step's gathers."""
+    def empty_slice(self, device, autocast) -> None:
+        """A process whose slice of a batch is empty still takes part in a sharded step's gathers (its forward
+        under the step's ``autocast()``, as the others')."""
         if self.sharded:
-            sharding.empty_forward_backward(self.module, device)
+            sharding.empty_forward_backward(self.module, device, autocast)
 
     def sum_gradients(self, params) -> None:
         if self.sharded:

@@ -12,8 +12,8 @@ What keeps a sharded run one run (training/distributed.py says it for data paral
   reduce-scatter averages (gloo has no pre-scaled sum to undo that), so ``sum_gradients`` multiplies each local
   shard by N afterwards: exact for N a power of two, one rounding otherwise.
 - Every forward gathers weights from every process, so processes must run the same forwards: a process whose
-  slice of a batch is empty runs the DiT on a dummy input with a zero loss (``empty_forward_backward``), and previews and the
-  validation loss run on every process (only the main one writes them).
+  slice of a batch is empty runs the DiT on a dummy input with a zero loss (``empty_forward_backward``), and
+  previews and the validation loss run on every process (only the main one writes them).
 - States hold the whole tensors (gathered to the main process, keyed by parameter name), so a state saved by a
   sharded run resumes with or without sharding, and the other way round; loading hands each process its shards.
 """
@@ -72,7 +72,7 @@ def whole(value):
     return value.full_tensor() if is_sharded(value) else value
 
 
-def empty_forward_backward(dit: AnimaDiT, device: torch.device) -> None:
+def empty_forward_backward(dit: AnimaDiT, device: torch.device, autocast) -> None:
     """Forward and backward of the smallest input (one 1-patch latent, one token) with its loss times 0: this
     process takes part in every weight gather and gradient reduction of the step and adds exactly zero."""
     cfg = dit.config
@@ -82,8 +82,9 @@ def empty_forward_backward(dit: AnimaDiT, device: torch.device) -> None:
     if cfg.llm_adapter is not None:
         ids = torch.ones(1, 1, dtype=torch.long, device=device)
         kwargs = {"target_input_ids": ids, "target_attention_mask": ids, "source_attention_mask": ids}
-    out = dit(torch.zeros(1, cfg.in_channels, r, p, p, device=device), torch.full((1,), 0.5, device=device),
-              torch.zeros(1, 1, source_dim, device=device), **kwargs)
+    with autocast():
+        out = dit(torch.zeros(1, cfg.in_channels, r, p, p, device=device), torch.full((1,), 0.5, device=device),
+                  torch.zeros(1, 1, source_dim, device=device), **kwargs)
     (out.float().sum() * 0).backward()
 
 

@@ -23,7 +23,7 @@ class TrainingTarget(Protocol):
     file_kind: str  # the `save` event's kind ("lora", "model")
     file_label: str  # how messages name the saved file ("LoRA", "model")
     default_save_dtype: torch.dtype  # the saved tensors' dtype when saving.save_precision is unset
-    module: nn.Module  # what a state saves and restores (state_dict / load_state_dict)
+    module: nn.Module  # what is trained
     trains_text_encoder: bool
 
     @staticmethod
@@ -45,7 +45,7 @@ class TrainingTarget(Protocol):
 
     collective: bool  # saves and states need every process (a sharded target gathers its tensors)
 
-    def empty_slice(self, device) -> None: ...  # this process's slice of a batch is empty
+    def empty_slice(self, device, autocast) -> None: ...  # this process's slice of a batch is empty
 
     def sum_gradients(self, params) -> None: ...  # after the step's backward passes: the processes' sum
 
@@ -98,7 +98,7 @@ class NetworkTarget:
         """The dataset's network_multiplier for one batch's forward and backward."""
         return applied_at(self.module, multiplier)
 
-    def empty_slice(self, device) -> None:
+    def empty_slice(self, device, autocast) -> None:
         """Nothing to run: the gradients this process adds are zero (summed after backward)."""
 
     def sum_gradients(self, params) -> None:

@@ -165,7 +165,7 @@ class Trainer:
         t = self.profile.training
         torch.manual_seed(step_seed(t.seed, step, micro))  # LoRA dropouts draw from the global RNG
         if batch is None:  # an empty slice: nothing to train, the gradients it adds are zero
-            self.target.empty_slice(self.device)
+            self.target.empty_slice(self.device, self.accelerator.autocast)
             return torch.zeros((), device=self.device), []
         if getattr(batch, "is_slider", False):  # prompt pairs against the base model (training/slider.py)
             def slider_step():  # reseeded, so a compile failure's eager rerun draws the same
