@@ -60,6 +60,13 @@ run_floor() {
       BENCH_BUDGET_S=300 bash .anchors/kit/run_sdscripts.sh
   fi
 }
+# Issue 30 (about 8 minutes): Anima 2B full fine-tuning through the command line, Adafactor with the fused
+# backward pass and checkpointing (sd-scripts reports 23-24 GB on a 4090; the planner predicts its peak and the
+# run logs prediction beside measurement), then the same with 14 blocks swapped.
+run_full() {
+  step full 480 python3 bench/real_size_run.py --root /tmp/real-size --variants full_fused,full_fused_swap14 \
+    --steps 6 --json "$OUT/full.json"
+}
 run_latent_cache() { step latent_cache 120 python3 bench/bench_latent_cache.py --n 96 --json "$OUT/latent_cache.json"; }
 # Issue 24's data-path rates on two otherwise idle cores: this checkout against commit 0c54742, which must be
 # unpacked in .before/ first (git archive 0c54742 anima_core | tar -x -C .before).

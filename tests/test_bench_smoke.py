@@ -78,8 +78,8 @@ def test_real_size_script_trains_saves_and_checks_through_the_cli(monkeypatch, t
     self-check and lora-info's ComfyUI verdict all read back from the run's files."""
     script = load_script(monkeypatch, "real_size_run")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    (result,) = script.main(["--tiny", "--root", str(tmp_path), "--steps", "2", "--per-bucket", "1",
-                             "--variants", "swap18", "--launchers", "torchrun"])
+    result, full = script.main(["--tiny", "--root", str(tmp_path), "--steps", "2", "--per-bucket", "1",
+                                "--variants", "swap18,full_fused_swap14", "--launchers", "torchrun"])
     assert result["returncode"] == 0, result["output_tail"]
     assert result["variant"] == "swap18-torchrun" and result["process_group"] == "gloo"
     assert result["run_end"]["status"] == "finished" and result["run_end"]["floor_fraction"] > 0
@@ -88,6 +88,10 @@ def test_real_size_script_trains_saves_and_checks_through_the_cli(monkeypatch, t
     assert len(result["previews"]) == 2
     assert "self-check ok" in result["self_check"][0]
     assert result["lora_info"] == ["ComfyUI would load every key."]
+    # full fine-tuning with the fused backward pass and block swap: the released model file, checked
+    assert full["returncode"] == 0, full["output_tail"]
+    assert full["run_end"]["status"] == "finished" and full["step_events"] == 2
+    assert "the released layout, equal to the trained weights" in full["self_check"][0]
 
 
 def test_data_bench_keeps_each_phases_fastest_run_and_refuses_skipped_images(monkeypatch, tmp_path):
