@@ -454,9 +454,9 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
         parts["optimizer state"] = int(lora_params * _optimizer_state_per_param(profile, lora_bytes))
         shards = _fsdp_processes(profile)
         if shards > 1:  # each process holds 1/N of it all, plus the blocks gathered whole around the one running
-            parts = {name: (size + shards - 1) // shards if name.startswith(("DiT weights", "float32", "gradients",
-                                                                               "optimizer")) else size
-                     for name, size in parts.items()}
+            parts = {(f"DiT weights (a 1/{shards} shard)" if name.startswith("DiT weights") else name):
+                     (size + shards - 1) // shards if name.startswith(("DiT weights", "float32", "gradients", "optimizer"))
+                     else size for name, size in parts.items()}
             parts["blocks gathered whole (FSDP: running + prefetched) and one block's unsharded gradients"] = (
                 2 * counts.block_params * act_bytes + counts.block_params * lora_bytes)
     else:
