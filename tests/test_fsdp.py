@@ -205,3 +205,19 @@ def test_an_empty_slices_dummy_step_adds_exactly_zero_in_bf16_weights_under_auto
     empty_forward_backward(dit, torch.device("cpu"), lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     grads = [p.grad for p in dit.parameters()]
     assert all(g is not None for g in grads) and all(not g.any() for g in grads)
+
+
+def test_a_state_resumes_with_sharding_switched_on_or_off(tmp_path, tiny_model):
+    """States hold whole tensors, so training.fsdp may change between a save and its resume (the process count
+    may not, as for every state)."""
+    from anima_core.config.load import profile_to_dict
+    from anima_core.training.state import changed_keys
+
+    write_images(tmp_path / "data")
+
+    def profile(**training):
+        data = tiny_profile_data(tmp_path, tiny_model, network=FULL, training={"num_processes": 2, **training})
+        return profile_to_dict(profile_from_dict(data))
+
+    assert changed_keys(profile(fsdp=True), profile(fsdp=False), allow_lr_change=False) == []
+    assert changed_keys(profile(fsdp=True), profile(fsdp=True, seed=8), allow_lr_change=False) == ["training.seed: 7 → 8"]

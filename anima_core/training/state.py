@@ -29,6 +29,7 @@ MUTABLE_KEYS = {
     ("training", "num_processes"),  # checked against the state's own record (check_processes)
     ("training", "num_cpu_threads_per_process"),
     ("training", "ddp_timeout"),
+    ("training", "fsdp"),  # how the weights are laid out over the processes; states hold them whole
     ("dataset", "max_data_loader_n_workers"),
     ("dataset", "persistent_data_loader_workers"),
     ("dataset", "bad_image_policy"),
