@@ -21,6 +21,8 @@ FULL = {"module": "full", "dim": None, "alpha": None}
 SGD = {"optimizer_type": "SGD", "learning_rate": 1e-2, "optimizer_args": {"momentum": 0.9}, "ema_decay": 0.5,
        "ema_save": "beside"}
 STEPS = {"max_train_steps": 4}
+HELD_OUT = {"validation_split": 0.25}  # 4 images: 1 held out, 3 trained
+VALIDATE = {"validate_every_n_steps": 2}
 SAVES = {"save_precision": "float", "save_state": True, "save_state_every_n_steps": 2, "keep_last_n_states": 3}
 
 
@@ -42,21 +44,22 @@ def relative_update_difference(base, left, right) -> float:
 
 def sharded_profile(root, tiny_model, name, saving=None, **extra):
     data = tiny_profile_data(root, tiny_model, network={"module": "full"}, optimizer=SGD,
-                             dataset={"train_batch_size": 1}, saving={**SAVES, **(saving or {})},
+                             dataset={"train_batch_size": 1, **HELD_OUT}, saving={**SAVES, **(saving or {})},
                              training={**STEPS, "num_processes": 2, "num_cpu_threads_per_process": 1, "fsdp": True},
                              **extra)
     for key in ("dim", "alpha"):
         data["network"].pop(key)
-    data["logging"]["run_name"] = name
+    data["logging"].update(run_name=name, **VALIDATE)
     path = root / f"{name}.toml"
     path.write_text(tomli_w.dumps(data))
     return path
 
 
 def test_two_sharded_processes_train_one_processs_weights_and_resume_bit_for_bit(tmp_path, tiny_model):
-    """3 images, global batch 2: every second batch leaves process 1 an empty slice, which must still take part
-    in the weight gathers. The final preview renders on both processes (each forward gathers) and is written once."""
-    write_images(tmp_path / "data", count=3, repeats=1)
+    """3 trained images, global batch 2: every second batch leaves process 1 an empty slice, which must still take
+    part in the weight gathers. The validation loss and the final preview run on both processes (each forward
+    gathers) and are written once."""
+    write_images(tmp_path / "data", count=4, repeats=1)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square --w 64 --h 64 --s 2 --d 5\n")
     sampling = {"sampling": {"sample_prompts": str(prompts)}}
@@ -69,9 +72,14 @@ def test_two_sharded_processes_train_one_processs_weights_and_resume_bit_for_bit
     assert checks and all("the released layout, equal to the trained weights" in m for m in checks)
     assert [e["path"] for e in events if e["type"] == "sample"] and len(list((run_dir / "samples").glob("*.png"))) == 1
 
-    write_images(tmp_path / "ref" / "data", count=3, repeats=1)
+    write_images(tmp_path / "ref" / "data", count=4, repeats=1)
     reference = make_run(tmp_path / "ref", tiny_model, network=FULL, optimizer=SGD, training=STEPS,
+                         dataset={"train_batch_size": 2, **HELD_OUT}, logging=VALIDATE,
                          saving={**SAVES, "output_dir": str(tmp_path / "ref" / "out")}).run()
+    validation = [(e["step"], e["loss"]) for e in events if e["type"] == "validation"]
+    expected = [(e["step"], e["loss"]) for e in read_events(reference.run_dir) if e["type"] == "validation"]
+    assert [s for s, _ in validation] == [s for s, _ in expected] == [2, 4]
+    assert all(loss == pytest.approx(want, rel=1e-5) for (_, loss), (_, want) in zip(validation, expected))
     base = weights(tiny_model.dit)
     sharded = weights(out / "lora.safetensors")
     assert sharded.keys() == base.keys()
