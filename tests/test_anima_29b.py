@@ -148,3 +148,19 @@ def test_bench_has_a_29b_setting(monkeypatch, capsys):
     full = bench.Bench(tiny=False, device=torch.device("meta"), steps=1, warmup=0, model="2.9b")
     assert full.config.num_blocks == 40
     assert full.floor_tflop(bench.Setting()) > bench.FLOOR_TFLOP[False] * 1.35
+
+
+def test_a_40_block_model_full_fine_tunes_with_block_swap_into_a_40_block_file(tmp_path, tiny_40):
+    """Full fine-tuning of the 2.9B layout (40 blocks), 30 of them swapped, Adafactor's fused backward pass: the
+    saved file is the released 40-block layout, loads strictly, and its blocks past the 2B's 28 were trained."""
+    from anima_core.models import load_dit
+
+    result = make_run(tmp_path, tiny_40, training={"max_train_steps": 2},
+                      network={"module": "full", "dim": None, "alpha": None}, memory={"blocks_to_swap": 30},
+                      optimizer={"optimizer_type": "Adafactor", "learning_rate": 1e-3, "fused_backward_pass": True,
+                                 "max_grad_norm": 0.0, "optimizer_args": {"relative_step": False}}).run()
+    assert result.status == "finished"
+    tuned = load_dit(result.lora_path, dtype=torch.float32)
+    assert tuned.config.num_blocks == 40
+    base, saved = load_file(tiny_40.dit), load_file(result.lora_path)
+    assert not torch.equal(saved["net.blocks.39.mlp.layer1.weight"].float(), base["net.blocks.39.mlp.layer1.weight"].float())
