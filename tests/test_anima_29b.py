@@ -153,8 +153,6 @@ def test_bench_has_a_29b_setting(monkeypatch, capsys):
 def test_a_40_block_model_full_fine_tunes_with_block_swap_into_a_40_block_file(tmp_path, tiny_40):
     """Full fine-tuning of the 2.9B layout (40 blocks), 30 of them swapped, Adafactor's fused backward pass: the
     saved file is the released 40-block layout, loads strictly, and its blocks past the 2B's 28 were trained."""
-    from anima_core.models import load_dit
-
     result = make_run(tmp_path, tiny_40, training={"max_train_steps": 2},
                       network={"module": "full", "dim": None, "alpha": None}, memory={"blocks_to_swap": 30},
                       optimizer={"optimizer_type": "Adafactor", "learning_rate": 1e-3, "fused_backward_pass": True,
