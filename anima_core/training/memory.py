@@ -92,6 +92,13 @@ def apply_memory_strategies(
     return ordered
 
 
+def chosen_strategies(profile, plugins) -> list[MemoryStrategy]:
+    """The registered strategies the profile enables, or names in memory.extra_strategies, built for it."""
+    registry = plugins.registry("register_memory_strategies")
+    return [entry.obj(profile) for entry in registry.entries.values()
+            if entry.obj.enabled(profile) or entry.name in profile.memory.extra_strategies]
+
+
 def wrap_block_runner(dit: nn.Module, layer: int, wrapper: RunnerWrapper) -> None:
     """Add ``wrapper`` (inner runner -> runner) to the DiT's block runner at ``layer`` (smaller = outer)."""
     stack = getattr(dit, _RUNNER_STACK_ATTR, None)

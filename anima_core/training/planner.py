@@ -567,6 +567,13 @@ def candidate_settings(num_blocks: int) -> list[Settings]:
     ]
 
 
+def device_plan(profile, model_config, device: torch.device) -> Plan | None:
+    """The plan against a CUDA device's memory, which a run logs before training and measures after; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return plan(profile, model_config, vram_gib=torch.cuda.get_device_properties(device).total_memory / GIB)
+
+
 def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: int | None = None) -> Plan:
     """Predicted peak GPU memory of ``profile`` on the DiT ``model_config``; with ``vram_gib``, the cheapest
     settings that fit (by the estimated step time, fewest swapped blocks first)."""

@@ -37,12 +37,12 @@ from anima_core.training.distributed import ProcessFailure, Processes, join_proc
 from anima_core.training.ema import build_ema
 from anima_core.training.executors import choose_step
 from anima_core.training.flops import speed_report, step_tflop
-from anima_core.training.memory import apply_memory_strategies
+from anima_core.training.memory import apply_memory_strategies, chosen_strategies
 from anima_core.training.metadata import training_metadata
 from anima_core.training.optim import eval_weights
 from anima_core.training.optimizer_step import after_update, build_optimizer, optimizer_step, prepared, updates_in_backward
 from anima_core.training.outputs import RunOutputs
-from anima_core.training.planner import format_measured, format_plan, plan
+from anima_core.training.planner import device_plan, format_measured, format_plan
 from anima_core.training.precision import choose_precision
 from anima_core.training.prior import PriorPreservation
 from anima_core.training.restore import restore_state
@@ -110,19 +110,15 @@ class Trainer:
         self.dit.requires_grad_(False)
         self.target_kind.prepare_dit(self.profile, self.dit)  # full fine-tuning: what trains, in its dtype
         self.dit.train()
-        registry = self.plugins.registry("register_memory_strategies")
-        chosen = [entry.obj(self.profile) for entry in registry.entries.values()
-                  if entry.obj.enabled(self.profile) or entry.name in self.profile.memory.extra_strategies]
-        self.strategies = apply_memory_strategies(chosen, self.dit, device=self.device)
+        self.strategies = apply_memory_strategies(chosen_strategies(self.profile, self.plugins), self.dit,
+                                                  device=self.device)
         for strategy in self.strategies:
             self.log(f"memory strategy: {strategy.name}")
         self.checkpointing = any(s.recomputes_forward for s in self.strategies)  # selective recomputes no matmul
         self.executor = choose_step(self.profile, self.device, self.strategies, warn=self.warn)
         self.executor.prepare(self.dit, log=self.log)
-        self.memory_plan = None
-        if self.device.type == "cuda":
-            vram_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-            self.memory_plan = plan(self.profile, self.dit.config, lora_params=None, vram_gib=vram_gib)
+        self.memory_plan = device_plan(self.profile, self.dit.config, self.device)
+        if self.memory_plan is not None:
             self.log(format_plan(self.memory_plan))
 
     def _build_target(self) -> None:
