@@ -46,7 +46,7 @@ def sharded_profile(root, tiny_model, name, saving=None, **extra):
     data = tiny_profile_data(root, tiny_model, network={"module": "full"}, optimizer=SGD,
                              dataset={"train_batch_size": 1, **HELD_OUT}, saving={**SAVES, **(saving or {})},
                              training={**STEPS, "num_processes": 2, "num_cpu_threads_per_process": 1, "fsdp": True},
-                             **extra)
+                             memory={"gradient_checkpointing": True}, **extra)  # recomputing gathers again
     for key in ("dim", "alpha"):
         data["network"].pop(key)
     data["logging"].update(run_name=name, **VALIDATE)
