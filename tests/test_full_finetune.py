@@ -328,6 +328,8 @@ def test_block_swap_with_the_fused_backward_pass_trains_what_resident_blocks_tra
     swapping = go("swapped", memory={"blocks_to_swap": 2})
     swapped = swapping.run()
     assert [s.name for s in swapping.strategies] == ["blocks_to_swap"]
+    # no step saw the whole gradient (each weight was updated and its gradient freed in backward)
+    assert [e["grad_norm"] for e in read_events(swapped.run_dir) if e["type"] == "step"] == [None] * 3
     assert {m.phase for m in swapping.strategies[0].swapper.log} >= {"forward", "backward"}
     base = weights(tiny_model.dit)
     one, two = weights(resident.lora_path), weights(swapped.lora_path)
