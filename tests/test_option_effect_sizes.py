@@ -406,3 +406,22 @@ def test_token_lengths_pad_and_cut_the_encoded_text_to_that_many_tokens(tiny_mod
     assert padded[0].shape[1] == 12 and padded[2].shape[1] == 9
     opts = data_options(Profile(model=ModelTable(qwen3_max_token_length=77, t5_max_token_length=33)))
     assert (opts.qwen3_max_token_length, opts.t5_max_token_length) == (77, 33)
+
+
+def test_the_step_reports_the_gradient_norm_before_clipping_with_or_without_it(tmp_path, tiny_model):
+    """lora_up starts at zero and lora_down gets no gradient in the first step, so after one SGD step at lr 1 the
+    whole gradient is minus lora_up: the step event's grad_norm is its norm, unclipped or (reported before
+    clipping) clipped. An unclipped run's norm is also what catches a non-finite gradient."""
+    from safetensors.torch import load_file
+    from training_helpers import make_run, read_events
+
+    def step(name, max_grad_norm):
+        result = make_run(tmp_path / name, tiny_model, training={"max_train_steps": 1},
+                          optimizer={"optimizer_type": "SGD", "learning_rate": 1.0, "max_grad_norm": max_grad_norm}).run()
+        (event,) = [e for e in read_events(result.run_dir) if e["type"] == "step"]
+        return event["grad_norm"], float(_flat(load_file(result.lora_path), "lora_up.weight").norm())
+
+    reported, update = step("free", 0.0)
+    assert update > 1e-2 and reported == pytest.approx(update, rel=1e-5)
+    clipped_report, clipped_update = step("clipped", 1e-3)
+    assert clipped_report == pytest.approx(reported, rel=1e-5) and clipped_update == pytest.approx(1e-3, rel=1e-4)
