@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 from training_helpers import make_run, read_events
@@ -113,3 +114,28 @@ def test_bad_steps_without_a_remedy_stop_with_state_saved(tmp_path, tiny_model):
     assert result.lora_path.is_file() and all(torch.isfinite(t).all() for t in load_file(result.lora_path).values())
     progress = json.loads((list_states(result.run_dir / "state")[-1] / "progress.json").read_text())
     assert progress["step"] == result.step and progress["bad_steps"] == 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_a_non_finite_gradient_is_never_applied_except_under_fp16s_scaler(max_grad_norm):
+    """optimizer_step with a finite loss but an infinite gradient: the update is skipped and the norm says why;
+    under fp16 the step is called anyway, since accelerate's gradient scaler skips it itself and lowers its scale."""
+    from types import SimpleNamespace
+
+    from anima_core.training.optimizer_step import optimizer_step
+
+    def step(precision):
+        weight = torch.nn.Parameter(torch.ones(3))
+        weight.grad = torch.tensor([1.0, float("inf"), 0.0])
+        calls = []
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        optimizer.step = lambda: calls.append("step")
+        cfg = SimpleNamespace(fused_backward_pass=False, max_grad_norm=max_grad_norm)
+        norm = optimizer_step(optimizer, [weight], optimizer_cfg=cfg, sum_gradients=lambda params: None,
+                              accelerator=SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_),
+                              precision=precision)
+        return norm, calls
+
+    norm, calls = step("bf16")
+    assert not math.isfinite(norm) and calls == []
+    assert step("fp16")[1] == ["step"]
