@@ -24,6 +24,8 @@ def test_tiny_run_learns_and_writes_everything(tmp_path, tiny_model):
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8  # falling on a repeated image
     saves = [e for e in events if e["type"] == "save" and e["kind"] == "lora"]
     assert [s["step"] for s in saves] == [10, 20, 30]
+    checks = [e["message"] for e in events if e["type"] == "log" and e["message"].startswith("self-check of")]
+    assert len(checks) == 3 and all("self-check ok" in m for m in checks)  # each saved LoRA reloaded and compared
     for name in ("profile.toml", "events.jsonl", "train.log"):
         assert (result.run_dir / name).is_file()
     assert oct(result.run_dir.stat().st_mode & 0o777) == "0o700"
