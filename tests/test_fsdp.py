@@ -177,7 +177,7 @@ def test_plan_splits_a_sharded_full_fine_tunes_weights_gradients_and_optimizer_s
 
     whole, _ = training_phase(num_processes=4)
     sharded, sharded_plan = training_phase(num_processes=4, fsdp=True)
-    gathered = next(k for k in sharded.parts if k.startswith("blocks gathered whole"))
+    gathered = "FSDP: 2 blocks gathered, 1 block's gradients"
     for name in ("optimizer state", "float32 trained weights (beyond the DiT's dtype)", "gradients"):
         assert sharded.parts[name] == pytest.approx(whole.parts[name] / 4, rel=1e-6)
     weights = next(k for k in whole.parts if k.startswith("DiT weights"))
@@ -186,6 +186,7 @@ def test_plan_splits_a_sharded_full_fine_tunes_weights_gradients_and_optimizer_s
     assert 0 < sharded.parts[gathered] < 0.1 * whole.parts["optimizer state"]
     assert sharded.peak < 0.4 * whole.peak
     assert any("split 4 ways" in note for note in sharded_plan.notes)
+    assert "step path: eager (training.fsdp: blocks are not compiled under FSDP)" in sharded_plan.notes
 
 
 def test_sharded_blocks_run_eagerly_on_cuda_where_they_would_compile_by_default(tmp_path, tiny_model, monkeypatch):

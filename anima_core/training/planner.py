@@ -457,7 +457,7 @@ def _training_phase(profile, counts: ModelCounts, settings: Settings, act_bytes:
             parts = {(f"DiT weights (a 1/{shards} shard)" if name.startswith("DiT weights") else name):
                      (size + shards - 1) // shards if name.startswith(("DiT weights", "float32", "gradients", "optimizer"))
                      else size for name, size in parts.items()}
-            parts["blocks gathered whole (FSDP: running + prefetched) and one block's unsharded gradients"] = (
+            parts["FSDP: 2 blocks gathered, 1 block's gradients"] = (
                 2 * counts.block_params * act_bytes + counts.block_params * lora_bytes)
     else:
         parts["LoRA weights + gradients"] = 2 * lora_params * lora_bytes
@@ -600,7 +600,9 @@ def plan(profile, model_config, *, vram_gib: float | None = None, lora_params: i
                     f"{phase.name} alone may need {phase.peak / GIB:.1f} GiB: set model.vae_tiled = true, a smaller "
                     "caching.vae_batch_size / caching.text_encoder_batch_size, or cache on a larger card."
                 )
-    if vram_gib is not None:  # a GPU's plan: say which step path runs there (training/executors.py chooses)
+    if vram_gib is not None and _fsdp_processes(profile) > 1:  # executors.choose_step: eager under FSDP
+        notes.append("step path: eager (training.fsdp: blocks are not compiled under FSDP)")
+    elif vram_gib is not None:  # a GPU's plan: say which step path runs there (training/executors.py chooses)
         compiled = option(profile, "model", "compile_blocks", None)
         graphs = ", replayed as CUDA graphs (model.cuda_graphs)" if option(profile, "model", "cuda_graphs", False) else ""
         default = " (the default on CUDA)" if compiled is None else ""
