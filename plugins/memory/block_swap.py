@@ -13,9 +13,9 @@ outgoing block just left. Every block keeps one permanent (pinned) CPU copy: "le
 back at it. Frozen weights (a LoRA run) never change, so only host-to-device copies move data. Trained weights
 (full fine-tuning) are updated on the device (the fused backward pass updates each one during its block's
 backward) and written there by state loads and the EMA, so a trained block is copied back to its CPU copy
-whenever it leaves (device-to-host, waited for): whichever of the two copies a parameter points at is current. Copies run on
-a side CUDA stream and are waited on just before the block is needed, so they overlap the compute of the
-block(s) in between. ``S ≤ N−2`` keeps at least one block of compute between a copy and its use.
+whenever it leaves (device-to-host, waited for): whichever of the two copies a parameter points at is current.
+Host-to-device copies run on a side CUDA stream and are waited on just before the block is needed, so they
+overlap the compute of the block(s) in between. ``S ≤ N−2`` keeps at least one block of compute between a copy and its use.
 
 Backward ordering comes from two identity autograd functions per block: one on the block output waits for
 the block's weights before any of its backward runs; one on the block inputs (x and every argument that
